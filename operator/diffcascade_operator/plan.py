@@ -1,0 +1,57 @@
+"""The output of `decide()`: what every variant should run and the threshold to push."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class SolverStatus(StrEnum):
+    OPTIMAL = "Optimal"
+    INFEASIBLE = "Infeasible"  # best-effort plan: all light, maximum throughput
+    HELD = "Held"  # no new solve (paused, no metrics): the previous plan is kept
+    INITIAL = "Initial"  # no demand seen yet
+
+
+@dataclass(frozen=True)
+class VariantAllocation:
+    name: str
+    replicas: int
+    batch_size: int
+    threshold: float | None  # gate threshold for stages that defer; None for the last stage
+
+
+@dataclass(frozen=True)
+class SolverOutcome:
+    status: SolverStatus
+    solve_ms: float
+    objective_value: float | None = None
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Plan:
+    variants: tuple[VariantAllocation, ...]  # ordered light -> heavy, every spec variant
+    threshold: float  # the first stage's threshold (what `kubectl get dcas` shows)
+    defer_fraction: float  # predicted f(threshold)
+    demand_qps: float  # the demand estimate this plan was solved for
+    predicted_latency_s: float
+    predicted_throughput_qps: float
+    predicted_fid: float | None
+    solver: SolverOutcome
+    reason: str  # one line a human can read
+    decided_at: float
+    # Hysteresis bookkeeping carried to the next decide(): per variant, since when a lower
+    # replica count has been wanted. Not for display.
+    scale_down_since: Mapping[str, float] = field(default_factory=dict)
+
+    def replicas(self) -> dict[str, int]:
+        return {v.name: v.replicas for v in self.variants}
+
+    def gpus(self, gpus_per_replica: Mapping[str, int]) -> int:
+        return sum(v.replicas * gpus_per_replica.get(v.name, 1) for v in self.variants)
+
+    def same_allocation(self, other: Plan | None) -> bool:
+        """True when applying `self` after `other` changes nothing on the workers."""
+        return other is not None and other.variants == self.variants

@@ -1,0 +1,36 @@
+"""What the controller knows at one instant: the input of `decide()`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from diffcascade_operator.profiles import CascadeProfiles
+from diffcascade_operator.spec import CascadeSpec
+
+
+@dataclass(frozen=True)
+class DemandSample:
+    """Arrival rate at the cascade's entry (first stage) measured over a short window."""
+
+    at: float  # seconds (any monotonic clock shared by the snapshot)
+    qps: float
+
+
+@dataclass(frozen=True)
+class StageSample:
+    """Live queueing state of one variant (summed over its replicas)."""
+
+    queue_depth: float  # images waiting
+    arrival_qps: float  # arrivals at this stage
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    spec: CascadeSpec
+    profiles: CascadeProfiles
+    now: float
+    demand: tuple[DemandSample, ...]  # oldest first; may be empty (no metrics yet)
+    stages: Mapping[str, StageSample] = field(default_factory=dict)  # by variant name
+    ready_replicas: Mapping[str, int] = field(default_factory=dict)  # by variant name
+    metrics_available: bool = True

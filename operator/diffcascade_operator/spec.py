@@ -1,0 +1,213 @@
+"""The DiffusionCascade spec as pydantic models: the one place its rules are checked.
+
+The CRD (crds/diffusioncascade.yaml) enforces shape and simple bounds at admission; these
+models re-check everything, including the cross-field rules, so the operator, `diffcascade up`
+and the simulator reject a bad cascade with the same message.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+API_GROUP = "diffcascade.dev"
+API_VERSION = "v1alpha1"
+KIND = "DiffusionCascade"
+PLURAL = "diffusioncascades"
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+class _Model(BaseModel):
+    """camelCase on the wire (Kubernetes style), snake_case in Python; unknown keys rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+class Objective(StrEnum):
+    MIN_EXPECTED_FID = "MinExpectedFID"  # ours: minimise FID at the chosen light share
+    MAX_THRESHOLD = "MaxThreshold"  # the paper's: the highest threshold that fits
+
+
+class DeferCurveSpec(_Model):
+    """f(t): the fraction of queries the gate defers at threshold t.
+
+    Either inline points (as written by `diffcascade-worker gate calibrate`) or the name of a
+    reference curve bundled with diffcascade (e.g. `sd-turbo`, from the DiffServe artifact).
+    """
+
+    thresholds: list[float] | None = None
+    defer_fractions: list[float] | None = None
+    reference: str | None = None
+    path: str | None = Field(
+        default=None,
+        description="A calibration file read by the controller (local mode, or mounted)",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DeferCurveSpec:
+        inline = self.thresholds is not None or self.defer_fractions is not None
+        sources = int(inline) + int(self.reference is not None) + int(self.path is not None)
+        if sources != 1:
+            raise ValueError(
+                "deferCurve needs exactly one of thresholds+deferFractions, reference or path"
+            )
+        if inline:
+            ts, fs = self.thresholds or [], self.defer_fractions or []
+            if len(ts) != len(fs) or len(ts) < 2:
+                raise ValueError("deferCurve thresholds and deferFractions need equal length >= 2")
+            if any(b < a for a, b in itertools.pairwise(ts)):
+                raise ValueError("deferCurve thresholds must be increasing")
+            if any(not 0.0 <= v <= 1.0 for v in (*ts, *fs)):
+                raise ValueError("deferCurve values must lie in [0, 1]")
+            if any(b < a - 1e-9 for a, b in itertools.pairwise(fs)):
+                raise ValueError("deferCurve deferFractions must be non-decreasing in t")
+        return self
+
+
+class DiscriminatorSpec(_Model):
+    uri: str = Field(min_length=1, description="Path of the checkpoint inside the worker pod")
+    architecture: Literal["tiny-cnn", "efficientnet_v2_s"] = "tiny-cnn"
+
+
+class GateSpec(_Model):
+    discriminator: DiscriminatorSpec | None = None
+    defer_curve: DeferCurveSpec | None = None
+
+
+class ProfileSpec(_Model):
+    """Measured mean latency of one batch, by batch size (keys are strings in YAML)."""
+
+    batch_latency_ms: dict[int, float]
+    startup_seconds: float = Field(default=0.0, ge=0.0)
+
+    @field_validator("batch_latency_ms")
+    @classmethod
+    def _positive(cls, table: dict[int, float]) -> dict[int, float]:
+        if not table:
+            raise ValueError("profile.batchLatencyMs needs at least one batch size")
+        for size, ms in table.items():
+            if size < 1 or ms <= 0:
+                raise ValueError(f"profile.batchLatencyMs[{size}]={ms}: sizes >= 1, ms > 0")
+        return dict(sorted(table.items()))
+
+
+class VariantSpec(_Model):
+    name: str = Field(min_length=1, max_length=40)
+    model: str = Field(min_length=1, description="Hub id or a path on a mounted volume")
+    steps: int = Field(default=1, ge=1, le=1000)
+    guidance_scale: float = Field(default=0.0, ge=0.0, le=50.0)
+    resolution: int = Field(default=512, ge=32, le=2048, multiple_of=8)
+    profile: ProfileSpec
+    gate: GateSpec | None = None
+    min_replicas: int = Field(default=0, ge=0)
+    max_replicas: int | None = Field(default=None, ge=0)
+    max_batch_size: int = Field(default=32, ge=1, le=256)
+    gpus_per_replica: int = Field(default=1, ge=0, le=16)
+    image: str | None = None
+    resources: dict[str, Any] | None = None
+    env: list[dict[str, Any]] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _dns_label(cls, value: str) -> str:
+        if not _DNS_LABEL.match(value):
+            raise ValueError(
+                f"variant name {value!r} must be a DNS label (lowercase letters, digits, '-')"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _bounds(self) -> VariantSpec:
+        if self.max_replicas is not None and self.max_replicas < self.min_replicas:
+            raise ValueError(f"variant {self.name}: maxReplicas < minReplicas")
+        return self
+
+
+class FidPoint(_Model):
+    light_share: float = Field(ge=0.0, le=1.0)
+    fid: float = Field(gt=0.0)
+
+
+class QualitySpec(_Model):
+    """Offline-profiled FID of the cascade's output by the share served by the light model."""
+
+    fid_by_light_share: list[FidPoint] | None = None
+    reference: str | None = Field(default=None, description="Bundled curve name, e.g. c1")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> QualitySpec:
+        if (self.fid_by_light_share is None) == (self.reference is None):
+            raise ValueError("quality needs either fidByLightShare or reference")
+        if self.fid_by_light_share is not None and len(self.fid_by_light_share) < 2:
+            raise ValueError("quality.fidByLightShare needs at least two points")
+        return self
+
+
+class ControlSpec(_Model):
+    interval_seconds: float = Field(default=5.0, ge=0.1, le=3600.0)
+    headroom: float = Field(default=1.05, ge=1.0, le=10.0)
+    ewma_alpha: float = Field(default=0.3, gt=0.0, le=1.0)
+    trend_horizon_seconds: float = Field(default=10.0, ge=0.0, le=600.0)
+    scale_down_stabilization_seconds: float = Field(default=30.0, ge=0.0, le=3600.0)
+    prometheus_url: str | None = None
+    max_batch_wait_ms: float = Field(default=0.0, ge=0.0, le=10_000.0)
+    paused: bool = False
+
+
+class CascadeSpec(_Model):
+    slo_seconds: float = Field(gt=0.0, le=3600.0)
+    gpu_budget: int = Field(ge=1, le=100_000)
+    objective: Objective = Objective.MIN_EXPECTED_FID
+    variants: list[VariantSpec] = Field(min_length=1, max_length=8)
+    quality: QualitySpec | None = None
+    control: ControlSpec = ControlSpec()
+    worker_image: str | None = None
+
+    @model_validator(mode="after")
+    def _cascade_rules(self) -> CascadeSpec:
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variant names must be unique, got {names}")
+        for variant in self.variants[:-1]:
+            if variant.gate is None or variant.gate.defer_curve is None:
+                raise ValueError(
+                    f"variant {variant.name} defers to a later stage and needs gate.deferCurve"
+                )
+        floor = sum(v.min_replicas * v.gpus_per_replica for v in self.variants)
+        if floor > self.gpu_budget:
+            raise ValueError(f"minReplicas need {floor} GPUs, above gpuBudget {self.gpu_budget}")
+        return self
+
+
+class InvalidSpec(ValueError):
+    """A cascade spec that cannot be used; the message names every problem."""
+
+
+def parse_spec(raw: dict[str, Any]) -> CascadeSpec:
+    """Validate a spec dict (as found in the custom resource) or raise InvalidSpec."""
+    try:
+        return CascadeSpec.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'spec'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise InvalidSpec(problems) from None
+
+
+def load_manifest(doc: dict[str, Any]) -> tuple[str, CascadeSpec]:
+    """(name, spec) of a DiffusionCascade manifest; InvalidSpec if it is not one."""
+    if doc.get("kind") != KIND:
+        raise InvalidSpec(f"expected kind {KIND}, got {doc.get('kind')!r}")
+    name = (doc.get("metadata") or {}).get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidSpec("metadata.name is required")
+    return name, parse_spec(doc.get("spec") or {})

@@ -1,0 +1,27 @@
+"""Process-wide test settings and the tiny models every layer's tests share."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data" / "diffserve"
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """{'light': DIR, 'heavy': DIR}: tiny random-weight SD pipelines built offline, once.
+
+    The light folder also holds the tiny discriminator checkpoint and its calibrated curve.
+    """
+    from diffcascade_worker.tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("models")
+    return {kind: make_tiny_model(kind, root / kind) for kind in ("light", "heavy")}
