@@ -1,12 +1,26 @@
 """Profiles the allocator plans with: batch latency, the gate's deferral curve, quality.
 
-Data types only here; loaders from files and from a spec build them.
+The dataclasses are the contract; the loaders build them from the bundled reference data
+(the DiffServe artifact, see `reference/ATTRIBUTION.md`), from the worker's calibration file
+and from a cascade spec. Interpolation is piecewise linear everywhere (no curve fitting), so
+a profiled point is always reproduced exactly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import bisect
+import csv
+import itertools
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from diffcascade_operator.spec import CascadeSpec, DeferCurveSpec, QualitySpec, VariantSpec
 
 
 @dataclass(frozen=True)
@@ -38,3 +52,308 @@ class VariantProfile:
 class CascadeProfiles:
     variants: tuple[VariantProfile, ...]  # ordered light -> heavy
     quality: QualityCurve | None
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be loaded or used; the message says which and why."""
+
+
+#: t = 0, 0.005, ..., 1.0: the grid the allocator and the worker's calibration share.
+THRESHOLD_GRID: tuple[float, ...] = tuple(k / 200 for k in range(201))
+
+_REFERENCE_PACKAGE = "diffcascade_operator.reference"
+
+#: Reference gate curves by light model. The artifact's sdxl-lightning cascade reuses the sdxs
+#: discriminator outputs verbatim (its `dist_sdxlltn.txt` is byte-identical to `dist_sdxs.txt`),
+#: so "sdxl-lightning" is an alias of "sdxs", not an SDXL-specific curve.
+_CONFIDENCE_FILES = {
+    "sd-turbo": "confidence_sd-turbo.txt",
+    "sdxs": "confidence_sdxs.txt",
+    "sdxl-lightning": "confidence_sdxs.txt",
+}
+_QUALITY_NAMES = ("c1", "c2", "c3")  # sd-turbo->sd-v1.5, sdxs->sd-v1.5, sdxl-lightning->sdxl
+
+
+# --- interpolation -----------------------------------------------------------------------------
+
+
+def _interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
+    """Piecewise-linear y(x), clamped to the end values outside the range."""
+    if x <= xs[0]:
+        return ys[0]
+    if x >= xs[-1]:
+        return ys[-1]
+    i = bisect.bisect_right(xs, x)
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    if x1 == x0:
+        return y1
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+def defer_fraction(curve: DeferCurve, t: float) -> float:
+    """f(t), piecewise linear between the curve's points (exact on them); f(t <= 0) = 0.
+
+    Confidences lie in [0, 1], so nothing is below a threshold of 0 whatever the curve's first
+    point says.
+    """
+    if t <= 0.0:
+        return 0.0
+    return _interpolate(curve.thresholds, curve.fractions, t)
+
+
+def fid_at(quality: QualityCurve, light_share: float) -> float:
+    """FID at a light share, piecewise linear between profiled points (not the quadratic fit)."""
+    return _interpolate(quality.light_shares, quality.fids, light_share)
+
+
+def batch_latency_ms(table: Mapping[int, float], batch_size: int) -> float:
+    """Latency of a batch size, profiled or not.
+
+    Between profiled sizes: linear. Below the smallest: the smallest's latency (a smaller batch
+    is not slower). Above the largest: the largest's per-image cost times the size.
+    """
+    if not table:
+        raise ProfileError("empty batch latency table")
+    if batch_size in table:
+        return float(table[batch_size])
+    sizes = sorted(table)
+    if batch_size < sizes[0]:
+        return float(table[sizes[0]])
+    if batch_size > sizes[-1]:
+        return float(table[sizes[-1]]) * batch_size / sizes[-1]
+    return _interpolate([float(s) for s in sizes], [table[s] for s in sizes], float(batch_size))
+
+
+def candidate_batches(table: Mapping[int, float], max_batch_size: int) -> dict[int, float]:
+    """The profiled sizes the allocator may choose, capped at `max_batch_size`.
+
+    When nothing profiled fits under the cap, the cap itself is the one candidate, with the
+    latency `batch_latency_ms` estimates for it.
+    """
+    kept = {b: float(ms) for b, ms in sorted(table.items()) if b <= max_batch_size}
+    if not kept:
+        kept = {max_batch_size: batch_latency_ms(table, max_batch_size)}
+    return kept
+
+
+# --- builders ----------------------------------------------------------------------------------
+
+
+def defer_curve_from_scores(
+    confidences: Iterable[float], *, thresholds: Sequence[float] = THRESHOLD_GRID
+) -> DeferCurve:
+    """f(t) = share of prompts whose confidence is below t (a query defers when conf < t)."""
+    ordered = sorted(float(c) for c in confidences)
+    if not ordered:
+        raise ProfileError("no confidences to build a deferral curve from")
+    if any(math.isnan(c) for c in ordered):
+        raise ProfileError("confidences contain NaN")
+    n = len(ordered)
+    fractions = tuple(bisect.bisect_left(ordered, t) / n for t in thresholds)
+    return DeferCurve(thresholds=tuple(float(t) for t in thresholds), fractions=fractions)
+
+
+def confidences_from_disc_scores(
+    values: Sequence[float], *, images_per_prompt: int = 4
+) -> tuple[float, ...]:
+    """Per-prompt confidence from a discriminator's P(fake) values: 1 - mean over its images."""
+    if images_per_prompt < 1 or len(values) % images_per_prompt:
+        raise ProfileError(
+            f"{len(values)} scores do not split into groups of {images_per_prompt} per prompt"
+        )
+    return tuple(
+        1.0 - sum(values[i : i + images_per_prompt]) / images_per_prompt
+        for i in range(0, len(values), images_per_prompt)
+    )
+
+
+def _checked_curve(thresholds: Sequence[Any], fractions: Sequence[Any], where: str) -> DeferCurve:
+    try:
+        ts = tuple(float(t) for t in thresholds)
+        fs = tuple(float(f) for f in fractions)
+    except (TypeError, ValueError) as exc:
+        raise ProfileError(f"{where}: thresholds and deferFractions must be numbers") from exc
+    if len(ts) != len(fs) or len(ts) < 2:
+        raise ProfileError(f"{where}: thresholds and deferFractions need equal length >= 2")
+    if any(b <= a for a, b in itertools.pairwise(ts)):
+        raise ProfileError(f"{where}: thresholds must be strictly increasing")
+    if any(not 0.0 <= v <= 1.0 for v in (*ts, *fs)):
+        raise ProfileError(f"{where}: values must lie in [0, 1]")
+    if any(b < a - 1e-9 for a, b in itertools.pairwise(fs)):
+        raise ProfileError(f"{where}: deferFractions must be non-decreasing in t")
+    return DeferCurve(thresholds=ts, fractions=fs)
+
+
+def load_defer_curve_file(path: Path) -> DeferCurve:
+    """The worker's calibration JSON: {"thresholds": [...], "deferFractions": [...]}.
+
+    An optional "confidences" list (per calibration prompt) takes precedence: the curve is then
+    rebuilt on the allocator's grid, which is exact rather than interpolated.
+    """
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ProfileError(f"cannot read deferral curve {path}: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ProfileError(f"{path}: expected a JSON object")
+    confidences = doc.get("confidences")
+    if isinstance(confidences, list) and confidences:
+        try:
+            return defer_curve_from_scores(float(c) for c in confidences)
+        except (TypeError, ValueError) as exc:
+            raise ProfileError(f"{path}: confidences must be numbers") from exc
+    if "thresholds" not in doc or "deferFractions" not in doc:
+        raise ProfileError(f"{path}: needs 'thresholds' and 'deferFractions' (or 'confidences')")
+    return _checked_curve(doc["thresholds"], doc["deferFractions"], str(path))
+
+
+def load_latency_csv(path: Path | None = None) -> dict[str, dict[int, float]]:
+    """`model,batch_size,latency_ms` rows -> {model: {batch: ms}}; the bundled table if no path."""
+    text = (
+        _reference_text("latency_a100_ms.csv")
+        if path is None
+        else _read(Path(path), "latency profile")
+    )
+    table: dict[str, dict[int, float]] = {}
+    try:
+        for row in csv.DictReader(text.splitlines()):
+            table.setdefault(row["model"], {})[int(row["batch_size"])] = float(row["latency_ms"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ProfileError(f"latency profile {path}: bad row ({exc})") from exc
+    return {model: dict(sorted(rows.items())) for model, rows in table.items()}
+
+
+def load_quality_csv(path: Path | None = None) -> dict[str, QualityCurve]:
+    """`cascade,...,light_share,fid` rows -> {cascade: curve}; the bundled table if no path."""
+    text = (
+        _reference_text("fid_vs_light_share.csv")
+        if path is None
+        else _read(Path(path), "quality curve")
+    )
+    points: dict[str, list[tuple[float, float]]] = {}
+    try:
+        for row in csv.DictReader(text.splitlines()):
+            points.setdefault(row["cascade"], []).append(
+                (float(row["light_share"]), float(row["fid"]))
+            )
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ProfileError(f"quality curve {path}: bad row ({exc})") from exc
+    return {name: _quality(sorted(pts), name) for name, pts in points.items()}
+
+
+def _quality(points: Sequence[tuple[float, float]], where: str) -> QualityCurve:
+    shares = tuple(p[0] for p in points)
+    if len(shares) < 2 or any(b <= a for a, b in itertools.pairwise(shares)):
+        raise ProfileError(f"quality {where}: needs >= 2 points with distinct light shares")
+    return QualityCurve(light_shares=shares, fids=tuple(p[1] for p in points))
+
+
+# --- bundled reference data --------------------------------------------------------------------
+
+
+def _reference_text(name: str) -> str:
+    return resources.files(_REFERENCE_PACKAGE).joinpath(name).read_text()
+
+
+def _read(path: Path, what: str) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise ProfileError(f"cannot read {what} {path}: {exc}") from exc
+
+
+def reference_defer_names() -> tuple[str, ...]:
+    return tuple(sorted(_CONFIDENCE_FILES))
+
+
+def reference_quality_names() -> tuple[str, ...]:
+    return _QUALITY_NAMES
+
+
+@cache
+def reference_confidences(name: str) -> tuple[float, ...]:
+    """Per-prompt gate confidence of a light model on the 5,000 reference prompts (in order)."""
+    try:
+        filename = _CONFIDENCE_FILES[name]
+    except KeyError:
+        raise ProfileError(
+            f"no reference deferral curve {name!r}; known: {', '.join(reference_defer_names())}"
+        ) from None
+    return tuple(float(line) for line in _reference_text(filename).split())
+
+
+@cache
+def reference_defer_curve(name: str) -> DeferCurve:
+    """f(t) of a bundled gate ("sd-turbo", "sdxs"; "sdxl-lightning" = the sdxs curve)."""
+    return defer_curve_from_scores(reference_confidences(name))
+
+
+@cache
+def reference_quality(name: str) -> QualityCurve:
+    """FID by light share: "c1" sd-turbo->sd-v1.5, "c2" sdxs->sd-v1.5, "c3" lightning->sdxl."""
+    curves = load_quality_csv()
+    if name not in curves:
+        raise ProfileError(f"no reference quality curve {name!r}; known: {', '.join(curves)}")
+    return curves[name]
+
+
+def reference_latency(model: str) -> dict[int, float]:
+    """Batch latency (ms, one A100): sd-turbo, sdxs, sd-v1.5, sdxl-lightning or sdxl."""
+    table = _reference_latency()
+    if model not in table:
+        raise ProfileError(f"no reference latency profile {model!r}; known: {', '.join(table)}")
+    return dict(table[model])
+
+
+@cache
+def _reference_latency() -> dict[str, dict[int, float]]:
+    return load_latency_csv()
+
+
+# --- from a spec -------------------------------------------------------------------------------
+
+
+def defer_curve_from_spec(curve: DeferCurveSpec, *, base_dir: Path | None = None) -> DeferCurve:
+    """Inline points, a bundled reference, or a calibration file (relative to `base_dir`)."""
+    if curve.reference is not None:
+        return reference_defer_curve(curve.reference)
+    if curve.path is not None:
+        path = Path(curve.path)
+        if not path.is_absolute() and base_dir is not None:
+            path = Path(base_dir) / path
+        return load_defer_curve_file(path)
+    return _checked_curve(curve.thresholds or [], curve.defer_fractions or [], "deferCurve")
+
+
+def quality_from_spec(quality: QualitySpec) -> QualityCurve:
+    if quality.reference is not None:
+        return reference_quality(quality.reference)
+    points = sorted((p.light_share, p.fid) for p in quality.fid_by_light_share or [])
+    return _quality(points, "fidByLightShare")
+
+
+def variant_profile(variant: VariantSpec, *, base_dir: Path | None = None) -> VariantProfile:
+    gate = variant.gate
+    curve = None
+    if gate is not None and gate.defer_curve is not None:
+        curve = defer_curve_from_spec(gate.defer_curve, base_dir=base_dir)
+    return VariantProfile(
+        name=variant.name,
+        batch_latency_ms=candidate_batches(
+            variant.profile.batch_latency_ms, variant.max_batch_size
+        ),
+        defer_curve=curve,
+        gpus_per_replica=variant.gpus_per_replica,
+        startup_seconds=variant.profile.startup_seconds,
+    )
+
+
+def profiles_from_spec(spec: CascadeSpec, *, base_dir: Path | None = None) -> CascadeProfiles:
+    """Everything the allocator needs from a spec; ProfileError names what cannot be loaded.
+
+    Batch sizes above a variant's `maxBatchSize` are dropped here, so the allocator only ever
+    chooses among profiled sizes the worker accepts.
+    """
+    variants = tuple(variant_profile(v, base_dir=base_dir) for v in spec.variants)
+    quality = quality_from_spec(spec.quality) if spec.quality is not None else None
+    return CascadeProfiles(variants=variants, quality=quality)

@@ -1,0 +1,398 @@
+"""`decide()`: the control policy, a pure function of a snapshot and the previous plan.
+
+Every rule lives here, in one place, like Ray Serve's autoscaling policy: pause and missing
+metrics hold the previous plan; demand is estimated; Little's law turns measured queues into
+waiting times; the allocator solves; hysteresis scales up at once and down only after a
+stabilisation window; bounds and the GPU budget are enforced last. The Kubernetes operator,
+the one-machine mode and the simulator all call this function, so they behave alike.
+
+Determinism: the decision depends only on the arguments (time comes from the snapshot).
+`solve_ms` is measured with a wall clock and reported, but never decides anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+
+from diffcascade_operator.allocator import (
+    Allocation,
+    AllocationProblem,
+    AllocatorError,
+    CascadeProblem,
+    ReplicaBounds,
+    pair_problem,
+    solve,
+    solve_cascade,
+)
+from diffcascade_operator.demand import DemandEstimate, estimate_demand
+from diffcascade_operator.plan import Plan, SolverOutcome, SolverStatus, VariantAllocation
+from diffcascade_operator.profiles import CascadeProfiles, VariantProfile
+from diffcascade_operator.snapshot import Snapshot
+from diffcascade_operator.spec import CascadeSpec, Objective
+
+#: Below this arrival rate (qps) a stage's queue says nothing about waiting time.
+MIN_ARRIVAL_QPS = 1e-6
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+
+def queue_terms(snapshot: Snapshot) -> dict[str, float]:
+    """Little's law per stage: waiting time = queue depth / arrival rate, capped at the SLO.
+
+    Example: 6 images queued at a stage receiving 12 qps wait about 0.5 s. A stage with no
+    arrivals contributes 0 (its queue, if any, is not a rate problem).
+    """
+    slo = snapshot.spec.slo_seconds
+    terms: dict[str, float] = {}
+    for name, stage in snapshot.stages.items():
+        if stage.arrival_qps > MIN_ARRIVAL_QPS and stage.queue_depth > 0:
+            terms[name] = min(slo, stage.queue_depth / stage.arrival_qps)
+        else:
+            terms[name] = 0.0
+    return terms
+
+
+def replica_bounds(spec: CascadeSpec) -> dict[str, ReplicaBounds]:
+    return {v.name: ReplicaBounds(v.min_replicas, v.max_replicas) for v in spec.variants}
+
+
+def _gpus(spec: CascadeSpec) -> dict[str, int]:
+    return {v.name: v.gpus_per_replica for v in spec.variants}
+
+
+def _cascade_problem(
+    spec: CascadeSpec,
+    profiles: CascadeProfiles,
+    *,
+    demand_qps: float,
+    queue_s: Mapping[str, float],
+    previous: Mapping[str, int],
+) -> CascadeProblem:
+    return CascadeProblem(
+        variants=profiles.variants,
+        demand_qps=demand_qps,
+        slo_s=spec.slo_seconds,
+        gpu_budget=spec.gpu_budget,
+        objective=spec.objective,
+        quality=profiles.quality,
+        queue_s=queue_s,
+        bounds=replica_bounds(spec),
+        previous=previous,
+        # A cascade is entered at its first variant; variants alone only matter beyond a pair.
+        include_single=len(profiles.variants) > 2,
+    )
+
+
+# --- plans -------------------------------------------------------------------------------------
+
+
+def _default_batch(profile: VariantProfile) -> int:
+    table = profile.batch_latency_ms
+    return max(table, key=lambda b: (b / table[b], -b))
+
+
+def _variants(
+    profiles: CascadeProfiles,
+    spec: CascadeSpec,
+    allocation: Allocation,
+    replicas: Mapping[str, int],
+    previous: Plan | None,
+) -> tuple[VariantAllocation, ...]:
+    batches = {allocation.light.name: allocation.light.batch_size}
+    if allocation.heavy is not None:
+        batches[allocation.heavy.name] = allocation.heavy.batch_size
+    prev_batch = {v.name: v.batch_size for v in previous.variants} if previous else {}
+    last = profiles.variants[-1].name
+    out = []
+    for profile in profiles.variants:
+        name = profile.name
+        if name == allocation.light.name and allocation.heavy is not None:
+            threshold: float | None = allocation.threshold
+        elif name == last:
+            threshold = None
+        else:
+            threshold = 0.0  # outside the chosen pair, or serving alone: keep what it gets
+        batch = batches.get(name) or prev_batch.get(name) or _default_batch(profile)
+        out.append(VariantAllocation(name, replicas.get(name, 0), batch, threshold))
+    return tuple(out)
+
+
+def _objective_value(allocation: Allocation) -> float | None:
+    if allocation.objective is Objective.MIN_EXPECTED_FID:
+        return allocation.predicted_fid
+    return allocation.threshold
+
+
+def _describe(
+    variants: tuple[VariantAllocation, ...], allocation: Allocation, estimate: DemandEstimate | None
+) -> str:
+    parts = []
+    if estimate is not None:
+        arrow = " (↑ trend)" if estimate.rising else ""
+        parts.append(f"demand {estimate.qps:.1f} qps{arrow} → ")
+    parts.append(f"t={allocation.threshold:.3g} f={allocation.defer_fraction:.2f} ")
+    parts.append(", ".join(f"{v.name} x{v.replicas} b{v.batch_size}" for v in variants))
+    if allocation.predicted_fid is not None:
+        parts.append(f", FID {allocation.predicted_fid:.1f}")
+    return "".join(parts)
+
+
+def _plan(
+    *,
+    snapshot_spec: CascadeSpec,
+    profiles: CascadeProfiles,
+    allocation: Allocation,
+    replicas: Mapping[str, int],
+    status: SolverStatus,
+    solve_ms: float,
+    estimate: DemandEstimate | None,
+    demand_qps: float,
+    now: float,
+    previous: Plan | None,
+    scale_down_since: Mapping[str, float],
+    notes: tuple[str, ...] = (),
+) -> Plan:
+    variants = _variants(profiles, snapshot_spec, allocation, replicas, previous)
+    summary = _describe(variants, allocation, estimate)
+    if status is SolverStatus.INFEASIBLE:
+        tail = f"infeasible ({allocation.message}): best effort, all light"
+    elif status is SolverStatus.INITIAL:
+        tail = "initial plan, no demand seen yet"
+    else:
+        tail = f"solved {status.value.lower()} in {solve_ms:.0f} ms"
+    reason = "; ".join((summary, *notes, tail))
+    return Plan(
+        variants=variants,
+        threshold=allocation.threshold,
+        defer_fraction=allocation.defer_fraction,
+        demand_qps=demand_qps,
+        predicted_latency_s=allocation.predicted_latency_s,
+        predicted_throughput_qps=allocation.predicted_throughput_qps,
+        predicted_fid=allocation.predicted_fid,
+        solver=SolverOutcome(
+            status=status,
+            solve_ms=solve_ms,
+            objective_value=_objective_value(allocation),
+            message=allocation.message or f"{allocation.solver}, objective {allocation.objective}",
+        ),
+        reason=reason,
+        decided_at=now,
+        scale_down_since=dict(scale_down_since),
+    )
+
+
+def initial_plan(spec: CascadeSpec, profiles: CascadeProfiles, now: float) -> Plan:
+    """The plan before any demand is seen: minimum replicas (at least one to enter the cascade
+    and one for the stage receiving deferrals), threshold at the objective's optimum if it fits.
+    """
+    problem = _cascade_problem(spec, profiles, demand_qps=0.0, queue_s={}, previous={})
+    result = solve_cascade(problem)
+    best = result.best
+    status = SolverStatus.INITIAL if best.status is SolverStatus.OPTIMAL else best.status
+    return _plan(
+        snapshot_spec=spec,
+        profiles=profiles,
+        allocation=best,
+        replicas=_with_minimums(spec, best.replicas()),
+        status=status,
+        solve_ms=result.solve_ms,
+        estimate=None,
+        demand_qps=0.0,
+        now=now,
+        previous=None,
+        scale_down_since={},
+    )
+
+
+def _with_minimums(spec: CascadeSpec, replicas: Mapping[str, int]) -> dict[str, int]:
+    out = {}
+    for v in spec.variants:
+        n = max(replicas.get(v.name, 0), v.min_replicas)
+        if v.max_replicas is not None:
+            n = min(n, v.max_replicas)
+        out[v.name] = n
+    return out
+
+
+def _held(snapshot: Snapshot, previous: Plan | None, why: str) -> Plan:
+    """Keep the previous plan (status Held), or start from the initial plan when there is none."""
+    names = [v.name for v in snapshot.spec.variants]
+    if previous is None or [v.name for v in previous.variants] != names:
+        plan = initial_plan(snapshot.spec, snapshot.profiles, snapshot.now)
+        return replace(plan, reason=f"{why}; {plan.reason}")
+    return replace(
+        previous,
+        solver=SolverOutcome(
+            status=SolverStatus.HELD,
+            solve_ms=0.0,
+            objective_value=previous.solver.objective_value,
+            message=why,
+        ),
+        reason=f"{why}: holding t={previous.threshold:.3g}, "
+        + ", ".join(f"{v.name} x{v.replicas} b{v.batch_size}" for v in previous.variants),
+        decided_at=snapshot.now,
+        scale_down_since={},
+    )
+
+
+# --- hysteresis --------------------------------------------------------------------------------
+
+
+def apply_hysteresis(
+    *,
+    target: Mapping[str, int],
+    previous: Plan | None,
+    now: float,
+    window_s: float,
+    spec: CascadeSpec,
+) -> tuple[dict[str, int], dict[str, float]]:
+    """Replicas to run and the updated scale-down clocks.
+
+    Up at once; down only once a lower count has been wanted continuously for `window_s`
+    (then straight to the current target). Bounds always hold. If held replicas and immediate
+    scale-ups together exceed the GPU budget, held replicas give way (last stage first): the
+    budget is a hard limit and scaling up is what protects the SLO.
+    """
+    if previous is None:
+        return _with_minimums(spec, target), {}
+    have = previous.replicas()
+    kept: dict[str, int] = {}
+    since: dict[str, float] = {}
+    for v in spec.variants:
+        want = target.get(v.name, 0)
+        current = have.get(v.name)
+        if current is None or want >= current:
+            kept[v.name] = want
+            continue
+        started = previous.scale_down_since.get(v.name, now)
+        if now - started >= window_s:
+            kept[v.name] = want
+        else:
+            kept[v.name] = current
+            since[v.name] = started
+    kept = _with_minimums(spec, kept)
+    gpus = _gpus(spec)
+    over = sum(kept[n] * gpus[n] for n in kept) - spec.gpu_budget
+    for v in reversed(spec.variants):
+        floor = max(target.get(v.name, 0), v.min_replicas)
+        while over > 0 and gpus[v.name] > 0 and kept[v.name] > floor:
+            kept[v.name] -= 1
+            over -= gpus[v.name]
+        if kept[v.name] <= target.get(v.name, 0):
+            since.pop(v.name, None)
+    return kept, since
+
+
+def _resolve_with_replicas(
+    problem: CascadeProblem, allocation: Allocation, kept: Mapping[str, int]
+) -> Allocation | None:
+    """Batch sizes and threshold that are optimal for the replicas actually kept."""
+    heavy = allocation.heavy.name if allocation.heavy is not None else None
+    fixed = {name: ReplicaBounds(n, n) for name, n in kept.items()}
+    base = pair_problem(replace(problem, bounds=fixed), allocation.light.name, heavy)
+    used = {allocation.light.name} | ({heavy} if heavy else set())
+    by_name = {v.name: v.gpus_per_replica for v in problem.variants}
+    others = sum(n * by_name[name] for name, n in kept.items() if name not in used)
+    sub: AllocationProblem = replace(base, gpu_budget=problem.gpu_budget - others)
+    result = solve(sub)
+    return result if result.status is SolverStatus.OPTIMAL else None
+
+
+# --- the policy --------------------------------------------------------------------------------
+
+
+def decide(snapshot: Snapshot, previous: Plan | None) -> Plan:
+    """The plan for this instant. Pure and deterministic; see the module docstring."""
+    spec = snapshot.spec
+    control = spec.control
+    if control.paused:
+        return _held(snapshot, previous, "paused (spec.control.paused)")
+    if not snapshot.metrics_available:
+        return _held(snapshot, previous, "metrics unavailable")
+    estimate = estimate_demand(
+        snapshot.demand,
+        now=snapshot.now,
+        alpha=control.ewma_alpha,
+        headroom=control.headroom,
+        trend_horizon_s=control.trend_horizon_seconds,
+    )
+    if estimate.empty:
+        return _held(snapshot, previous, "no demand samples yet")
+    queue_s = queue_terms(snapshot)
+    previous_replicas = previous.replicas() if previous is not None else {}
+    problem = _cascade_problem(
+        spec,
+        snapshot.profiles,
+        demand_qps=estimate.qps,
+        queue_s=queue_s,
+        previous=previous_replicas,
+    )
+    try:
+        result = solve_cascade(problem)
+    except AllocatorError as exc:
+        return _held(snapshot, previous, f"allocator error: {exc}")
+    target_alloc = result.best
+    solve_ms = result.solve_ms
+    target = _with_minimums(spec, target_alloc.replicas())
+    kept, since = apply_hysteresis(
+        target=target,
+        previous=previous,
+        now=snapshot.now,
+        window_s=control.scale_down_stabilization_seconds,
+        spec=spec,
+    )
+    final = target_alloc
+    notes: list[str] = []
+    if kept != target and target_alloc.status is SolverStatus.OPTIMAL:
+        resolved = _resolve_with_replicas(problem, target_alloc, kept)
+        if resolved is not None:
+            final = resolved
+            solve_ms += resolved.solve_ms
+    for name, started in sorted(since.items()):
+        wait = max(0.0, control.scale_down_stabilization_seconds - (snapshot.now - started))
+        notes.append(f"holding {name} at {kept[name]} (wants {target[name]}, in {wait:.0f} s)")
+    if final.objective is not spec.objective:
+        notes.append(f"no quality curve: {final.objective} instead of {spec.objective}")
+    if any(q > 0 for q in queue_s.values()):
+        notes.append(
+            "queueing " + ", ".join(f"{n} {q:.2f} s" for n, q in sorted(queue_s.items()) if q > 0)
+        )
+    return _plan(
+        snapshot_spec=spec,
+        profiles=snapshot.profiles,
+        allocation=final,
+        replicas=kept,
+        status=final.status,
+        solve_ms=solve_ms,
+        estimate=estimate,
+        demand_qps=estimate.qps,
+        now=snapshot.now,
+        previous=previous,
+        scale_down_since=since,
+        notes=tuple(notes),
+    )
+
+
+def same_decision(a: Plan, b: Plan) -> bool:
+    """Equal plans apart from wall-clock measurements (solve time, and the reason quoting it)."""
+
+    def key(p: Plan) -> Plan:
+        return replace(
+            p,
+            solver=replace(p.solver, solve_ms=0.0),
+            reason=p.reason.rsplit(" in ", 1)[0] if p.reason.endswith(" ms") else p.reason,
+        )
+
+    return key(a) == key(b)
+
+
+__all__ = [
+    "apply_hysteresis",
+    "decide",
+    "initial_plan",
+    "queue_terms",
+    "replica_bounds",
+    "same_decision",
+]

@@ -1,0 +1,82 @@
+"""Demand estimation: what arrival rate to plan for, from recent arrival-rate samples.
+
+An EWMA smooths Poisson noise; a least-squares slope over the last `trend_window_s` seconds,
+projected `trend_horizon_s` ahead, meets ramps before the EWMA catches up (only upward: a
+falling trend is left to the EWMA and to the controller's scale-down stabilisation); the
+headroom multiplies the result. Pure: the caller passes the samples and the time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from diffcascade_operator.snapshot import DemandSample
+
+
+@dataclass(frozen=True)
+class DemandEstimate:
+    qps: float  # what to plan for: (ewma + upward trend x horizon) x headroom
+    raw_qps: float  # the newest sample
+    ewma_qps: float
+    trend_qps_per_s: float  # least-squares slope over the trend window (may be negative)
+    samples: int  # samples used (not in the future)
+    empty: bool  # no usable sample: qps is 0 and says nothing about demand
+
+    @property
+    def rising(self) -> bool:
+        return self.trend_qps_per_s > 0.0
+
+
+def _slope(points: Sequence[tuple[float, float]]) -> float:
+    if len(points) < 2:
+        return 0.0
+    n = len(points)
+    mean_t = sum(t for t, _ in points) / n
+    mean_q = sum(q for _, q in points) / n
+    var = sum((t - mean_t) ** 2 for t, _ in points)
+    if var <= 1e-12:
+        return 0.0
+    return sum((t - mean_t) * (q - mean_q) for t, q in points) / var
+
+
+def estimate_demand(
+    samples: Sequence[DemandSample],
+    *,
+    now: float,
+    alpha: float = 0.3,
+    headroom: float = 1.05,
+    trend_horizon_s: float = 10.0,
+    trend_window_s: float = 30.0,
+) -> DemandEstimate:
+    """Plan-for demand from samples ordered oldest first; samples after `now` are ignored.
+
+    Example: samples 10, 10, 10 qps then 20 qps with alpha 0.5 give an EWMA of 15; no trend
+    window (horizon 0) and headroom 1.2 plan for 18 qps.
+    """
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
+    if headroom <= 0.0:
+        raise ValueError(f"headroom must be > 0, got {headroom}")
+    usable = sorted(
+        ((s.at, max(0.0, s.qps)) for s in samples if s.at <= now and s.qps == s.qps),
+        key=lambda p: p[0],
+    )
+    if not usable:
+        return DemandEstimate(
+            qps=0.0, raw_qps=0.0, ewma_qps=0.0, trend_qps_per_s=0.0, samples=0, empty=True
+        )
+    ewma = usable[0][1]
+    for _, qps in usable[1:]:
+        ewma = alpha * qps + (1.0 - alpha) * ewma
+    recent = [p for p in usable if p[0] >= now - trend_window_s]
+    slope = _slope(recent)
+    planned = (ewma + max(0.0, slope * trend_horizon_s)) * headroom
+    return DemandEstimate(
+        qps=planned,
+        raw_qps=usable[-1][1],
+        ewma_qps=ewma,
+        trend_qps_per_s=slope,
+        samples=len(usable),
+        empty=False,
+    )

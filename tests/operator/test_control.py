@@ -1,0 +1,331 @@
+"""`decide()`: holding, demand, queueing, hysteresis, bounds and determinism."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from diffcascade_operator.control import (
+    apply_hysteresis,
+    decide,
+    initial_plan,
+    queue_terms,
+    same_decision,
+)
+from diffcascade_operator.plan import Plan, SolverStatus
+from diffcascade_operator.profiles import (
+    defer_fraction,
+    profiles_from_spec,
+    reference_defer_curve,
+    reference_latency,
+)
+from diffcascade_operator.snapshot import DemandSample, Snapshot, StageSample
+from diffcascade_operator.spec import CascadeSpec, parse_spec
+
+LIGHT, HEAVY = "sd-turbo", "sd-v1-5"
+
+
+def latency_ms(model: str) -> dict[str, float]:
+    return {str(b): ms for b, ms in reference_latency(model).items()}
+
+
+def make_spec(**overrides: Any) -> CascadeSpec:
+    raw: dict[str, Any] = {
+        "sloSeconds": 5,
+        "gpuBudget": 16,
+        "objective": "MaxThreshold",
+        "variants": [
+            {
+                "name": LIGHT,
+                "model": "stabilityai/sd-turbo",
+                "profile": {"batchLatencyMs": latency_ms("sd-turbo")},
+                "gate": {"deferCurve": {"reference": "sd-turbo"}},
+            },
+            {
+                "name": HEAVY,
+                "model": "runwayml/stable-diffusion-v1-5",
+                "steps": 50,
+                "profile": {"batchLatencyMs": latency_ms("sd-v1.5")},
+            },
+        ],
+        "quality": {"reference": "c1"},
+        "control": {"scaleDownStabilizationSeconds": 30, "headroom": 1.0, "ewmaAlpha": 1.0},
+    }
+    control = overrides.pop("control", {})
+    raw["control"].update(control)
+    raw.update(overrides)
+    return parse_spec(raw)
+
+
+def snapshot(
+    spec: CascadeSpec, *, now: float, qps: float, stages: dict[str, StageSample] | None = None
+) -> Snapshot:
+    return Snapshot(
+        spec=spec,
+        profiles=profiles_from_spec(spec),
+        now=now,
+        demand=tuple(DemandSample(at=now - i, qps=qps) for i in range(4, -1, -1)),
+        stages=stages or {},
+    )
+
+
+def replicas(plan: Plan) -> tuple[int, int]:
+    r = plan.replicas()
+    return r[LIGHT], r[HEAVY]
+
+
+# --- holding and the initial plan --------------------------------------------------------------
+
+
+def test_no_previous_and_no_samples_gives_the_initial_plan() -> None:
+    spec = make_spec(objective="MinExpectedFID")
+    snap = replace(snapshot(spec, now=0, qps=0), demand=())
+    plan = decide(snap, None)
+    assert plan.solver.status is SolverStatus.INITIAL
+    assert replicas(plan) == (1, 1)
+    assert plan.predicted_fid == pytest.approx(16.79, abs=0.02)
+    assert plan == replace(plan, reason=plan.reason)  # frozen, comparable
+    assert "no demand samples" in plan.reason
+
+
+def test_initial_plan_respects_min_replicas() -> None:
+    spec = make_spec()
+    raw = spec.model_dump(by_alias=True)
+    raw["variants"][1]["minReplicas"] = 3
+    plan = initial_plan(parse_spec(raw), profiles_from_spec(spec), now=0)
+    assert replicas(plan)[1] == 3
+
+
+def test_paused_holds_the_previous_plan() -> None:
+    spec = make_spec()
+    previous = decide(snapshot(spec, now=0, qps=24), None)
+    paused = make_spec(control={"paused": True})
+    plan = decide(snapshot(paused, now=5, qps=64), previous)
+    assert plan.solver.status is SolverStatus.HELD
+    assert plan.variants == previous.variants and plan.threshold == previous.threshold
+    assert plan.decided_at == 5 and "paused" in plan.reason
+
+
+def test_metrics_unavailable_holds_and_says_why() -> None:
+    spec = make_spec()
+    previous = decide(snapshot(spec, now=0, qps=24), None)
+    snap = replace(snapshot(spec, now=5, qps=64), metrics_available=False)
+    plan = decide(snap, previous)
+    assert plan.solver.status is SolverStatus.HELD
+    assert plan.variants == previous.variants
+    assert "metrics unavailable" in plan.reason
+    first = decide(snap, None)
+    assert first.solver.status is SolverStatus.INITIAL and "metrics unavailable" in first.reason
+
+
+# --- solving -----------------------------------------------------------------------------------
+
+
+def test_decide_solves_the_papers_case_and_explains_it_in_one_line() -> None:
+    plan = decide(snapshot(make_spec(), now=10, qps=32), None)
+    assert plan.solver.status is SolverStatus.OPTIMAL
+    assert plan.threshold == pytest.approx(0.115)
+    assert replicas(plan) == (2, 14)
+    assert [v.batch_size for v in plan.variants] == [4, 4]
+    assert plan.variants[0].threshold == pytest.approx(0.115) and plan.variants[1].threshold is None
+    assert plan.demand_qps == pytest.approx(32.0)
+    assert "\n" not in plan.reason
+    assert plan.reason.startswith("demand 32.0 qps → t=0.115 f=0.47 sd-turbo x2 b4, sd-v1-5 x14 b4")
+    assert "solved optimal in" in plan.reason
+
+
+def test_overload_gives_an_infeasible_best_effort_plan() -> None:
+    plan = decide(snapshot(make_spec(), now=10, qps=1000), None)
+    assert plan.solver.status is SolverStatus.INFEASIBLE
+    assert replicas(plan) == (16, 0) and plan.threshold == 0.0
+    assert "capacity" in plan.reason and "capacity" in plan.solver.message
+
+
+def test_queue_terms_follow_littles_law_capped_at_the_slo() -> None:
+    spec = make_spec()
+    snap = snapshot(
+        spec,
+        now=0,
+        qps=10,
+        stages={
+            LIGHT: StageSample(queue_depth=6, arrival_qps=12),
+            HEAVY: StageSample(queue_depth=50, arrival_qps=1),
+            "idle": StageSample(queue_depth=3, arrival_qps=0),
+        },
+    )
+    assert queue_terms(snap) == {LIGHT: 0.5, HEAVY: 5.0, "idle": 0.0}
+
+
+def test_heavy_queueing_lowers_the_threshold() -> None:
+    spec = make_spec()
+    calm = decide(snapshot(spec, now=10, qps=24), None)
+    queued = decide(
+        snapshot(spec, now=10, qps=24, stages={HEAVY: StageSample(queue_depth=12, arrival_qps=10)}),
+        None,
+    )
+    assert queued.threshold < calm.threshold
+    assert queued.predicted_latency_s <= 5.0
+    assert "queueing sd-v1-5 1.20 s" in queued.reason
+
+
+def test_replica_bounds_from_the_spec_hold() -> None:
+    raw = make_spec().model_dump(by_alias=True)
+    raw["variants"][0]["minReplicas"] = 3
+    raw["variants"][1]["maxReplicas"] = 10
+    spec = parse_spec(raw)
+    plan = decide(snapshot(spec, now=10, qps=24), None)
+    light, heavy = replicas(plan)
+    assert light >= 3 and heavy <= 10
+    assert plan.solver.status is SolverStatus.OPTIMAL
+
+
+def test_three_variant_cascade_picks_the_best_pair() -> None:
+    raw = make_spec(objective="MinExpectedFID").model_dump(by_alias=True, exclude_none=True)
+    middle = {
+        "name": "sdxs",
+        "model": "IDKiro/sdxs-512-0.9",
+        "profile": {"batchLatencyMs": latency_ms("sdxs")},
+        "gate": {"deferCurve": {"reference": "sdxs"}},
+    }
+    raw["variants"].insert(1, middle)
+    spec = parse_spec(raw)
+    plan = decide(snapshot(spec, now=10, qps=20), None)
+    assert plan.solver.status is SolverStatus.OPTIMAL
+    assert [v.name for v in plan.variants] == [LIGHT, "sdxs", HEAVY]
+    assert sum(v.replicas for v in plan.variants) <= 16
+    assert plan.variants[-1].threshold is None
+
+
+# --- hysteresis --------------------------------------------------------------------------------
+
+
+def test_scale_up_is_immediate() -> None:
+    spec = make_spec()
+    low = decide(snapshot(spec, now=0, qps=8), None)
+    high = decide(snapshot(spec, now=5, qps=64), low)
+    assert replicas(high) == (4, 12)
+    assert high.scale_down_since == {} or LIGHT not in high.scale_down_since
+
+
+def test_scale_down_waits_for_the_stabilisation_window() -> None:
+    spec = make_spec(objective="MinExpectedFID")
+    plan = decide(snapshot(spec, now=0, qps=24), None)
+    busy = replicas(plan)
+    assert busy == (2, 14)
+    for now in (5, 15, 25):
+        plan = decide(snapshot(spec, now=now, qps=6), plan)
+        assert replicas(plan) == busy, now
+        assert plan.scale_down_since.get(HEAVY) == 5
+        assert "holding sd-v1-5 at 14" in plan.reason
+    plan = decide(snapshot(spec, now=35, qps=6), plan)
+    assert replicas(plan)[1] < 14
+    assert plan.scale_down_since == {}
+
+
+def test_a_single_busy_tick_restarts_the_window() -> None:
+    spec = make_spec(objective="MinExpectedFID")
+    plan = decide(snapshot(spec, now=0, qps=24), None)
+    plan = decide(snapshot(spec, now=5, qps=6), plan)
+    plan = decide(snapshot(spec, now=20, qps=24), plan)  # wants the 14 again
+    assert plan.scale_down_since == {}
+    plan = decide(snapshot(spec, now=36, qps=6), plan)  # 31 s after the first low tick
+    assert replicas(plan)[1] == 14 and plan.scale_down_since[HEAVY] == 36
+
+
+def test_held_replicas_get_the_batch_and_threshold_that_are_optimal_for_them() -> None:
+    spec = make_spec(objective="MinExpectedFID")
+    plan = decide(snapshot(spec, now=0, qps=64), None)
+    assert replicas(plan) == (4, 12)
+    plan = decide(snapshot(spec, now=5, qps=8), plan)
+    assert replicas(plan) == (4, 12)  # both want fewer: held for the window
+    # Re-solved for the replicas kept: the FID optimum fits, and the spare heavy capacity
+    # buys the lowest-latency batches.
+    assert plan.threshold == pytest.approx(0.215)
+    assert [v.batch_size for v in plan.variants] == [1, 1]
+    curve = reference_defer_curve("sd-turbo")
+    heavy_capacity = 12 * 1 / (reference_latency("sd-v1.5")[1] / 1000)
+    assert 8 * defer_fraction(curve, plan.threshold) <= heavy_capacity
+    assert plan.predicted_latency_s == pytest.approx(0.1 + 1.78)
+
+
+def test_held_light_replicas_give_way_when_the_heavy_stage_must_grow() -> None:
+    spec = make_spec()  # MaxThreshold
+    plan = decide(snapshot(spec, now=0, qps=24), None)
+    assert replicas(plan) == (2, 14)
+    plan = decide(snapshot(spec, now=5, qps=20), plan)  # wants 1 + 15
+    assert replicas(plan) == (1, 15)
+    assert plan.threshold == pytest.approx(0.32)
+
+
+def test_held_replicas_give_way_to_scale_ups_within_the_budget() -> None:
+    spec = make_spec()
+    previous = decide(snapshot(spec, now=0, qps=24), None)  # 2 + 14
+    kept, since = apply_hysteresis(
+        target={LIGHT: 5, HEAVY: 11}, previous=previous, now=1, window_s=30, spec=spec
+    )
+    assert kept == {LIGHT: 5, HEAVY: 11}
+    assert since == {}
+    kept, since = apply_hysteresis(
+        target={LIGHT: 1, HEAVY: 10}, previous=previous, now=1, window_s=30, spec=spec
+    )
+    assert kept == {LIGHT: 2, HEAVY: 14} and since == {LIGHT: 1, HEAVY: 1}
+
+
+def test_zero_window_scales_down_at_once() -> None:
+    spec = make_spec(control={"scaleDownStabilizationSeconds": 0})
+    plan = decide(snapshot(spec, now=0, qps=64), None)
+    plan = decide(snapshot(spec, now=5, qps=4), plan)
+    assert sum(replicas(plan)) < 16
+
+
+# --- determinism -------------------------------------------------------------------------------
+
+
+def test_the_same_snapshot_gives_the_same_plan() -> None:
+    spec = make_spec(objective="MinExpectedFID")
+    previous = decide(snapshot(spec, now=0, qps=30), None)
+    snap = snapshot(spec, now=7, qps=17, stages={LIGHT: StageSample(3, 17)})
+    first, second = decide(snap, previous), decide(snap, previous)
+    assert same_decision(first, second)
+    assert first.variants == second.variants and first.threshold == second.threshold
+    assert not same_decision(first, decide(snapshot(spec, now=7, qps=40), previous))
+
+
+def test_min_fid_without_a_quality_curve_says_it_maximises_the_threshold() -> None:
+    spec = make_spec(objective="MinExpectedFID", quality=None)
+    plan = decide(snapshot(spec, now=10, qps=32), None)
+    assert plan.threshold == pytest.approx(0.115) and plan.predicted_fid is None
+    assert "no quality curve: MaxThreshold" in plan.reason
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_every_plan_of_a_random_demand_walk_fits_budget_bounds_and_capacity(seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    raw = make_spec(objective=rng.choice(["MinExpectedFID", "MaxThreshold"])).model_dump(
+        by_alias=True
+    )
+    raw["variants"][0]["maxReplicas"] = rng.choice([None, 8])
+    raw["variants"][1]["minReplicas"] = rng.choice([0, 1])
+    raw["control"]["scaleDownStabilizationSeconds"] = rng.choice([0, 10, 30])
+    spec = parse_spec(raw)
+    curve = reference_defer_curve("sd-turbo")
+    plan: Plan | None = None
+    qps = 10.0
+    for step in range(40):
+        qps = max(0.0, qps + rng.uniform(-12, 12))
+        queue = {LIGHT: StageSample(rng.uniform(0, 5), qps), HEAVY: StageSample(0, qps / 2)}
+        plan = decide(snapshot(spec, now=5.0 * step, qps=qps, stages=queue), plan)
+        light, heavy = replicas(plan)
+        assert light + heavy <= 16
+        assert light >= 1 and heavy >= raw["variants"][1]["minReplicas"]
+        assert raw["variants"][0]["maxReplicas"] is None or light <= 8
+        if plan.solver.status is SolverStatus.OPTIMAL:
+            b_l, b_h = (v.batch_size for v in plan.variants)
+            cap_l = light * b_l / (reference_latency("sd-turbo")[b_l] / 1000)
+            cap_h = heavy * b_h / (reference_latency("sd-v1.5")[b_h] / 1000)
+            assert cap_l >= plan.demand_qps - 1e-6
+            assert cap_h >= plan.demand_qps * defer_fraction(curve, plan.threshold) - 1e-6
+            assert plan.predicted_latency_s <= 5.0 + 1e-9
