@@ -1,0 +1,408 @@
+"""The Helm chart renders, lints and validates with the real Helm engine, for each values set.
+
+helm-python-sdk binds Helm v4's Go SDK (a shared library in the wheel) through ctypes: no
+helm binary and no network. Every rendered manifest is validated by kubernetes-validate
+against the Kubernetes OpenAPI schemas it ships; the two kinds those schemas lack (the
+Prometheus Operator's PodMonitor, Kopf's peering objects) are checked explicitly.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from packaging_support import (
+    CHART_DIR,
+    CRD_PATH,
+    KUBERNETES_VERSION,
+    REPO,
+    load_yaml,
+    schema_errors,
+)
+
+helm = pytest.importorskip("helm_python", reason="helm-python-sdk (dev extra) is not installed")
+
+Doc = dict[str, Any]
+RELEASE, NAMESPACE = "dc", "diffcascade-system"
+
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "namespaced": {"watchNamespaces": ["team-a", "team-b"]},
+    "monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+    "namespaced-monitoring": {
+        "watchNamespaces": ["team-a"],
+        "serviceMonitor": {"enabled": True},
+    },
+    "peering": {"peering": {"standalone": False, "name": "dc-peering"}},
+    "namespaced-peering": {
+        "watchNamespaces": ["team-a", "team-b"],
+        "peering": {"standalone": False},
+    },
+    "tuned": {
+        "image": {"tag": "dev", "pullPolicy": "Never"},
+        "workerImage": {"repository": "diffcascade-worker", "tag": "e2e"},
+        "prometheus": {"url": ""},
+        "controlIntervalSeconds": 2,
+        "logLevel": "debug",
+        "extraEnv": [{"name": "DIFFCASCADE_TICK_SECONDS", "value": "0.5"}],
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+        "tolerations": [{"key": "ops", "operator": "Exists", "effect": "NoSchedule"}],
+    },
+    "external-service-account": {
+        "serviceAccount": {"create": False, "name": "ops-bot"},
+        "rbac": {"create": False},
+    },
+}
+
+
+def render(values: dict[str, Any]) -> list[Doc]:
+    with helm.Chart.load(CHART_DIR) as chart:
+        rendered = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    docs: list[Doc] = []
+    for name, text in sorted(rendered.items()):
+        if name.endswith("NOTES.txt"):
+            continue
+        docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+def notes(values: dict[str, Any]) -> str:
+    with helm.Chart.load(CHART_DIR) as chart:
+        rendered = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    text: str = rendered["diffcascade/templates/NOTES.txt"]
+    return text
+
+
+def by_kind(docs: list[Doc], kind: str) -> list[Doc]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+# --- chart files ----------------------------------------------------------------------------
+
+
+def test_chart_crd_is_a_byte_identical_copy_of_crds() -> None:
+    chart_crd = CHART_DIR / "crds" / CRD_PATH.name
+    assert not chart_crd.is_symlink(), "helm package does not follow symlinks: copy the file"
+    assert chart_crd.read_bytes() == CRD_PATH.read_bytes(), (
+        "helm/diffcascade/crds/ is stale: cp crds/diffusioncascade.yaml helm/diffcascade/crds/"
+    )
+
+
+def test_chart_loads_with_its_crds_and_metadata() -> None:
+    with helm.Chart.load(CHART_DIR) as chart:
+        meta = chart.metadata
+        crd_names = {next(yaml.safe_load_all(c["data"]))["metadata"]["name"] for c in chart.crds}
+    assert (meta["apiVersion"], meta["name"], meta["appVersion"]) == ("v2", "diffcascade", "0.1.0")
+    assert "diffusioncascades.diffcascade.dev" in crd_names
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=list(VALUE_SETS))
+def test_chart_lints_clean(values: dict[str, Any]) -> None:
+    report = helm.lint(CHART_DIR, values, strict=True, kube_version=f"v{KUBERNETES_VERSION}")
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+def test_lint_reports_a_broken_template(tmp_path: Path) -> None:
+    broken = tmp_path / "diffcascade"
+    shutil.copytree(CHART_DIR, broken)
+    (broken / "templates" / "broken.yaml").write_text("kind: {{ .Values.nope.missing }\n")
+    report = helm.lint(broken, strict=True)
+    assert report["errors"] or any(m["severity"] == 3 for m in report["messages"])
+
+
+# --- rendered manifests ---------------------------------------------------------------------
+
+PEERING_CRDS = {d["spec"]["names"]["kind"]: d for d in yaml.safe_load_all(
+    (CHART_DIR / "crds" / "kopf-peering.yaml").read_text())}  # fmt: skip
+
+
+def _validate_pod_monitor(doc: Doc) -> None:
+    # monitoring.coreos.com is not in kubernetes-validate's schemas: check what Prometheus
+    # Operator needs and what the operator's PromQL depends on.
+    assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+    spec = doc["spec"]
+    assert set(spec) == {"selector", "namespaceSelector", "podMetricsEndpoints"}
+    assert spec["selector"] == {"matchLabels": {"app.kubernetes.io/name": "diffcascade-worker"}}
+    [endpoint] = spec["podMetricsEndpoints"]
+    assert endpoint["port"] == "http" and endpoint["path"] == "/metrics"
+    assert re.fullmatch(r"\d+(ms|s|m)", endpoint["interval"])
+
+
+def _validate_peering(doc: Doc) -> None:
+    crd = PEERING_CRDS[doc["kind"]]
+    assert doc["apiVersion"] == f"{crd['spec']['group']}/v1"
+    assert ("namespace" in doc["metadata"]) == (crd["spec"]["scope"] == "Namespaced")
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    body = {k: v for k, v in doc.items() if k not in {"apiVersion", "kind", "metadata"}}
+    assert schema_errors(schema, body) == []
+
+
+SPECIAL_KINDS = {
+    "PodMonitor": _validate_pod_monitor,
+    "KopfPeering": _validate_peering,
+    "ClusterKopfPeering": _validate_peering,
+}
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=list(VALUE_SETS))
+def test_every_rendered_manifest_is_valid_kubernetes(values: dict[str, Any]) -> None:
+    docs = render(values)
+    assert docs
+    for doc in docs:
+        check = SPECIAL_KINDS.get(doc["kind"])
+        if check is not None:
+            check(doc)
+        else:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        assert doc["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+
+
+def _operator(values: dict[str, Any]) -> tuple[Doc, Doc]:
+    [deployment] = by_kind(render(values), "Deployment")
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    return deployment, container
+
+
+def test_operator_runs_once_and_never_overlaps() -> None:
+    deployment, _ = _operator({})
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+
+
+def test_operator_runs_unprivileged() -> None:
+    deployment, container = _operator({})
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    ctx = container["securityContext"]
+    assert ctx["readOnlyRootFilesystem"] is True
+    assert ctx["allowPrivilegeEscalation"] is False
+    assert ctx["capabilities"]["drop"] == ["ALL"]
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {"/tmp"}
+
+
+def test_operator_command_from_default_values() -> None:
+    deployment, container = _operator({})
+    assert container["command"] == ["diffcascade", "operator"]
+    assert container["args"] == [
+        "--all-namespaces",
+        "--standalone",
+        "--prometheus-url=http://prometheus-operated.monitoring.svc:9090",
+    ]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["DIFFCASCADE_WORKER_IMAGE"] == "ghcr.io/diffcascade/worker:0.1.0"
+    assert container["image"] == "ghcr.io/diffcascade/operator:0.1.0"
+    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "dc-diffcascade"
+
+
+def test_operator_command_from_tuned_values() -> None:
+    values = VALUE_SETS["tuned"] | {"watchNamespaces": ["team-a", "team-b"]}
+    _, container = _operator(values | {"peering": {"standalone": False, "name": "p"}})
+    assert container["args"] == [
+        "--namespace=team-a",
+        "--namespace=team-b",
+        "--peering",
+        "--peering-name=p",
+        "--priority=0",
+        "--interval=2",
+        "--debug",
+    ]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["DIFFCASCADE_WORKER_IMAGE"] == "diffcascade-worker:e2e"
+    assert env["DIFFCASCADE_TICK_SECONDS"] == "0.5"
+    assert container["imagePullPolicy"] == "Never"
+
+
+def test_monitor_is_rendered_only_when_enabled() -> None:
+    assert by_kind(render({}), "PodMonitor") == []
+    [monitor] = by_kind(render(VALUE_SETS["monitoring"]), "PodMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["namespaceSelector"] == {"any": True}
+    [scoped] = by_kind(render(VALUE_SETS["namespaced-monitoring"]), "PodMonitor")
+    assert scoped["spec"]["namespaceSelector"] == {"matchNames": ["team-a"]}
+
+
+def test_peering_objects_only_with_peering() -> None:
+    assert not [d for d in render({}) if "Peering" in d["kind"]]
+    [cluster] = by_kind(render(VALUE_SETS["peering"]), "ClusterKopfPeering")
+    assert cluster["metadata"]["name"] == "dc-peering"
+    namespaced = by_kind(render(VALUE_SETS["namespaced-peering"]), "KopfPeering")
+    assert sorted(d["metadata"]["namespace"] for d in namespaced) == ["team-a", "team-b"]
+
+
+def test_external_service_account_renders_no_rbac() -> None:
+    docs = render(VALUE_SETS["external-service-account"])
+    assert {d["kind"] for d in docs} == {"Deployment"}
+    [deployment] = by_kind(docs, "Deployment")
+    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "ops-bot"
+
+
+def test_notes_show_how_to_watch_decisions() -> None:
+    text = notes({})
+    assert "kubectl get dcas" in text and "kubectl describe dcas" in text
+    assert "team-a" in notes(VALUE_SETS["namespaced"])
+
+
+# --- RBAC -----------------------------------------------------------------------------------
+
+Rule = dict[str, Any]
+
+
+def _allows(rules: list[Rule], group: str, resource: str, verb: str) -> bool:
+    return any(
+        group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"] for r in rules
+    )
+
+
+def _cluster_wide_rules(values: dict[str, Any]) -> list[Rule]:
+    [role] = by_kind(render(values), "ClusterRole")
+    rules: list[Rule] = role["rules"]
+    return rules
+
+
+def test_rbac_is_cluster_wide_by_default() -> None:
+    docs = render({})
+    assert by_kind(docs, "Role") == []
+    [binding] = by_kind(docs, "ClusterRoleBinding")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "dc-diffcascade", "namespace": NAMESPACE}
+    ]
+    rules = _cluster_wide_rules({})
+    assert _allows(rules, "", "namespaces", "watch")
+    assert _allows(rules, "apiextensions.k8s.io", "customresourcedefinitions", "watch")
+
+
+def test_rbac_with_watched_namespaces_is_a_role_per_namespace() -> None:
+    docs = render(VALUE_SETS["namespaced"])
+    roles = by_kind(docs, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    assert sorted(b["metadata"]["namespace"] for b in by_kind(docs, "RoleBinding")) == [
+        "team-a",
+        "team-b",
+    ]
+    [cluster_role] = by_kind(docs, "ClusterRole")
+    assert cluster_role["rules"] == [
+        {
+            "apiGroups": ["apiextensions.k8s.io"],
+            "resources": ["customresourcedefinitions"],
+            "verbs": ["get", "list", "watch"],
+        }
+    ]
+
+
+def test_rbac_is_least_privilege() -> None:
+    for values in VALUE_SETS.values():
+        for doc in by_kind(render(values), "ClusterRole") + by_kind(render(values), "Role"):
+            for rule in doc["rules"]:
+                assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]
+                assert "delete" not in rule["verbs"], rule  # children go by garbage collection
+                assert not (
+                    {"secrets"} & set(rule["resources"]) and {"list", "watch"} & set(rule["verbs"])
+                ), rule
+    rules = _cluster_wide_rules({})
+    assert not any("kopf.dev" in r["apiGroups"] for r in rules)
+    assert _allows(
+        _cluster_wide_rules(VALUE_SETS["peering"]), "kopf.dev", "clusterkopfpeerings", "patch"
+    )
+
+
+def test_rbac_lets_kopf_serve_cascades_and_post_events() -> None:
+    for rules in (
+        _cluster_wide_rules({}),
+        by_kind(render(VALUE_SETS["namespaced"]), "Role")[0]["rules"],
+    ):
+        for verb in ("get", "list", "watch", "patch"):
+            assert _allows(rules, "diffcascade.dev", "diffusioncascades", verb)
+        assert _allows(rules, "diffcascade.dev", "diffusioncascades/status", "patch")
+        for group in ("", "events.k8s.io"):
+            assert _allows(rules, group, "events", "create")
+
+
+_CALL = re.compile(
+    r"\.(create|patch|read|list|delete|replace)_"
+    r"(?:namespaced_([a-z_]+?)|([a-z_]+?)_for_all_namespaces)\("
+)
+_RESOURCES = {
+    "deployment": ("apps", "deployments"),
+    "service": ("", "services"),
+    "secret": ("", "secrets"),
+    "config_map": ("", "configmaps"),
+    "pod": ("", "pods"),
+    "event": ("", "events"),
+    "endpoints": ("", "endpoints"),
+    "custom_object": ("diffcascade.dev", "diffusioncascades"),
+}
+_VERBS = {"read": "get", "replace": "update"}
+
+
+def _client_calls() -> set[tuple[str, str, str]]:
+    """(group, resource, verb) of every Kubernetes client call the operator code makes."""
+    sources = [*(REPO / "operator" / "diffcascade_operator" / "kube").glob("*.py")]
+    sources.append(REPO / "operator" / "diffcascade_operator" / "metrics_source.py")
+    calls = set()
+    for path in sources:
+        if not path.exists():
+            continue
+        for verb, namespaced, everywhere in _CALL.findall(path.read_text()):
+            word = namespaced or everywhere
+            sub = ""
+            for suffix in ("_status", "_scale"):
+                if word.endswith(suffix) and word.removesuffix(suffix) in _RESOURCES:
+                    word, sub = word.removesuffix(suffix), "/" + suffix[1:]
+            assert word in _RESOURCES, f"{path.name}: {verb}_{word}: teach this test its resource"
+            group, resource = _RESOURCES[word]
+            calls.add((group, resource + sub, _VERBS.get(verb, verb)))
+    return calls
+
+
+def test_rbac_covers_every_client_call_of_the_operator() -> None:
+    calls = _client_calls()
+    namespaced_rules = by_kind(render(VALUE_SETS["namespaced"]), "Role")[0]["rules"]
+    for rules in (_cluster_wide_rules({}), namespaced_rules):
+        missing = sorted(c for c in calls if not _allows(rules, *c))
+        assert missing == [], f"the chart's RBAC does not allow {missing}"
+
+
+def test_values_file_documents_every_top_level_key() -> None:
+    text = (CHART_DIR / "values.yaml").read_text()
+    values = load_yaml(CHART_DIR / "values.yaml")
+    for key in ("image", "workerImage", "watchNamespaces", "peering", "prometheus",
+                "controlIntervalSeconds", "logLevel", "serviceAccount", "rbac", "serviceMonitor",
+                "podSecurityContext", "securityContext", "resources", "nodeSelector",
+                "tolerations", "affinity"):  # fmt: skip
+        assert key in values, key
+    assert all(k[0].islower() and "_" not in k for k in values)
+    assert text.count("# --") >= 10
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=list(VALUE_SETS))
+def test_operator_cli_accepts_the_rendered_arguments(values: dict[str, Any]) -> None:
+    from diffcascade_operator.kube.cli import operator_command
+
+    _, container = _operator(values)
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    assert container["command"] == ["diffcascade", "operator"]
+    with operator_command.make_context("operator", list(container["args"])) as ctx:
+        params = ctx.params
+    assert params["standalone"] == values.get("peering", {}).get("standalone", True)
+    assert params["namespaces"] == tuple(values.get("watchNamespaces", []))
+    assert params["all_namespaces"] is not bool(values.get("watchNamespaces"))
+    assert env["DIFFCASCADE_WORKER_IMAGE"].endswith((":0.1.0", ":e2e"))
+
+
+def test_unknown_log_level_fails_the_render_with_a_clear_message() -> None:
+    with pytest.raises(helm.HelmError, match="logLevel must be info, verbose or debug"):
+        render({"logLevel": "warning"})
+
+
+def test_packaged_chart_carries_the_crd(tmp_path: Path) -> None:
+    archive = helm.package(CHART_DIR, destination=tmp_path)
+    with helm.Chart.load(archive) as chart:
+        packaged = {c["name"]: c["data"] for c in chart.crds}
+    assert packaged["crds/diffusioncascade.yaml"] == CRD_PATH.read_text()
