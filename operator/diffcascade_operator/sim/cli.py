@@ -1,0 +1,145 @@
+"""`diffcascade simulate`: replay a trace through a simulated cascade under one policy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from diffcascade_operator.profiles import ProfileError
+from diffcascade_operator.sim.engine import Dispatch
+from diffcascade_operator.sim.policies import POLICIES, PolicyError
+from diffcascade_operator.sim.report import write_outputs
+from diffcascade_operator.sim.run import simulate as run_simulation
+from diffcascade_operator.sim.scenarios import ScenarioError, load_scenario
+from diffcascade_operator.sim.traces import TraceError, load_trace
+
+
+@click.command("simulate")
+@click.option(
+    "--scenario",
+    required=True,
+    help="Bundled scenario (sdturbo-sdv15, sdxs-sdv15, sdxl-lightning-sdxl) or a manifest file.",
+)
+@click.option(
+    "--trace",
+    "trace_arg",
+    required=True,
+    help="Trace file (`<arrival_ms>,<prompt_idx>` lines) or a bundled name (maf_1to8qps, ...).",
+)
+@click.option(
+    "--policy",
+    type=click.Choice(POLICIES),
+    default="diffcascade",
+    show_default=True,
+    help="Controller to run.",
+)
+@click.option("--gpus", type=click.IntRange(min=1), default=None, help="Override gpuBudget.")
+@click.option(
+    "--slo-seconds",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Override sloSeconds.",
+)
+@click.option(
+    "--startup-seconds",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Replica start-up delay for every variant [default: each profile's startupSeconds].",
+)
+@click.option(
+    "--dispatch",
+    type=click.Choice([d.value for d in Dispatch]),
+    default=Dispatch.LEAST_LOADED.value,
+    show_default=True,
+    help="How a stage spreads queries over its replicas.",
+)
+@click.option(
+    "--drop-factor",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.5,
+    show_default=True,
+    help="Drop a query at dequeue when it cannot finish by this many SLOs (the paper's 1.5).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random routing.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for timeline.csv, timeline.png, summary.json [default: runs/sim-...].",
+)
+@click.option("--no-png", is_flag=True, help="Skip the PNG timeline (faster).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def simulate(
+    scenario: str,
+    trace_arg: str,
+    policy: str,
+    gpus: int | None,
+    slo_seconds: float | None,
+    startup_seconds: float | None,
+    dispatch: str,
+    drop_factor: float,
+    seed: int,
+    out_dir: Path | None,
+    no_png: bool,
+    as_json: bool,
+) -> None:
+    """Replay a trace through light and heavy worker pools under a policy; report SLO
+    violations, FID, latency and GPU time, and write a per-second CSV and PNG timeline."""
+    try:
+        loaded = load_scenario(scenario, gpus=gpus, slo_seconds=slo_seconds)
+    except ScenarioError as exc:
+        raise click.BadParameter(str(exc), param_hint="--scenario") from None
+    try:
+        trace = load_trace(trace_arg)
+    except TraceError as exc:
+        raise click.BadParameter(str(exc), param_hint="--trace") from None
+    try:
+        run = run_simulation(
+            scenario=loaded,
+            trace=trace,
+            policy_name=policy,
+            startup_s=startup_seconds,
+            dispatch=Dispatch(dispatch),
+            drop_factor=drop_factor,
+            seed=seed,
+        )
+    except (PolicyError, ProfileError) as exc:
+        raise click.ClickException(str(exc)) from None
+    target = out_dir or Path("runs") / f"sim-{loaded.name}-{policy}-{trace.name}"
+    try:
+        paths = write_outputs(
+            target, result=run.result, summary=run.summary, quality=run.quality, png=not no_png
+        )
+    except OSError as exc:
+        raise click.ClickException(f"cannot write results to {target}: {exc}") from None
+    summary = run.summary.to_json()
+    if as_json:
+        summary["outputs"] = {k: str(v) for k, v in paths.items()}
+        click.echo(json.dumps(summary))
+        return
+    for key in (
+        "scenario",
+        "policy",
+        "trace",
+        "gpus",
+        "slo_seconds",
+        "requests",
+        "slo_violation_ratio",
+        "late",
+        "dropped",
+        "degraded",
+        "deferred",
+        "mean_fid",
+        "p50_latency_s",
+        "p99_latency_s",
+        "light_share",
+        "gpu_seconds",
+        "solve_ms_p50",
+        "solve_ms_p95",
+        "wall_s",
+    ):
+        click.echo(f"{key:>20}: {summary[key]}")
+    click.echo(f"{'outputs':>20}: {', '.join(str(p) for p in paths.values())}")

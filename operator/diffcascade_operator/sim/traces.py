@@ -1,0 +1,94 @@
+"""Request traces: one `<arrival_ms>,<prompt_idx>` line per request (the DiffServe format).
+
+The DiffServe traces draw Poisson arrivals per second and are not strictly ordered, so a
+parsed trace is sorted by arrival time (stable, so equal times keep the file's order).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffcascade_operator.sim.locate import bundled_dir
+
+
+class TraceError(ValueError):
+    """A trace file that cannot be replayed; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Trace:
+    name: str
+    arrivals_s: tuple[float, ...]  # sorted, seconds from the trace start
+    prompts: tuple[int, ...]  # prompt index of each request, same order
+
+    def __len__(self) -> int:
+        return len(self.arrivals_s)
+
+    @property
+    def duration_s(self) -> float:
+        return self.arrivals_s[-1] if self.arrivals_s else 0.0
+
+
+def parse_trace(text: str, *, name: str = "trace") -> Trace:
+    """Parse trace text; blank lines and `#` comments are skipped."""
+    rows: list[tuple[float, int]] = []
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split(",")
+        if len(parts) != 2:
+            raise TraceError(
+                f"{name} line {lineno}: expected '<arrival_ms>,<prompt_idx>', got {line!r}"
+            )
+        try:
+            arrival_ms = float(parts[0])
+            prompt = int(float(parts[1]))
+        except ValueError:
+            raise TraceError(
+                f"{name} line {lineno}: arrival_ms and prompt_idx must be numbers, got {line!r}"
+            ) from None
+        if not math.isfinite(arrival_ms) or arrival_ms < 0:
+            raise TraceError(f"{name} line {lineno}: arrival_ms must be >= 0, got {parts[0]!r}")
+        if prompt < 0:
+            raise TraceError(f"{name} line {lineno}: prompt_idx must be >= 0, got {parts[1]!r}")
+        rows.append((arrival_ms / 1000.0, prompt))
+    if not rows:
+        raise TraceError(f"{name}: no requests in the trace")
+    rows.sort(key=lambda row: row[0])
+    return Trace(
+        name=name,
+        arrivals_s=tuple(r[0] for r in rows),
+        prompts=tuple(r[1] for r in rows),
+    )
+
+
+def bundled_traces() -> list[str]:
+    """Names of the traces shipped in bench/traces (without `.txt`)."""
+    folder = bundled_dir("traces")
+    return sorted(p.stem for p in folder.glob("*.txt")) if folder else []
+
+
+def resolve_trace_path(name_or_path: str) -> Path:
+    """A file path as given, or a bundled trace name such as `maf_1to8qps`."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    folder = bundled_dir("traces")
+    if folder is not None:
+        for candidate in (folder / name_or_path, folder / f"{name_or_path}.txt"):
+            if candidate.is_file():
+                return candidate
+    known = ", ".join(bundled_traces()) or "none found"
+    raise TraceError(f"trace {name_or_path!r} is neither a file nor a bundled trace ({known})")
+
+
+def load_trace(name_or_path: str) -> Trace:
+    path = resolve_trace_path(name_or_path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TraceError(f"cannot read trace {path}: {exc}") from None
+    return parse_trace(text, name=path.stem if path.suffix == ".txt" else path.name)
