@@ -1,0 +1,102 @@
+"""PNG plots of a replay: latency over time and deferral rate over time (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from diffcascade_operator.loadgen.client import RequestRecord
+
+
+def _buckets(records: Sequence[RequestRecord], width_s: float) -> list[list[RequestRecord]]:
+    if not records:
+        return []
+    count = math.floor(max(r.scheduled_s for r in records) / width_s) + 1
+    buckets: list[list[RequestRecord]] = [[] for _ in range(count)]
+    for record in records:
+        buckets[int(record.scheduled_s // width_s)].append(record)
+    return buckets
+
+
+def plot_latency(
+    records: Sequence[RequestRecord], *, slo_seconds: float, path: Path, title: str = ""
+) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    by_variant: dict[str, list[RequestRecord]] = {}
+    for record in records:
+        if record.ok:
+            by_variant.setdefault(record.served_by or "?", []).append(record)
+    for variant, group in sorted(by_variant.items()):
+        ax.scatter(
+            [r.scheduled_s for r in group],
+            [r.latency_s for r in group],
+            s=10,
+            alpha=0.7,
+            label=f"served by {variant}",
+        )
+    failed = [r for r in records if not r.ok]
+    if failed:
+        ax.scatter(
+            [r.scheduled_s for r in failed],
+            [r.latency_s for r in failed],
+            s=18,
+            marker="x",
+            color="red",
+            label="error",
+        )
+    ax.axhline(slo_seconds, color="black", linestyle="--", linewidth=1, label="SLO")
+    ax.set_xlabel("arrival (s after start)")
+    ax.set_ylabel("latency (s)")
+    ax.set_title(title or "Latency over time")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_deferral(
+    records: Sequence[RequestRecord], *, path: Path, bucket_s: float = 5.0, title: str = ""
+) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    buckets = _buckets(records, bucket_s)
+    starts = [i * bucket_s for i in range(len(buckets))]
+    rates = []
+    for bucket in buckets:
+        ok = [r for r in bucket if r.ok]
+        rates.append(sum(1 for r in ok if r.deferred) / len(ok) if ok else float("nan"))
+    offered = [len(bucket) / bucket_s for bucket in buckets]
+    if buckets:  # close the last bucket so its level is drawn across its width
+        starts.append(len(buckets) * bucket_s)
+        rates.append(rates[-1])
+        offered.append(offered[-1])
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax.step(starts, rates, where="post", color="tab:blue", label="deferred share")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("arrival (s after start)")
+    ax.set_ylabel("share of answered queries deferred")
+    ax.grid(alpha=0.3)
+    twin = ax.twinx()
+    twin.step(starts, offered, where="post", color="tab:gray", linestyle=":", label="offered QPS")
+    twin.set_ylabel("offered QPS")
+    lines = ax.get_legend_handles_labels()
+    more = twin.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left", fontsize=8)
+    ax.set_title(title or f"Deferral over time ({bucket_s:g} s buckets)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,238 @@
+"""Applies a Plan on one machine: worker processes per variant, configs pushed over HTTP.
+
+The local counterpart of the Kubernetes actuator: scaling up starts processes that join the
+router once `/readyz` is 200 (with the plan's config pushed first); scaling down removes the
+idlest replica from the router and drains it with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from diffcascade_worker.protocol import PATH_CONFIG, PATH_READYZ, CascadeConfigUpdate
+
+from diffcascade_operator.local.router import Router
+from diffcascade_operator.local.supervisor import Supervisor, Worker, WorkerState
+from diffcascade_operator.plan import Plan, VariantAllocation
+from diffcascade_operator.spec import CascadeSpec, VariantSpec
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_local_path(value: str, *, base_dir: Path) -> str:
+    """A path-looking value (relative or absolute) resolved against base_dir; else unchanged."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
+    candidate = base_dir / path
+    if candidate.exists() or value.startswith((".", "~")) or not _looks_like_hub_id(value):
+        return str(candidate.resolve())
+    return value
+
+
+def _looks_like_hub_id(value: str) -> bool:
+    return value.count("/") == 1 and not value.startswith(("/", "."))
+
+
+@dataclass(frozen=True)
+class MissingModel:
+    variant: str
+    path: str
+
+
+def missing_models(spec: CascadeSpec, *, base_dir: Path) -> list[MissingModel]:
+    """Variants whose model (or gate) is a local path that does not exist."""
+    missing = []
+    for variant in spec.variants:
+        model = resolve_local_path(variant.model, base_dir=base_dir)
+        if Path(model).is_absolute() and not Path(model).exists():  # hub ids stay relative
+            missing.append(MissingModel(variant.name, model))
+        gate = variant.gate.discriminator if variant.gate else None
+        if gate is not None:
+            gate_path = resolve_local_path(gate.uri, base_dir=base_dir)
+            if not Path(gate_path).exists():
+                missing.append(MissingModel(variant.name, gate_path))
+    return missing
+
+
+class LocalActuator:
+    def __init__(
+        self,
+        *,
+        spec: CascadeSpec,
+        supervisor: Supervisor,
+        router: Router,
+        token: str,
+        base_dir: Path,
+        max_start_failures: int = 3,
+    ) -> None:
+        self.spec = spec
+        self.max_start_failures = max_start_failures
+        # Per variant: workers that died before turning ready since the last one that did.
+        self._start_failures: dict[str, list[Path]] = {}
+        self.supervisor = supervisor
+        self.router = router
+        self.base_dir = base_dir
+        self.plan: Plan | None = None
+        self.plan_id = "initial"
+        self._headers = {"Authorization": f"Bearer {token}"}
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(5.0), trust_env=False)
+        self._lock = asyncio.Lock()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def _variant(self, name: str) -> VariantSpec:
+        return next(v for v in self.spec.variants if v.name == name)
+
+    def _next_stage_url(self, name: str) -> str | None:
+        names = [v.name for v in self.spec.variants]
+        index = names.index(name)
+        return self.router.stage_url(names[index + 1]) if index + 1 < len(names) else None
+
+    def _allocation(self, name: str) -> VariantAllocation | None:
+        if self.plan is None:
+            return None
+        return next((a for a in self.plan.variants if a.name == name), None)
+
+    def desired_config(self, name: str) -> dict[str, Any]:
+        """The config document every ready worker of `name` should hold."""
+        allocation = self._allocation(name)
+        update = CascadeConfigUpdate(
+            batch_size=allocation.batch_size if allocation else 1,
+            max_batch_wait_ms=self.spec.control.max_batch_wait_ms,
+            next_stage_url=self._next_stage_url(name) or "",
+            slo_seconds=self.spec.slo_seconds,
+            plan_id=self.plan_id,
+        )
+        if allocation is not None and allocation.threshold is not None:
+            update = update.model_copy(update={"threshold": allocation.threshold})
+        return update.model_dump(exclude_none=True)
+
+    def _serve_args(self, variant: VariantSpec) -> list[str]:
+        allocation = self._allocation(variant.name)
+        args = [
+            "--model",
+            resolve_local_path(variant.model, base_dir=self.base_dir),
+            "--steps",
+            str(variant.steps),
+            "--guidance",
+            f"{variant.guidance_scale:g}",
+            "--size",
+            str(variant.resolution),
+            "--batch-size",
+            str(allocation.batch_size if allocation else 1),
+            "--max-batch-wait-ms",
+            f"{self.spec.control.max_batch_wait_ms:g}",
+            "--slo-seconds",
+            f"{self.spec.slo_seconds:g}",
+            "--threads",
+            "1",
+            "--log-level",
+            "warning",
+        ]
+        if allocation is not None and allocation.threshold is not None:
+            args += ["--threshold", f"{allocation.threshold:g}"]
+        gate = variant.gate.discriminator if variant.gate else None
+        if gate is not None:
+            args += ["--gate", resolve_local_path(gate.uri, base_dir=self.base_dir)]
+        next_url = self._next_stage_url(variant.name)
+        if next_url is not None:
+            args += ["--next-stage-url", next_url]
+        return args
+
+    async def apply(self, plan: Plan) -> None:
+        """Scale every variant to the plan and push its config to every ready worker."""
+        async with self._lock:
+            if not plan.same_allocation(self.plan):
+                self.plan_id = f"plan-{int(plan.decided_at * 1000)}"
+            self.plan = plan
+            for allocation in plan.variants:
+                self._scale(allocation.name, allocation.replicas)
+            await self._push_all()
+
+    def _scale(self, name: str, replicas: int) -> None:
+        live = self.supervisor.of(name)
+        for _ in range(replicas - len(live)):
+            worker = self.supervisor.launch(name, self._serve_args(self._variant(name)))
+            logger.info("started %s on %s", worker.name, worker.url)
+        surplus = len(live) - replicas
+        if surplus > 0:
+            pool = self.router.pools[name]
+            # Not-ready ones first (newest first), then the ready ones with least in flight.
+            order = sorted(
+                live,
+                key=lambda w: (
+                    w.state is WorkerState.READY,
+                    pool.outstanding(w.url),
+                    -w.started_at,
+                ),
+            )
+            for worker in order[:surplus]:
+                pool.remove(worker.url)
+                self.supervisor.drain(worker)
+                logger.info("draining %s", worker.name)
+
+    async def reconcile(self) -> None:
+        """Between ticks: notice deaths, admit workers that turned ready."""
+        for worker in self.supervisor.poll():
+            self.router.pools[worker.variant].remove(worker.url)
+            logger.warning("%s exited unexpectedly; see %s", worker.name, worker.log_path)
+            if worker.state is WorkerState.EXITED and worker.pushed is None:
+                self._start_failures.setdefault(worker.variant, []).append(worker.log_path)
+        starting = [w for w in self.supervisor.workers if w.state is WorkerState.STARTING]
+        if not starting:
+            return
+        ready = await asyncio.gather(*(self._is_ready(w) for w in starting))
+        async with self._lock:
+            for worker, ok in zip(starting, ready, strict=True):
+                if ok and worker.state is WorkerState.STARTING and await self._push(worker):
+                    worker.state = WorkerState.READY
+                    self._start_failures.pop(worker.variant, None)
+                    self.router.pools[worker.variant].add(worker.url)
+                    logger.info("%s ready", worker.name)
+
+    def start_failures(self) -> list[tuple[str, Path | None]]:
+        """(variant, last log) for variants whose workers keep dying before turning ready."""
+        return [
+            (variant, logs[-1] if len(logs) >= self.max_start_failures else None)
+            for variant, logs in self._start_failures.items()
+        ]
+
+    async def _is_ready(self, worker: Worker) -> bool:
+        with contextlib.suppress(httpx.HTTPError):
+            response = await self._client.get(worker.url + PATH_READYZ, timeout=1.0)
+            return response.status_code == 200
+        return False
+
+    async def _push_all(self) -> None:
+        ready = [w for w in self.supervisor.workers if w.state is WorkerState.READY]
+        await asyncio.gather(*(self._push(w) for w in ready))
+
+    async def _push(self, worker: Worker) -> bool:
+        desired = self.desired_config(worker.variant)
+        if worker.pushed == desired:
+            return True
+        try:
+            response = await self._client.put(
+                worker.url + PATH_CONFIG, json=desired, headers=self._headers
+            )
+        except httpx.HTTPError as exc:
+            logger.warning("config push to %s failed: %s", worker.name, exc)
+            return False
+        if response.status_code >= 300:
+            logger.warning(
+                "config push to %s refused (%s): %s",
+                worker.name,
+                response.status_code,
+                response.text[:200],
+            )
+            return False
+        worker.pushed = desired
+        return True

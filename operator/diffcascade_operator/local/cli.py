@@ -1,0 +1,274 @@
+"""`diffcascade up`, `status` and `demo`: a whole cascade on one machine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+from rich.console import Console
+
+from diffcascade_operator.local.runner import (
+    LocalRunError,
+    default_cascade_file,
+    prepare,
+    run_cascade,
+)
+from diffcascade_operator.local.state import DEFAULT_RUNS_DIR, STATE_FILE, pid_alive, read_state
+from diffcascade_operator.local.view import LiveView, render_state
+
+
+def _cascade_file(file: Path | None) -> Path:
+    if file is not None:
+        return file
+    found = default_cascade_file()
+    if found is None:
+        raise click.UsageError(
+            "no FILE given and examples/tiny-cpu.yaml not found from here; give a cascade FILE"
+        )
+    return found
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+
+
+@click.command("up")
+@click.argument("file", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option(
+    "--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="0: any free"
+)
+@click.option(
+    "--run-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="State file and worker logs [default: runs/local/<cascade>]",
+)
+@click.option(
+    "--prometheus/--no-prometheus",
+    default=None,
+    help="Run a private Prometheus [default: when the binary is on PATH]",
+)
+@click.option("--live/--no-live", default=None, help="Live view [default: on a terminal]")
+@click.option("--ready-timeout", default=300.0, show_default=True, type=click.FloatRange(min=1))
+@click.option(
+    "--duration", type=click.FloatRange(min=0), help="Stop after S seconds (default: Ctrl-C)"
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log worker starts, stops and pushes.")
+def up(
+    file: Path | None,
+    host: str,
+    port: int,
+    run_dir: Path | None,
+    prometheus: bool | None,
+    live: bool | None,
+    ready_timeout: float,
+    duration: float | None,
+    verbose: bool,
+) -> None:
+    """Run the cascade in FILE (default examples/tiny-cpu.yaml) on this machine until Ctrl-C.
+
+    Workers are local processes, one per replica; the same control loop as the operator scales
+    them and sets the threshold. One entry URL serves the OpenAI-style images API.
+    """
+    from diffcascade_operator.local.cascade import LocalCascade
+
+    _setup_logging(verbose)
+    path = _cascade_file(file)
+    if not path.is_file():
+        raise click.UsageError(f"cascade file {path} does not exist")
+    base_dir = Path.cwd()
+    try:
+        name, spec, profiles = prepare(path, base_dir=base_dir)
+    except LocalRunError as exc:
+        raise click.ClickException(str(exc)) from None
+    console = Console()
+    view = LiveView(console, live=live)
+    try:
+        cascade = LocalCascade(
+            name=name,
+            spec=spec,
+            profiles=profiles,
+            run_dir=run_dir or DEFAULT_RUNS_DIR / name,
+            base_dir=base_dir,
+            host=host,
+            port=port,
+            use_prometheus=prometheus,
+            on_update=view.update,
+        )
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+
+    def on_ready(url: str) -> None:
+        click.echo(f"diffcascade: cascade {name} ready at {url}", err=False)
+        click.echo(
+            f"  try: diffcascade load --url {url} --qps 2 --duration 20 --report report.json",
+        )
+        click.echo(f"  state: {cascade.state_path}   logs: {cascade.supervisor.log_dir}")
+        view.start()
+
+    try:
+        asyncio.run(
+            run_cascade(
+                cascade, ready_timeout_s=ready_timeout, on_ready=on_ready, duration_s=duration
+            )
+        )
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot start the router on {host}:{port}: {exc} (another port: --port N, any: 0)"
+        ) from None
+    except LocalRunError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        view.stop()
+    click.echo(f"diffcascade: cascade {name} stopped; no worker left running")
+
+
+def _local_states(runs_dir: Path, name: str | None) -> list[Path]:
+    if name is not None:
+        path = runs_dir / name / STATE_FILE
+        return [path] if path.is_file() else []
+    return sorted(runs_dir.glob(f"*/{STATE_FILE}"), key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def _fresh_local_state(path: Path) -> dict[str, Any]:
+    state = read_state(path)
+    if state.get("running"):
+        if not pid_alive(int(state.get("pid", 0))):
+            state["running"] = False
+            state["note"] = "the `up` process is gone (killed?)"
+        elif state.get("entry_url"):
+            try:
+                live = httpx.get(f"{state['entry_url']}/v1/cascade/plan", timeout=2.0)
+                if live.status_code == 200:
+                    state = live.json()
+            except (httpx.HTTPError, ValueError):
+                pass
+    return state
+
+
+@click.command("status")
+@click.argument("name", required=False)
+@click.option("-n", "--namespace", help="Read the cascade NAME from this Kubernetes namespace.")
+@click.option("--cluster", is_flag=True, help="Read from the cluster even if a local run exists.")
+@click.option("--context", help="kubeconfig context.")
+@click.option(
+    "--state",
+    "state_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="A local run's state.json.",
+)
+@click.option(
+    "--runs-dir",
+    default=str(DEFAULT_RUNS_DIR),
+    show_default=True,
+    type=click.Path(path_type=Path, file_okay=False),
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the raw document.")
+def status(
+    name: str | None,
+    namespace: str | None,
+    cluster: bool,
+    context: str | None,
+    state_file: Path | None,
+    runs_dir: Path,
+    as_json: bool,
+) -> None:
+    """Print the current plan of a local run (`up`) or of a cascade on a cluster."""
+    console = Console()
+    if state_file is None and not cluster and namespace is None:
+        found = _local_states(runs_dir, name)
+        if found:
+            state_file = found[0]
+        elif name is None:
+            raise click.UsageError(
+                f"no local run found under {runs_dir}; give NAME (and --namespace) "
+                "for a cascade on a cluster"
+            )
+    if state_file is not None:
+        try:
+            state = _fresh_local_state(state_file)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+        if as_json:
+            click.echo(json.dumps(state, indent=2))
+        else:
+            console.print(render_state(state))
+            if state.get("note"):
+                console.print(f"note: {state['note']}", style="yellow")
+        return
+    from diffcascade_operator.local.cluster_status import (
+        ClusterStatusError,
+        read_cascade,
+        render_cluster_status,
+    )
+
+    assert name is not None
+    try:
+        obj = read_cascade(name, namespace or "default", context=context)
+    except ClusterStatusError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(obj.get("status") or {}, indent=2))
+    else:
+        console.print(render_cluster_status(obj))
+
+
+@click.command("demo")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Where report, plots and images go [default: runs/demo-<timestamp>]",
+)
+@click.option(
+    "--cascade-file",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="Cascade to run [default: the bundled demo cascade]",
+)
+@click.option("--trace", help="Trace to replay [default: the bundled demo trace]")
+@click.option("--port", default=0, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--prometheus/--no-prometheus",
+    default=None,
+    help="Run a private Prometheus [default: when the binary is on PATH]",
+)
+@click.option("--save-count", default=24, show_default=True, type=click.IntRange(min=0))
+@click.option("-v", "--verbose", is_flag=True)
+def demo(
+    out_dir: Path | None,
+    cascade_file: Path | None,
+    trace: str | None,
+    port: int,
+    prometheus: bool | None,
+    save_count: int,
+    verbose: bool,
+) -> None:
+    """Build tiny models, run a cascade here, replay a short trace of real prompts, report."""
+    from diffcascade_operator.local.demo import run_demo
+
+    _setup_logging(verbose)
+    try:
+        code = run_demo(
+            out_dir=out_dir,
+            cascade_file=cascade_file,
+            trace=trace,
+            port=port,
+            use_prometheus=prometheus,
+            save_count=save_count,
+            console=Console(),
+            started=time.monotonic(),
+        )
+    except LocalRunError as exc:
+        raise click.ClickException(str(exc)) from None
+    if code:
+        raise SystemExit(code)

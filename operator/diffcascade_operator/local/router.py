@@ -1,0 +1,222 @@
+"""The one entry URL of a local cascade: a small proxy in front of each stage's replicas.
+
+`POST /v1/images/generations` goes to the first stage; `POST /stages/<variant>/v1/images/
+generations` to a later one, which is the next-stage URL the workers defer to, so replicas can
+come and go without reconfiguring the stage before. Each request goes to the ready replica with
+the fewest outstanding requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import socket
+from collections.abc import Callable, Generator, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import uvicorn
+from diffcascade_worker.protocol import (
+    HEADER_BUDGET_MS,
+    HEADER_DEFERRED_FROM,
+    HEADER_REQUEST_ID,
+    HEADER_RETRY_AFTER,
+    PATH_GENERATIONS,
+    PATH_HEALTHZ,
+    PATH_READYZ,
+    ErrorDetail,
+    ErrorResponse,
+)
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+PATH_PLAN = "/v1/cascade/plan"
+_FORWARDED_HEADERS = ("content-type", HEADER_BUDGET_MS, HEADER_DEFERRED_FROM, HEADER_REQUEST_ID)
+_RETURNED_HEADERS = ("content-type", HEADER_RETRY_AFTER)
+
+
+def stage_path(variant: str) -> str:
+    return f"/stages/{variant}"
+
+
+@dataclass
+class _Replica:
+    url: str
+    outstanding: int = 0
+
+
+class ReplicaPool:
+    """The ready replicas of one variant and their outstanding requests."""
+
+    def __init__(self) -> None:
+        self._replicas: dict[str, _Replica] = {}
+        self._turn = itertools.count()
+
+    def add(self, url: str) -> None:
+        self._replicas.setdefault(url, _Replica(url))
+
+    def remove(self, url: str) -> None:
+        self._replicas.pop(url, None)
+
+    def urls(self) -> list[str]:
+        return list(self._replicas)
+
+    def outstanding(self, url: str) -> int:
+        replica = self._replicas.get(url)
+        return replica.outstanding if replica else 0
+
+    def pick(self, exclude: Iterable[str] = ()) -> _Replica | None:
+        """Least outstanding requests; ties rotate so idle replicas share the load."""
+        skip = set(exclude)
+        candidates = [r for r in self._replicas.values() if r.url not in skip]
+        if not candidates:
+            return None
+        least = min(r.outstanding for r in candidates)
+        tied = [r for r in candidates if r.outstanding == least]
+        return tied[next(self._turn) % len(tied)]
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the cascade's supervisor owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def _error(status: int, message: str, *, code: str, retry_after: int | None = None) -> Response:
+    body = ErrorResponse(error=ErrorDetail(message=message, type="router_error", code=code))
+    headers = {HEADER_RETRY_AFTER: str(retry_after)} if retry_after is not None else None
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+class Router:
+    """Entry proxy of one local cascade; `pools[variant]` is maintained by the supervisor."""
+
+    def __init__(
+        self,
+        *,
+        variants: Iterable[str],
+        plan: Callable[[], dict[str, Any]],
+        forward_timeout_s: float = 120.0,
+    ) -> None:
+        self.variants = list(variants)
+        self.pools = {v: ReplicaPool() for v in self.variants}
+        self._plan = plan
+        self._timeout = httpx.Timeout(forward_timeout_s, connect=5.0)
+        self._client: httpx.AsyncClient | None = None
+        self._server: _QuietServer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.url = ""
+        routes = [
+            Route(PATH_GENERATIONS, self._entry, methods=["POST"]),
+            Route("/stages/{variant}" + PATH_GENERATIONS, self._stage, methods=["POST"]),
+            Route(PATH_READYZ, self._readyz, methods=["GET"]),
+            Route(PATH_HEALTHZ, self._healthz, methods=["GET"]),
+            Route(PATH_PLAN, self._plan_route, methods=["GET"]),
+        ]
+        self.app = Starlette(routes=routes)
+
+    @property
+    def entry_variant(self) -> str:
+        return self.variants[0]
+
+    def ready(self) -> bool:
+        return bool(self.pools[self.entry_variant].urls())
+
+    def stage_url(self, variant: str) -> str:
+        """Base URL a previous stage defers to (the worker appends the generations path)."""
+        return f"{self.url}{stage_path(variant)}"
+
+    async def start(self, *, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Bind and serve; returns the entry URL. Raises OSError when the port is taken."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            raise
+        bound = sock.getsockname()[1]
+        self.url = f"http://{host}:{bound}"
+        self._client = httpx.AsyncClient(
+            timeout=self._timeout,
+            trust_env=False,
+            limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
+        )
+        config = uvicorn.Config(
+            self.app, log_level="warning", access_log=False, timeout_keep_alive=30, lifespan="off"
+        )
+        self._server = _QuietServer(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="router")
+        while not self._server.started:
+            if self._task.done():
+                await self._task  # re-raises the start-up error
+                raise OSError(f"router on {self.url} stopped during start-up")
+            await asyncio.sleep(0.02)
+        return self.url
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self._task, timeout=5.0)
+        if self._client is not None:
+            await self._client.aclose()
+
+    async def _entry(self, request: Request) -> Response:
+        return await self._forward(self.entry_variant, request)
+
+    async def _stage(self, request: Request) -> Response:
+        variant = request.path_params["variant"]
+        if variant not in self.pools:
+            return _error(404, f"no stage named {variant!r}", code="unknown_stage")
+        return await self._forward(variant, request)
+
+    async def _forward(self, variant: str, request: Request) -> Response:
+        assert self._client is not None
+        body = await request.body()
+        headers = {k: v for k in _FORWARDED_HEADERS if (v := request.headers.get(k)) is not None}
+        pool = self.pools[variant]
+        tried: list[str] = []
+        for _ in range(2):  # a replica that went away gets one retry elsewhere
+            replica = pool.pick(exclude=tried)
+            if replica is None:
+                break
+            tried.append(replica.url)
+            replica.outstanding += 1
+            try:
+                upstream = await self._client.post(
+                    replica.url + PATH_GENERATIONS, content=body, headers=headers
+                )
+            except (httpx.ConnectError, httpx.RemoteProtocolError):
+                continue
+            except httpx.TimeoutException:
+                return _error(504, f"stage {variant} did not answer in time", code="timeout")
+            except httpx.HTTPError as exc:
+                return _error(502, f"stage {variant}: {exc}", code="bad_gateway")
+            finally:
+                replica.outstanding -= 1
+            returned = {
+                k: v for k in _RETURNED_HEADERS if (v := upstream.headers.get(k)) is not None
+            }
+            return Response(upstream.content, status_code=upstream.status_code, headers=returned)
+        return _error(503, f"no ready replica of stage {variant}", code="no_replica", retry_after=1)
+
+    async def _readyz(self, request: Request) -> Response:
+        ready = self.ready()
+        return JSONResponse(
+            {"status": "ok" if ready else "not-ready", "variant": self.entry_variant},
+            status_code=200 if ready else 503,
+        )
+
+    async def _healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "variant": self.entry_variant})
+
+    async def _plan_route(self, request: Request) -> Response:
+        return JSONResponse(self._plan())

@@ -1,0 +1,146 @@
+"""Shared by `up` and `demo`: load a cascade file, run it until a signal, always clean up.
+
+Signals: the first SIGINT/SIGTERM starts a clean shutdown (workers drain); a second kills the
+workers at once. `atexit` is the backstop for any other way out of the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from diffcascade_operator.local.actuator import missing_models
+from diffcascade_operator.local.cascade import LocalCascade, StartupFailed
+from diffcascade_operator.profiles import CascadeProfiles, ProfileError, profiles_from_spec
+from diffcascade_operator.spec import CascadeSpec, InvalidSpec, load_manifest
+
+DEFAULT_EXAMPLE = Path("examples") / "tiny-cpu.yaml"
+
+
+class LocalRunError(ValueError):
+    """A cascade that cannot be run locally (bad file, missing models, workers that crash);
+    the message says why and what to do."""
+
+
+def default_cascade_file() -> Path | None:
+    """examples/tiny-cpu.yaml of the source tree around the working directory or this package."""
+    starts = [Path.cwd().resolve(), Path(__file__).resolve().parent]
+    for start in starts:
+        for folder in (start, *start.parents):
+            candidate = folder / DEFAULT_EXAMPLE
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def load_cascade_file(path: Path) -> tuple[str, CascadeSpec]:
+    try:
+        docs = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LocalRunError(f"cannot read {path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise LocalRunError(f"{path} is not valid YAML: {exc}") from None
+    if len(docs) != 1 or not isinstance(docs[0], dict):
+        raise LocalRunError(f"{path} must hold exactly one DiffusionCascade document")
+    try:
+        return load_manifest(docs[0])
+    except InvalidSpec as exc:
+        raise LocalRunError(f"{path}: invalid DiffusionCascade: {exc}") from None
+
+
+def prepare(path: Path, *, base_dir: Path) -> tuple[str, CascadeSpec, CascadeProfiles]:
+    """Name, spec and profiles of a cascade file whose models exist under base_dir."""
+    name, spec = load_cascade_file(path)
+    missing = missing_models(spec, base_dir=base_dir)
+    if missing:
+        lines = "; ".join(f"{m.variant}: {m.path}" for m in missing)
+        raise LocalRunError(
+            f"model files not found ({lines}). Paths are relative to the working directory. "
+            "Build the tiny models with `diffcascade-worker make-tiny-model --kind light "
+            ".models/tiny-light` (and --kind heavy .models/tiny-heavy), or run `diffcascade demo`."
+        )
+    try:
+        profiles = profiles_from_spec(spec, base_dir=base_dir)
+    except (ProfileError, OSError, ValueError) as exc:
+        raise LocalRunError(f"{path}: cannot load profiles: {exc}") from None
+    return name, spec, profiles
+
+
+async def run_cascade(
+    cascade: LocalCascade,
+    *,
+    ready_timeout_s: float,
+    on_ready: Callable[[str], None],
+    body: Callable[[str], Awaitable[Any]] | None = None,
+    duration_s: float | None = None,
+) -> Any:
+    """Start, wait until ready, run `body(url)` (or wait for a signal / duration), stop.
+
+    Returns body's result; None when stopped by a signal or the duration.
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            cascade.supervisor.kill_all()
+        stop.set()
+
+    atexit.register(cascade.shutdown_now)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    result: Any = None
+    try:
+        main = asyncio.create_task(_main(cascade, ready_timeout_s, on_ready, body, duration_s))
+        stopper = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({main, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if main in done:
+            result = main.result()
+        else:
+            main.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await main
+        stopper.cancel()
+    finally:
+        await cascade.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        atexit.unregister(cascade.shutdown_now)
+    return result
+
+
+async def _main(
+    cascade: LocalCascade,
+    ready_timeout_s: float,
+    on_ready: Callable[[str], None],
+    body: Callable[[str], Awaitable[Any]] | None,
+    duration_s: float | None,
+) -> Any:
+    await cascade.start()
+    try:
+        url = await cascade.wait_ready(ready_timeout_s)
+    except StartupFailed as exc:
+        raise LocalRunError(str(exc)) from None
+    except TimeoutError:
+        raise LocalRunError(
+            f"no {cascade.variants[0]} replica became ready within {ready_timeout_s:.0f} s; "
+            f"see the worker logs in {cascade.supervisor.log_dir}"
+        ) from None
+    on_ready(url)
+    if body is not None:
+        return await body(url)
+    if duration_s is not None:
+        await asyncio.sleep(duration_s)
+    else:
+        await asyncio.Event().wait()
+    return None

@@ -1,0 +1,107 @@
+"""What `up` shows while it runs and what `status` prints: both render the state document.
+
+On a terminal a rich live panel redraws every tick; elsewhere (a pipe, CI, a log file) one
+plain line is printed per plan change, so logs stay readable.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+
+def _num(value: Any, fmt: str = ".2f", missing: str = "-") -> str:
+    return missing if value is None else format(value, fmt)
+
+
+def render_state(state: dict[str, Any]) -> RenderableType:
+    """A panel of demand, plan, replicas and queues for one cascade."""
+    plan = state.get("plan") or {}
+    metrics = state.get("metrics") or {}
+    solver = plan.get("solver") or {}
+    running = "running" if state.get("running") else "stopped"
+    head = Text.assemble(
+        ("diffcascade ", "bold"),
+        (str(state.get("cascade")), "bold cyan"),
+        f"  {running}  {state.get('entry_url', '')}",
+    )
+    summary = Table.grid(padding=(0, 2))
+    summary.add_column(style="dim")
+    summary.add_column()
+    summary.add_row(
+        "demand",
+        f"{_num(metrics.get('demand_qps'))} qps measured ({metrics.get('source') or 'no metrics'})"
+        f", planned for {_num(plan.get('demand_qps'))} qps",
+    )
+    summary.add_row(
+        "threshold",
+        f"{_num(plan.get('threshold'), '.3f')}  defer {_num(plan.get('defer_fraction'), '.0%')}"
+        f"  predicted FID {_num(plan.get('predicted_fid'))}"
+        f"  latency {_num(plan.get('predicted_latency_s'))} s",
+    )
+    summary.add_row(
+        "solver", f"{solver.get('status', '-')} in {_num(solver.get('solve_ms'), '.0f')} ms"
+    )
+    summary.add_row("reason", str(plan.get("reason") or "-"))
+    if metrics.get("error"):
+        summary.add_row("metrics", Text(str(metrics["error"])[:160], style="yellow"))
+    table = Table(show_edge=False, header_style="bold")
+    for column in ("variant", "ready/desired", "starting", "draining", "batch", "queue", "qps"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    batches = {v.get("name"): v.get("batch_size") for v in plan.get("variants") or []}
+    for variant, info in (state.get("replicas") or {}).items():
+        table.add_row(
+            variant,
+            f"{info.get('ready', 0)}/{_num(info.get('desired'), 'd')}",
+            str(info.get("starting", 0)),
+            str(info.get("draining", 0)),
+            _num(batches.get(variant), "d"),
+            _num(info.get("queue_depth"), ".0f"),
+            _num(info.get("arrival_qps")),
+        )
+    return Group(head, summary, table)
+
+
+def plan_line(state: dict[str, Any]) -> str:
+    """One line about the current plan (for logs and pipes)."""
+    plan = state.get("plan") or {}
+    replicas = " ".join(
+        f"{name}={info.get('ready', 0)}/{info.get('desired')}"
+        for name, info in (state.get("replicas") or {}).items()
+    )
+    return (
+        f"{time.strftime('%H:%M:%S')} plan: demand {_num(plan.get('demand_qps'))} qps, "
+        f"threshold {_num(plan.get('threshold'), '.3f')} "
+        f"(defer {_num(plan.get('defer_fraction'), '.0%')}), replicas {replicas}, "
+        f"FID {_num(plan.get('predicted_fid'))}: {plan.get('reason', '-')}"
+    )
+
+
+class LiveView:
+    """Redraws on every tick on a terminal; prints a line per plan change otherwise."""
+
+    def __init__(self, console: Console, *, live: bool | None = None) -> None:
+        self.console = console
+        self.live_enabled = console.is_terminal if live is None else live
+        self._live: Live | None = None
+
+    def start(self) -> None:
+        if self.live_enabled and self._live is None:
+            self._live = Live(console=self.console, auto_refresh=False, transient=False)
+            self._live.start()
+
+    def update(self, state: dict[str, Any], changed: bool) -> None:
+        if self._live is not None:
+            self._live.update(render_state(state), refresh=True)
+        elif changed:
+            self.console.print(plan_line(state), highlight=False, soft_wrap=True)
+
+    def stop(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None

@@ -1,0 +1,161 @@
+"""`diffcascade load` against real servers: a worker, the router, and nobody at all."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from diffcascade_operator.loadgen.cli import load
+from diffcascade_operator.local.router import Router
+from diffcascade_operator.local.supervisor import Worker
+
+REPORT_KEYS = {
+    "slo_violation_ratio",
+    "latency_s",
+    "light_share",
+    "deferred",
+    "degraded",
+    "errors",
+    "total",
+    "succeeded",
+    "late",
+    "served_by",
+}
+
+
+def _invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(load, list(args))
+    return result.exit_code, result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--url", "http://127.0.0.1:9", "--trace", "x", "--qps", "2"], "alternatives"),
+        (["--url", "http://127.0.0.1:9"], "give --trace"),
+        (["--url", "http://127.0.0.1:9", "--qps", "2"], "needs --duration"),
+        (["--url", "127.0.0.1:9", "--qps", "2", "--duration", "1"], "http://"),
+        (["--url", "http://127.0.0.1:9", "--trace", "/no/such/trace.txt"], "neither a file"),
+        (
+            ["--url", "http://h", "--qps", "1", "--duration", "1", "--prompts", "/no/such.txt"],
+            "cannot read prompts",
+        ),
+        (["--url", "http://h", "--qps", "1", "--duration", "1", "--size", "big"], "512x512"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(args: list[str], message: str) -> None:
+    code, output = _invoke(*args)
+    assert code == 2
+    assert message in output
+    assert "Traceback" not in output
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_nobody_listening_counts_connection_errors_and_fails(tmp_path: Path) -> None:
+    report = tmp_path / "r.json"
+    code, output = _invoke(
+        "--url",
+        f"http://127.0.0.1:{_closed_port()}",
+        "--qps",
+        "10",
+        "--duration",
+        "0.5",
+        "--timeout",
+        "2",
+        "--report",
+        str(report),
+    )
+    assert code == 1
+    assert "no request succeeded" in output
+    doc = json.loads(report.read_text())
+    assert doc["errors"] == {"connection": doc["total"]}
+    assert doc["slo_violation_ratio"] == 1.0
+
+
+@pytest.fixture
+def empty_router() -> Iterator[str]:
+    """The local router with no replica: every generation gets 503 + Retry-After."""
+    loop = asyncio.new_event_loop()
+    router = Router(variants=["light", "heavy"], plan=dict)
+    url = loop.run_until_complete(router.start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield url
+    finally:
+        asyncio.run_coroutine_threadsafe(router.stop(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        loop.close()
+
+
+def test_http_errors_are_counted_by_status(empty_router: str, tmp_path: Path) -> None:
+    report = tmp_path / "r.json"
+    code, _ = _invoke(
+        "--url", empty_router, "--qps", "20", "--duration", "0.5", "--report", str(report)
+    )
+    assert code == 1
+    doc = json.loads(report.read_text())
+    assert set(doc["errors"]) == {"http_503"}
+    assert doc["errors"]["http_503"] == doc["total"] > 0
+
+
+@pytest.mark.slow
+def test_load_against_a_real_worker_writes_report_plots_and_images(
+    light_worker: Worker, tmp_path: Path
+) -> None:
+    report = tmp_path / "out" / "report.json"
+    images = tmp_path / "images"
+    code, output = _invoke(
+        "--url",
+        light_worker.url,
+        "--qps",
+        "4",
+        "--duration",
+        "3",
+        "--slo-seconds",
+        "10",
+        "--report",
+        str(report),
+        "--save-images",
+        str(images),
+        "--save-count",
+        "3",
+    )
+    assert code == 0, output
+    doc = json.loads(report.read_text())
+    assert set(doc) >= REPORT_KEYS
+    assert {"p50", "p90", "p99"} <= set(doc["latency_s"])
+    assert doc["succeeded"] == doc["total"] > 0
+    assert doc["light_share"] == 1.0  # no next stage: nothing is deferred
+    assert doc["served_by"] == {"light": doc["total"]}
+    for name in ("latency.png", "deferral.png", "report-requests.csv"):
+        assert (report.parent / name).stat().st_size > 0
+    saved = sorted(images.glob("*.png"))
+    assert 1 <= len(saved) <= 3
+    assert saved[0].read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_a_trace_replay_honours_arrival_times(light_worker: Worker, tmp_path: Path) -> None:
+    trace = tmp_path / "trace.txt"
+    trace.write_text("0,1\n1500,2\n3000,3\n")
+    report = tmp_path / "r.json"
+    code, output = _invoke(
+        "--url", light_worker.url, "--trace", str(trace), "--report", str(report), "--json"
+    )
+    assert code == 0, output
+    doc = json.loads(report.read_text())
+    assert doc["total"] == 3
+    assert doc["wall_s"] >= 3.0  # the last request left at 3 s, not at once
