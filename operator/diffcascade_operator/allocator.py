@@ -3,7 +3,9 @@
 DiffServe's model (paper §3) with three changes: the objective may be the expected FID
 instead of the threshold, ties are broken explicitly (fewer GPUs, then fewer replica changes
 from the previous plan, then lower latency), and the heavy stage's latency only counts when
-queries are deferred at all. The product x·y of replicas and batch choice is linearised with
+queries are deferred at all. A queue at the heavy stage may be given as the paper's Little's-law
+waiting time or as a backlog the heavy capacity must drain before a new deferral runs out of
+time (what `decide()` passes). The product x·y of replicas and batch choice is linearised with
 one integer replica count per batch size, x(b) <= U·y(b).
 
 The solver of record is PuLP. HiGHS runs in-process (highspy); CBC (`PULP_CBC_CMD`) is the
@@ -63,6 +65,11 @@ class AllocationProblem:
     quality: QualityCurve | None = None  # FID by light share of this pair
     queue_light_s: float = 0.0  # Little's-law waiting time at the light stage
     queue_heavy_s: float = 0.0
+    #: Images already queued at the heavy stage. A deferred query waits behind them for
+    #: backlog / planned heavy capacity, so when deferring, the heavy capacity must clear the
+    #: backlog within the time a deferral has left (see `_drain_rates`). This is the queue as
+    #: work to drain; `queue_heavy_s` is the paper's Little's-law alternative.
+    backlog_heavy: float = 0.0
     light_bounds: ReplicaBounds = ReplicaBounds()
     heavy_bounds: ReplicaBounds = ReplicaBounds()
     previous: Mapping[str, int] = field(default_factory=dict)  # replicas by variant name
@@ -189,6 +196,7 @@ def _prune_levels(
     light: tuple[int, int, int],
     heavy: tuple[int, int, int],
     budget: int,
+    drain_h: Mapping[int, float],
 ) -> list[_Level]:
     """Bound tightening before the MILP: drop thresholds that cannot be optimal.
 
@@ -219,6 +227,8 @@ def _prune_levels(
             if n_h < max(min_h, 1):
                 continue
             capacity = n_h * b_h / s_h + CAPACITY_TOLERANCE_QPS
+            if capacity < drain_h.get(b_h, 0.0):
+                continue  # cannot clear the heavy backlog in time with this batch
             admissible = max(admissible, capacity / demand if demand > 0 else math.inf)
         f_max = max(f_max, admissible)
         i = bisect.bisect_right(fractions, admissible + 1e-12) - 1
@@ -320,6 +330,8 @@ def _solve(problem: AllocationProblem) -> Allocation:
     if heavy is not None and lat_l:
         fastest_l = min(lat_l.values())
         lat_h = {b: s for b, s in _latency_s(heavy).items() if fastest_l + q_l + s + q_h <= slo}
+    drain_h = _drain_rates(problem, lat_l, lat_h, slack_s=slo - q_l - q_h)
+    lat_h = {b: s for b, s in lat_h.items() if b in drain_h}
     levels = (
         _levels(problem, light.defer_curve, objective)
         if heavy is not None and light.defer_curve is not None
@@ -371,6 +383,7 @@ def _solve(problem: AllocationProblem) -> Allocation:
             light=(g_l, min_l, u_l),
             heavy=(g_h, min_h, u_h),
             budget=problem.gpu_budget,
+            drain_h=drain_h,
         )
 
     prev_l = problem.previous.get(light.name, 0)
@@ -424,6 +437,10 @@ def _solve(problem: AllocationProblem) -> Allocation:
             demand * pulp.lpSum(lv.fraction * z[i] for i, lv in enumerate(levels))
             - CAPACITY_TOLERANCE_QPS
         )
+        if any(drain_h.values()):
+            model += pulp.lpSum((b / lat_h[b]) * x_h[b] for b in lat_h) >= (
+                pulp.lpSum(drain_h[b] * w_h[b] for b in lat_h) - CAPACITY_TOLERANCE_QPS
+            )
         model += light_latency + heavy_latency + q_h * pulp.lpSum(w_h.values()) <= slo - q_l
     else:
         model += light_latency <= slo - q_l
@@ -466,6 +483,33 @@ def _solve(problem: AllocationProblem) -> Allocation:
         level,
         latency,
     )
+
+
+def _drain_rates(
+    problem: AllocationProblem,
+    lat_l: Mapping[int, float],
+    lat_h: Mapping[int, float],
+    *,
+    slack_s: float,
+) -> dict[int, float]:
+    """Per heavy batch size: the heavy capacity (qps) that clears the heavy backlog in time.
+
+    A query deferred now queues behind `backlog_heavy` images and waits backlog / capacity;
+    it has the SLO minus the fastest light batch, the queueing terms and its own heavy batch
+    left. Batch sizes that leave no time are absent (they cannot serve a deferral now). With
+    capacity >= demand x f as well the queue does not grow, so no later deferral waits
+    longer. Without a backlog every batch maps to 0.
+    """
+    backlog = max(0.0, problem.backlog_heavy)
+    if backlog <= 0.0 or not lat_l:
+        return {b: 0.0 for b in lat_h}
+    fastest_l = min(lat_l.values())
+    rates = {}
+    for b, s in lat_h.items():
+        horizon = slack_s - fastest_l - s
+        if horizon > LATENCY_TOLERANCE_S:
+            rates[b] = backlog / horizon
+    return rates
 
 
 def _single_fid(problem: AllocationProblem) -> float | None:
@@ -592,7 +636,11 @@ def _binding_constraint(problem: AllocationProblem) -> str:
 
 @dataclass(frozen=True)
 class CascadeProblem:
-    """Every variant of a cascade: `solve_cascade` tries adjacent pairs and variants alone."""
+    """Every variant of a cascade, entered at its first variant (the Service every query hits).
+
+    `solve_cascade` tries what the drivers can route: the first variant deferring to each later
+    variant, and (with `include_single`) the first variant alone.
+    """
 
     variants: tuple[VariantProfile, ...]  # ordered light -> heavy
     demand_qps: float
@@ -602,16 +650,17 @@ class CascadeProblem:
     quality: QualityCurve | None = None  # default FID curve for every pair
     pair_quality: Mapping[tuple[str, str], QualityCurve] = field(default_factory=dict)
     queue_s: Mapping[str, float] = field(default_factory=dict)  # by variant name
+    backlog: Mapping[str, float] = field(default_factory=dict)  # images queued, by variant name
     bounds: Mapping[str, ReplicaBounds] = field(default_factory=dict)  # by variant name
     previous: Mapping[str, int] = field(default_factory=dict)
     solver: str = "auto"
-    include_single: bool = True  # also each variant alone (all light / all heavy)
+    include_single: bool = True  # also the first variant alone (nothing deferred)
 
 
 @dataclass(frozen=True)
 class CascadeAllocation:
     best: Allocation
-    candidates: tuple[Allocation, ...]  # every pair / single solved, in the order tried
+    candidates: tuple[Allocation, ...]  # the first alone (if tried), then first -> k, k = 2..n
     solve_ms: float
 
     def replicas(self, names: Sequence[str]) -> dict[str, int]:
@@ -630,12 +679,18 @@ def sort_key(allocation: Allocation) -> tuple[float, ...]:
 
 
 def solve_cascade(problem: CascadeProblem) -> CascadeAllocation:
-    """Best of every adjacent pair (plus single variants) by the objective."""
+    """Best routable cascade by the objective: the first variant deferring to each later one
+    (adjacent or not), and the first variant alone. A pair that does not start at the first
+    variant is never tried: no query reaches its light stage. Ties go to the earlier candidate,
+    so a plan that defers nothing says the first variant serves alone.
+    """
     started = time.perf_counter()
     names = [v.name for v in problem.variants]
-    subproblems = [pair_problem(problem, names[i], names[i + 1]) for i in range(len(names) - 1)]
+    entry = names[0]
+    subproblems = []
     if problem.include_single or len(names) == 1:
-        subproblems += [pair_problem(problem, name, None) for name in names]
+        subproblems.append(pair_problem(problem, entry, None))
+    subproblems += [pair_problem(problem, entry, later) for later in names[1:]]
     candidates = tuple(solve(p) for p in subproblems)
     best = min(candidates, key=sort_key)
     return CascadeAllocation(
@@ -677,6 +732,7 @@ def pair_problem(problem: CascadeProblem, light: str, heavy: str | None) -> Allo
         quality=quality,
         queue_light_s=problem.queue_s.get(light, 0.0),
         queue_heavy_s=problem.queue_s.get(heavy, 0.0) if heavy is not None else 0.0,
+        backlog_heavy=problem.backlog.get(heavy, 0.0) if heavy is not None else 0.0,
         light_bounds=problem.bounds.get(light, ReplicaBounds()),
         heavy_bounds=problem.bounds.get(heavy, ReplicaBounds())
         if heavy is not None

@@ -1,10 +1,13 @@
 """`decide()`: the control policy, a pure function of a snapshot and the previous plan.
 
 Every rule lives here, in one place, like Ray Serve's autoscaling policy: pause and missing
-metrics hold the previous plan; demand is estimated; Little's law turns measured queues into
-waiting times; the allocator solves; hysteresis scales up at once and down only after a
-stabilisation window; bounds and the GPU budget are enforced last. The Kubernetes operator,
-the one-machine mode and the simulator all call this function, so they behave alike.
+metrics hold the previous plan; demand is estimated; the entry stage's queue becomes a
+Little's-law waiting time and a deferred-to stage's queue a backlog its planned capacity must
+drain in time; the allocator solves; hysteresis scales up at once and down only after a
+stabilisation window; bounds and the GPU budget are enforced last; the threshold and batch
+sizes are re-solved for the replicas that actually serve now (held ones, not starting ones).
+The Kubernetes operator, the one-machine mode and the simulator all call this function, so
+they behave alike.
 
 Determinism: the decision depends only on the arguments (time comes from the snapshot).
 `solve_ms` is measured with a wall clock and reported, but never decides anything.
@@ -54,6 +57,26 @@ def queue_terms(snapshot: Snapshot) -> dict[str, float]:
     return terms
 
 
+def queue_inputs(snapshot: Snapshot) -> tuple[dict[str, float], dict[str, float]]:
+    """What the allocator is told about queues: (waiting time by stage, backlog by stage).
+
+    The entry stage keeps the Little's-law waiting time: every query passes it, and its
+    arrival rate is the demand. A stage that receives deferrals reports its queue as a
+    backlog instead: work the planned capacity must drain in time. Its Little's-law time
+    (queue / arrival rate) ignores how much capacity the plan gives the stage, so a short
+    burst made deferral look impossible exactly when the heavy stage needed its full batch
+    size to catch up (and, with scale-down at once, stranded the queued deferrals).
+    """
+    terms = queue_terms(snapshot)
+    entry = snapshot.spec.variants[0].name
+    backlog: dict[str, float] = {}
+    for name, stage in snapshot.stages.items():
+        if name != entry:
+            terms[name] = 0.0
+            backlog[name] = max(0.0, stage.queue_depth)
+    return terms, backlog
+
+
 def replica_bounds(spec: CascadeSpec) -> dict[str, ReplicaBounds]:
     return {v.name: ReplicaBounds(v.min_replicas, v.max_replicas) for v in spec.variants}
 
@@ -69,6 +92,7 @@ def _cascade_problem(
     demand_qps: float,
     queue_s: Mapping[str, float],
     previous: Mapping[str, int],
+    backlog: Mapping[str, float] | None = None,
 ) -> CascadeProblem:
     return CascadeProblem(
         variants=profiles.variants,
@@ -78,9 +102,11 @@ def _cascade_problem(
         objective=spec.objective,
         quality=profiles.quality,
         queue_s=queue_s,
+        backlog=backlog or {},
         bounds=replica_bounds(spec),
         previous=previous,
-        # A cascade is entered at its first variant; variants alone only matter beyond a pair.
+        # Beyond a pair the first variant alone is a cascade of its own (with two variants it
+        # is the pair's defer-nothing option already).
         include_single=len(profiles.variants) > 2,
     )
 
@@ -108,14 +134,16 @@ def _variants(
     out = []
     for profile in profiles.variants:
         name = profile.name
+        next_stage: str | None = None
         if name == allocation.light.name and allocation.heavy is not None:
             threshold: float | None = allocation.threshold
+            next_stage = allocation.heavy.name
         elif name == last:
             threshold = None
         else:
-            threshold = 0.0  # outside the chosen pair, or serving alone: keep what it gets
+            threshold = 0.0  # outside the chosen cascade, or serving alone: keep what it gets
         batch = batches.get(name) or prev_batch.get(name) or _default_batch(profile)
-        out.append(VariantAllocation(name, replicas.get(name, 0), batch, threshold))
+        out.append(VariantAllocation(name, replicas.get(name, 0), batch, threshold, next_stage))
     return tuple(out)
 
 
@@ -300,6 +328,30 @@ def _resolve_with_replicas(
     return result if result.status is SolverStatus.OPTIMAL else None
 
 
+def starting_replicas(
+    snapshot: Snapshot, previous: Plan | None, kept: Mapping[str, int]
+) -> dict[str, int]:
+    """Per stage that receives deferrals: replicas of `kept` that will not serve this interval.
+
+    Those the previous plan asked for that are not ready yet, plus new ones of a variant whose
+    profile needs start-up time. A stage the snapshot reports no readiness for counts as ready.
+    """
+    entry = snapshot.spec.variants[0].name
+    before = previous.replicas() if previous is not None else {}
+    out: dict[str, int] = {}
+    for profile in snapshot.profiles.variants:
+        name = profile.name
+        if name == entry or name not in snapshot.ready_replicas:
+            continue
+        asked = before.get(name, kept.get(name, 0))
+        waiting = max(0, min(asked, kept.get(name, 0)) - snapshot.ready_replicas[name])
+        if profile.startup_seconds > 0:
+            waiting += max(0, kept.get(name, 0) - asked)
+        if waiting:
+            out[name] = min(waiting, kept.get(name, 0))
+    return out
+
+
 # --- the policy --------------------------------------------------------------------------------
 
 
@@ -320,7 +372,7 @@ def decide(snapshot: Snapshot, previous: Plan | None) -> Plan:
     )
     if estimate.empty:
         return _held(snapshot, previous, "no demand samples yet")
-    queue_s = queue_terms(snapshot)
+    queue_s, backlog = queue_inputs(snapshot)
     previous_replicas = previous.replicas() if previous is not None else {}
     problem = _cascade_problem(
         spec,
@@ -328,6 +380,7 @@ def decide(snapshot: Snapshot, previous: Plan | None) -> Plan:
         demand_qps=estimate.qps,
         queue_s=queue_s,
         previous=previous_replicas,
+        backlog=backlog,
     )
     try:
         result = solve_cascade(problem)
@@ -350,6 +403,24 @@ def decide(snapshot: Snapshot, previous: Plan | None) -> Plan:
         if resolved is not None:
             final = resolved
             solve_ms += resolved.solve_ms
+    deferred_to = final.heavy.name if final.heavy is not None else None
+    starting = {
+        name: n
+        for name, n in starting_replicas(snapshot, previous, kept).items()
+        if name == deferred_to and previous is not None
+    }
+    if starting and final.status is SolverStatus.OPTIMAL:
+        # The threshold acts at once, new replicas only once ready: defer what serves now.
+        serving = {n: k - starting.get(n, 0) for n, k in kept.items()}
+        resolved = _resolve_with_replicas(problem, final, serving)
+        if resolved is not None:
+            final = resolved
+            solve_ms += resolved.solve_ms
+            notes.append(
+                "threshold for ready replicas ("
+                + ", ".join(f"{n} {k} starting" for n, k in sorted(starting.items()))
+                + ")"
+            )
     for name, started in sorted(since.items()):
         wait = max(0.0, control.scale_down_stabilization_seconds - (snapshot.now - started))
         notes.append(f"holding {name} at {kept[name]} (wants {target[name]}, in {wait:.0f} s)")
@@ -358,6 +429,10 @@ def decide(snapshot: Snapshot, previous: Plan | None) -> Plan:
     if any(q > 0 for q in queue_s.values()):
         notes.append(
             "queueing " + ", ".join(f"{n} {q:.2f} s" for n, q in sorted(queue_s.items()) if q > 0)
+        )
+    if any(q > 0 for q in backlog.values()):
+        notes.append(
+            "backlog " + ", ".join(f"{n} {q:.0f}" for n, q in sorted(backlog.items()) if q > 0)
         )
     return _plan(
         snapshot_spec=spec,
@@ -392,7 +467,9 @@ __all__ = [
     "apply_hysteresis",
     "decide",
     "initial_plan",
+    "queue_inputs",
     "queue_terms",
     "replica_bounds",
     "same_decision",
+    "starting_replicas",
 ]

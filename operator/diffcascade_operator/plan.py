@@ -20,6 +20,9 @@ class VariantAllocation:
     replicas: int
     batch_size: int
     threshold: float | None  # gate threshold for stages that defer; None for the last stage
+    #: The variant this stage forwards deferred queries to (drivers push its URL as the
+    #: worker's next stage); None when it defers nothing in this plan's cascade.
+    next_stage: str | None = None
 
 
 @dataclass(frozen=True)

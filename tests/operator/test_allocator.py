@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -144,6 +145,8 @@ def brute_force(problem: AllocationProblem) -> tuple[float, int, int, float] | N
     lat_h = {b: ms / 1000 for b, ms in heavy.batch_latency_ms.items()}
     demand, slo = problem.demand_qps, problem.slo_s + 1e-9
     q_l, q_h = problem.queue_light_s, problem.queue_heavy_s
+    backlog = problem.backlog_heavy
+    fits_l = [s for s in lat_l.values() if s + q_l <= slo]
     lb, hb = problem.light_bounds, problem.heavy_bounds
     g_l, g_h = light.gpus_per_replica, heavy.gpus_per_replica
     prev_l = problem.previous.get(light.name, 0)
@@ -170,10 +173,18 @@ def brute_force(problem: AllocationProblem) -> tuple[float, int, int, float] | N
                     latency += lat_h[b_h] + q_h
                 if latency > slo:
                     continue
+                if b_h is not None and backlog > 0:
+                    # a deferral waits backlog / capacity; the batch must leave time for that
+                    horizon = slo - q_l - q_h - min(fits_l) - lat_h[b_h]
+                    if horizon <= 1e-9:
+                        continue
                 if b_h is None:
                     x_h = hb.minimum
                 else:
                     need = (demand * f - CAPACITY_TOLERANCE_QPS) * lat_h[b_h] / b_h
+                    if f > 0 and backlog > 0:
+                        drain = (backlog / horizon - CAPACITY_TOLERANCE_QPS) * lat_h[b_h] / b_h
+                        need = max(need, drain)
                     x_h = max(hb.minimum, 1 if f > 0 else 0, math.ceil(need - 1e-12))
                 if hb.maximum is not None and x_h > hb.maximum:
                     continue
@@ -260,6 +271,7 @@ def random_problem(seed: int, objective: Objective) -> AllocationProblem:
         quality=quality,
         queue_light_s=rng.choice([0.0, rng.uniform(0, 0.5)]),
         queue_heavy_s=rng.choice([0.0, rng.uniform(0, 1.5)]),
+        backlog_heavy=rng.choice([0.0, 0.0, rng.uniform(0, 40)]),
         light_bounds=ReplicaBounds(rng.choice([0, 0, 1, 2]), rng.choice([None, None, 6])),
         heavy_bounds=ReplicaBounds(min_h, rng.choice([None, None, min_h + 8])),
         previous={"light": rng.randint(0, 6), "heavy": rng.randint(0, 12)},
@@ -386,23 +398,64 @@ def test_fewer_changes_then_lower_latency_break_ties_between_equal_gpu_counts() 
     assert (keep.light.replicas, keep.heavy.replicas, keep.heavy.batch_size) == (2, 2, 4)
 
 
-def test_cascade_of_three_variants_keeps_the_best_pair() -> None:
-    good = reference_quality("c1")
-    poor = QualityCurve(good.light_shares, tuple(f + 10 for f in good.fids))
-    mid = replace(SDXS, name="sdxs")
-    light = replace(TURBO, name="sd-turbo")
-    problem = CascadeProblem(
-        variants=(light, mid, replace(SD15, name="sd-v1-5")),
+def three_variants(
+    pair_quality: dict[tuple[str, str], QualityCurve] | None = None,
+) -> CascadeProblem:
+    return CascadeProblem(
+        variants=(
+            replace(TURBO, name="sd-turbo"),
+            replace(SDXS, name="sdxs"),
+            replace(SD15, name="sd-v1-5"),
+        ),
         demand_qps=20,
         slo_s=5.0,
         gpu_budget=16,
         objective=Objective.MIN_EXPECTED_FID,
-        pair_quality={("sd-turbo", "sdxs"): poor, ("sdxs", "sd-v1-5"): good},
+        pair_quality=pair_quality or {},
     )
-    result = solve_cascade(problem)
-    assert result.best.light.name == "sdxs"
+
+
+def test_a_cascade_of_three_variants_tries_only_what_its_entry_can_route() -> None:
+    good = reference_quality("c1")
+    poor = QualityCurve(good.light_shares, tuple(f + 10 for f in good.fids))
+    best = QualityCurve(good.light_shares, tuple(f - 5 for f in good.fids))
+    # sdxs -> sd-v1-5 would be best, but queries enter at sd-turbo: it is never a candidate
+    result = solve_cascade(
+        three_variants(
+            {("sd-turbo", "sdxs"): poor, ("sd-turbo", "sd-v1-5"): good, ("sdxs", "sd-v1-5"): best}
+        )
+    )
+    tried = [(c.light.name, c.heavy.name if c.heavy else None) for c in result.candidates]
+    assert tried == [("sd-turbo", None), ("sd-turbo", "sdxs"), ("sd-turbo", "sd-v1-5")]
+    assert result.best.light.name == "sd-turbo"
     assert result.best.heavy is not None and result.best.heavy.name == "sd-v1-5"
-    assert len(result.candidates) == 2 + 3  # two adjacent pairs, three variants alone
     assert result.best.predicted_fid == min(
         c.predicted_fid for c in result.candidates if c.predicted_fid is not None
     )
+
+
+def test_a_cascade_of_three_variants_may_defer_to_the_adjacent_variant() -> None:
+    good = reference_quality("c1")
+    poor = QualityCurve(good.light_shares, tuple(f + 10 for f in good.fids))
+    result = solve_cascade(
+        three_variants({("sd-turbo", "sdxs"): good, ("sd-turbo", "sd-v1-5"): poor})
+    )
+    assert result.best.heavy is not None and result.best.heavy.name == "sdxs"
+    assert result.best.defer_fraction > 0
+
+
+def test_a_cascade_of_three_variants_that_cannot_defer_serves_its_first_variant_alone() -> None:
+    # 0.12 s: sd-turbo's fastest batch fits, no batch of it followed by any later variant does
+    result = solve_cascade(replace(three_variants(), slo_s=0.12, demand_qps=5))
+    assert result.best.status is SolverStatus.OPTIMAL
+    assert result.best.light.name == "sd-turbo" and result.best.heavy is None
+    assert result.best.replicas() == {"sd-turbo": 1}
+
+
+def test_solving_emits_no_deprecation_warning() -> None:
+    # PuLP 3 warns on LpVariable(...) built outside a model; the allocator uses add_variable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        for solver in ("auto", "PULP_CBC_CMD"):
+            result = solve(c1_problem(24, solver=solver, backlog_heavy=20.0))
+            assert result.status is SolverStatus.OPTIMAL

@@ -10,6 +10,7 @@ from diffcascade_operator.control import (
     apply_hysteresis,
     decide,
     initial_plan,
+    queue_inputs,
     queue_terms,
     same_decision,
 )
@@ -157,16 +158,67 @@ def test_queue_terms_follow_littles_law_capped_at_the_slo() -> None:
     assert queue_terms(snap) == {LIGHT: 0.5, HEAVY: 5.0, "idle": 0.0}
 
 
-def test_heavy_queueing_lowers_the_threshold() -> None:
+def test_a_heavy_backlog_is_work_to_drain_not_a_waiting_time() -> None:
     spec = make_spec()
     calm = decide(snapshot(spec, now=10, qps=24), None)
-    queued = decide(
+    assert calm.variants[1].batch_size == 4
+    # 14 heavy replicas at batch 4 clear 12 queued images in 0.8 s: deferral is still on time
+    small = decide(
         snapshot(spec, now=10, qps=24, stages={HEAVY: StageSample(queue_depth=12, arrival_qps=10)}),
         None,
     )
-    assert queued.threshold < calm.threshold
-    assert queued.predicted_latency_s <= 5.0
-    assert "queueing sd-v1-5 1.20 s" in queued.reason
+    assert small.threshold == calm.threshold and small.variants == calm.variants
+    assert "backlog sd-v1-5 12" in small.reason and "queueing" not in small.reason
+    # 20 queued images take too long at batch 4 (1.2 s left after the batch): smaller batches
+    # leave more time, so the plan defers less at batch 2 instead of deferring nothing
+    large = decide(
+        snapshot(spec, now=10, qps=24, stages={HEAVY: StageSample(queue_depth=20, arrival_qps=10)}),
+        None,
+    )
+    assert 0.0 < large.threshold < calm.threshold
+    assert large.variants[1].batch_size == 2
+    assert large.predicted_latency_s <= 5.0
+
+
+def test_the_threshold_fits_the_heavy_replicas_that_are_ready() -> None:
+    spec = make_spec()
+    low = decide(snapshot(spec, now=0, qps=8), None)
+    few = replicas(low)[1]
+    ramp = decide(snapshot(spec, now=5, qps=24), low)
+    assert replicas(ramp) == (2, 14)
+    # five seconds on, only the replicas of the low plan serve: defer what they can take
+    waiting = snapshot(spec, now=10, qps=24)
+    partly = decide(replace(waiting, ready_replicas={LIGHT: 2, HEAVY: few}), ramp)
+    assert replicas(partly) == (2, 14)
+    assert partly.threshold < ramp.threshold
+    assert f"threshold for ready replicas (sd-v1-5 {14 - few} starting)" in partly.reason
+    ready = decide(replace(waiting, now=15, ready_replicas={LIGHT: 2, HEAVY: 14}), partly)
+    assert ready.threshold == ramp.threshold
+
+
+def test_replicas_that_need_start_up_time_do_not_count_for_the_threshold_yet() -> None:
+    raw = make_spec().model_dump(by_alias=True, exclude_none=True)
+    raw["variants"][1]["profile"]["startupSeconds"] = 60
+    spec = parse_spec(raw)
+    low = decide(snapshot(spec, now=0, qps=8), None)
+    ramp = snapshot(spec, now=5, qps=24)
+    instant = decide(ramp, low)
+    starting = decide(replace(ramp, ready_replicas=low.replicas()), low)
+    assert replicas(starting) == replicas(instant) == (2, 14)
+    assert starting.threshold < instant.threshold
+
+
+def test_queue_inputs_keep_littles_law_only_at_the_entry_stage() -> None:
+    snap = snapshot(
+        make_spec(),
+        now=0,
+        qps=10,
+        stages={
+            LIGHT: StageSample(queue_depth=6, arrival_qps=12),
+            HEAVY: StageSample(queue_depth=50, arrival_qps=1),
+        },
+    )
+    assert queue_inputs(snap) == ({LIGHT: 0.5, HEAVY: 0.0}, {HEAVY: 50.0})
 
 
 def test_replica_bounds_from_the_spec_hold() -> None:
@@ -180,8 +232,10 @@ def test_replica_bounds_from_the_spec_hold() -> None:
     assert plan.solver.status is SolverStatus.OPTIMAL
 
 
-def test_three_variant_cascade_picks_the_best_pair() -> None:
-    raw = make_spec(objective="MinExpectedFID").model_dump(by_alias=True, exclude_none=True)
+def three_variant_spec(**overrides: Any) -> CascadeSpec:
+    raw = make_spec(objective="MinExpectedFID", **overrides).model_dump(
+        by_alias=True, exclude_none=True
+    )
     middle = {
         "name": "sdxs",
         "model": "IDKiro/sdxs-512-0.9",
@@ -189,12 +243,44 @@ def test_three_variant_cascade_picks_the_best_pair() -> None:
         "gate": {"deferCurve": {"reference": "sdxs"}},
     }
     raw["variants"].insert(1, middle)
-    spec = parse_spec(raw)
-    plan = decide(snapshot(spec, now=10, qps=20), None)
+    raw["variants"][2]["minReplicas"] = 1
+    return parse_spec(raw)
+
+
+def test_a_two_variant_plan_names_the_next_stage_of_the_light_variant() -> None:
+    plan = decide(snapshot(make_spec(), now=10, qps=24), None)
+    assert [(v.name, v.next_stage) for v in plan.variants] == [(LIGHT, HEAVY), (HEAVY, None)]
+
+
+def test_a_three_variant_cascade_defers_from_its_entry_and_parks_the_rest() -> None:
+    # One quality curve for every pair: sd-turbo -> sdxs reaches the same FID as
+    # sd-turbo -> sd-v1-5 on far fewer GPUs. sd-v1-5 is outside the cascade: its minReplicas.
+    plan = decide(snapshot(three_variant_spec(), now=10, qps=20), None)
     assert plan.solver.status is SolverStatus.OPTIMAL
+    by_name = {v.name: v for v in plan.variants}
     assert [v.name for v in plan.variants] == [LIGHT, "sdxs", HEAVY]
-    assert sum(v.replicas for v in plan.variants) <= 16
-    assert plan.variants[-1].threshold is None
+    assert by_name[LIGHT].next_stage == "sdxs" and by_name[LIGHT].threshold == plan.threshold
+    assert plan.defer_fraction > 0 and by_name["sdxs"].replicas >= 1
+    assert by_name["sdxs"].next_stage is None and by_name["sdxs"].threshold == 0.0
+    assert by_name[HEAVY].replicas == 1 and by_name[HEAVY].next_stage is None
+    assert by_name[HEAVY].threshold is None
+
+
+def test_a_three_variant_cascade_may_skip_the_middle_variant() -> None:
+    raw = three_variant_spec().model_dump(by_alias=True, exclude_none=True)
+    raw["variants"][1]["maxReplicas"] = 0  # sdxs cannot run: sd-turbo defers straight to sd-v1-5
+    raw["variants"][2]["minReplicas"] = 0
+    plan = decide(snapshot(parse_spec(raw), now=10, qps=20), None)
+    by_name = {v.name: v for v in plan.variants}
+    assert by_name[LIGHT].next_stage == HEAVY and plan.defer_fraction > 0
+    assert by_name["sdxs"].replicas == 0 and by_name[HEAVY].replicas > 0
+
+
+def test_a_three_variant_cascade_that_cannot_defer_serves_its_entry_alone() -> None:
+    plan = decide(snapshot(three_variant_spec(sloSeconds=0.12), now=10, qps=5), None)
+    assert plan.solver.status is SolverStatus.OPTIMAL and plan.defer_fraction == 0
+    assert all(v.next_stage is None for v in plan.variants)
+    assert [v.replicas for v in plan.variants] == [1, 0, 1]
 
 
 # --- hysteresis --------------------------------------------------------------------------------
