@@ -92,6 +92,10 @@ class LocalActuator:
         return next(v for v in self.spec.variants if v.name == name)
 
     def _next_stage_url(self, name: str) -> str | None:
+        """Where `name` defers to: the plan's `next_stage`, or the next variant before any plan."""
+        allocation = self._allocation(name)
+        if allocation is not None:
+            return self.router.stage_url(allocation.next_stage) if allocation.next_stage else None
         names = [v.name for v in self.spec.variants]
         index = names.index(name)
         return self.router.stage_url(names[index + 1]) if index + 1 < len(names) else None

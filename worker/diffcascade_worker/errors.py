@@ -1,0 +1,138 @@
+"""The worker's failure taxonomy, mapped to HTTP in one place.
+
+Service code raises these; `install_error_handlers` turns them (and FastAPI's own validation
+and routing errors) into OpenAI's error envelope, so clients built for the OpenAI Images API
+show the message and load balancers see a status code they understand.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from diffcascade_worker.protocol import HEADER_RETRY_AFTER, ErrorDetail, ErrorResponse
+
+
+class WorkerError(Exception):
+    """Base class: a message for the client plus an HTTP status and OpenAI error type."""
+
+    status_code: ClassVar[int] = 500
+    error_type: ClassVar[str] = "server_error"
+    code: ClassVar[str | None] = None
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after_s is None:
+            return {}
+        # Retry-After takes whole seconds; never advertise 0 (clients would spin).
+        return {HEADER_RETRY_AFTER: str(max(1, math.ceil(self.retry_after_s)))}
+
+    def envelope(self) -> ErrorResponse:
+        return ErrorResponse(
+            error=ErrorDetail(message=self.message, type=self.error_type, code=self.code)
+        )
+
+
+class InvalidInput(WorkerError):
+    status_code = 422
+    error_type = "invalid_request_error"
+    code = "invalid_input"
+
+
+class Unauthorized(WorkerError):
+    status_code = 401
+    error_type = "authentication_error"
+    code = "invalid_token"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class Overloaded(WorkerError):
+    """The bounded queue is full: come back later (429)."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "queue_full"
+
+
+class DeadlineExceeded(WorkerError):
+    """The request could not finish within its budget (503, dropped)."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "deadline_exceeded"
+
+
+class NotReady(WorkerError):
+    """Loading, warming up or draining (503)."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "not_ready"
+
+
+class InferenceFailed(WorkerError):
+    status_code = 500
+    error_type = "server_error"
+    code = "inference_failed"
+
+
+def error_response(error: WorkerError) -> JSONResponse:
+    return JSONResponse(
+        status_code=error.status_code,
+        content=error.envelope().model_dump(),
+        headers=error.headers(),
+    )
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for item in exc.errors():
+        location = ".".join(str(p) for p in item.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{location}: {item.get('msg', 'invalid value')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error the app can produce leaves in the same envelope."""
+
+    async def on_worker_error(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, WorkerError)
+        return error_response(exc)
+
+    async def on_validation_error(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return error_response(InvalidInput(_validation_message(exc)))
+
+    async def on_http_error(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        body = ErrorResponse(
+            error=ErrorDetail(message=str(exc.detail), type=error_type, code=None)
+        ).model_dump()
+        headers: dict[str, Any] = dict(exc.headers or {})
+        return JSONResponse(status_code=exc.status_code, content=body, headers=headers)
+
+    app.add_exception_handler(WorkerError, on_worker_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+
+
+#: Documented error responses, for the OpenAPI schema of each route.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "Missing or wrong bearer token"},
+    422: {"model": ErrorResponse, "description": "Invalid input"},
+    429: {"model": ErrorResponse, "description": "Queue full; see Retry-After"},
+    500: {"model": ErrorResponse, "description": "The pipeline failed"},
+    503: {"model": ErrorResponse, "description": "Not ready, draining or deadline missed"},
+}
