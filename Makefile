@@ -35,8 +35,13 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/pytest -q
 
+## Benchmarks (speed targets live here, not in tests); results land in bench/results/.
 bench: setup
-	$(BIN)/python -m bench
+	$(BIN)/python bench/allocator_solve.py
+	$(BIN)/python bench/sim_compare.py
+	$(BIN)/python -m bench.worker_overhead
+	$(BIN)/python -m bench.operator_tick
+	$(BIN)/python -m bench.operator_reaction
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

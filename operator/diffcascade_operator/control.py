@@ -158,7 +158,7 @@ def _describe(
 ) -> str:
     parts = []
     if estimate is not None:
-        arrow = " (↑ trend)" if estimate.rising else ""
+        arrow = " (step)" if estimate.step else " (↑ trend)" if estimate.rising else ""
         parts.append(f"demand {estimate.qps:.1f} qps{arrow} → ")
     parts.append(f"t={allocation.threshold:.3g} f={allocation.defer_fraction:.2f} ")
     parts.append(", ".join(f"{v.name} x{v.replicas} b{v.batch_size}" for v in variants))

@@ -3,7 +3,10 @@
 An EWMA smooths Poisson noise; a least-squares slope over the last `trend_window_s` seconds,
 projected `trend_horizon_s` ahead, meets ramps before the EWMA catches up (only upward: a
 falling trend is left to the EWMA and to the controller's scale-down stabilisation); the
-headroom multiplies the result. Pure: the caller passes the samples and the time.
+headroom multiplies the result. A step the EWMA would take several intervals to follow (the
+newest sample above `panic_ratio` x the EWMA, Knative's panic mode) is planned for at once:
+scaling up late costs SLO violations, scaling up early costs only GPU time until the
+scale-down window passes. Pure: the caller passes the samples and the time.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ from diffcascade_operator.snapshot import DemandSample
 
 @dataclass(frozen=True)
 class DemandEstimate:
-    qps: float  # what to plan for: (ewma + upward trend x horizon) x headroom
+    qps: float  # what to plan for: (ewma + upward trend x horizon, or a step) x headroom
     raw_qps: float  # the newest sample
     ewma_qps: float
     trend_qps_per_s: float  # least-squares slope over the trend window (may be negative)
     samples: int  # samples used (not in the future)
     empty: bool  # no usable sample: qps is 0 and says nothing about demand
+    step: bool = False  # the newest sample jumped above panic_ratio x EWMA: planned for at once
 
     @property
     def rising(self) -> bool:
@@ -48,16 +52,20 @@ def estimate_demand(
     headroom: float = 1.05,
     trend_horizon_s: float = 10.0,
     trend_window_s: float = 30.0,
+    panic_ratio: float = 2.0,
 ) -> DemandEstimate:
     """Plan-for demand from samples ordered oldest first; samples after `now` are ignored.
 
     Example: samples 10, 10, 10 qps then 20 qps with alpha 0.5 give an EWMA of 15; no trend
-    window (horizon 0) and headroom 1.2 plan for 18 qps.
+    window (horizon 0) and headroom 1.2 plan for 18 qps. Samples 1, 1, 1 then 8 qps (alpha
+    0.3, EWMA 3.1) are a step (8 > 2 x 3.1): with headroom 1 the plan is for 8 qps.
     """
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
     if headroom <= 0.0:
         raise ValueError(f"headroom must be > 0, got {headroom}")
+    if panic_ratio <= 1.0:
+        raise ValueError(f"panic_ratio must be > 1, got {panic_ratio}")
     usable = sorted(
         ((s.at, max(0.0, s.qps)) for s in samples if s.at <= now and s.qps == s.qps),
         key=lambda p: p[0],
@@ -71,12 +79,16 @@ def estimate_demand(
         ewma = alpha * qps + (1.0 - alpha) * ewma
     recent = [p for p in usable if p[0] >= now - trend_window_s]
     slope = _slope(recent)
-    planned = (ewma + max(0.0, slope * trend_horizon_s)) * headroom
+    newest = usable[-1][1]
+    smoothed = ewma + max(0.0, slope * trend_horizon_s)
+    step = len(usable) > 1 and newest > panic_ratio * ewma and newest > smoothed
+    planned = (newest if step else smoothed) * headroom
     return DemandEstimate(
         qps=planned,
-        raw_qps=usable[-1][1],
+        raw_qps=newest,
         ewma_qps=ewma,
         trend_qps_per_s=slope,
         samples=len(usable),
         empty=False,
+        step=step,
     )

@@ -70,3 +70,18 @@ def test_invalid_parameters_are_rejected() -> None:
         estimate_demand(samples(1), now=0, alpha=0.0)
     with pytest.raises(ValueError, match="headroom"):
         estimate_demand(samples(1), now=0, headroom=0.0)
+
+
+def test_a_step_far_above_the_ewma_is_planned_for_at_once() -> None:
+    samples = [DemandSample(at=float(t), qps=q) for t, q in enumerate([1.0, 1.0, 1.0, 8.0])]
+    estimate = estimate_demand(samples, now=3.0, alpha=0.3, headroom=1.0, trend_horizon_s=0.0)
+    assert estimate.step
+    assert estimate.qps == 8.0
+    assert estimate.ewma_qps < 4.0
+
+
+def test_noise_within_the_panic_ratio_stays_smoothed() -> None:
+    samples = [DemandSample(at=float(t), qps=q) for t, q in enumerate([10.0, 10.0, 10.0, 15.0])]
+    estimate = estimate_demand(samples, now=3.0, alpha=0.3, headroom=1.0, trend_horizon_s=0.0)
+    assert not estimate.step
+    assert estimate.qps == estimate.ewma_qps == 11.5

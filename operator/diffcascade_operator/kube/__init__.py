@@ -1,0 +1,1 @@
+"""The Kubernetes driver: renders a cascade's children, runs its control loop under Kopf."""

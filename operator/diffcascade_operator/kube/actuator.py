@@ -1,0 +1,236 @@
+"""Applies a plan: replica counts, pod deletion cost before scale-down, config PUTs, ConfigMap.
+
+The config PUT goes to every ready pod that has not yet acknowledged the plan's id, so a
+steady plan costs no HTTP calls and a pod that missed one (new, or briefly unreachable) is
+caught up on the next tick.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, MutableMapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import httpx
+from diffcascade_worker.protocol import PATH_CONFIG, PATH_METRICS, CascadeConfigUpdate
+
+from diffcascade_operator.kube import manifests
+from diffcascade_operator.kube.api import KubeApi
+from diffcascade_operator.metrics_source import parse_worker_metrics
+from diffcascade_operator.plan import Plan, VariantAllocation
+from diffcascade_operator.spec import CascadeSpec
+
+logger = logging.getLogger(__name__)
+
+_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="diffcascade-push")
+_HTTP = httpx.Client(limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
+
+
+@dataclass(frozen=True)
+class PodInfo:
+    """What the control loop needs to know about one worker pod."""
+
+    name: str
+    uid: str
+    variant: str
+    ip: str | None
+    port: int
+    ready: bool
+    deleting: bool = False
+
+    @property
+    def url(self) -> str | None:
+        return f"http://{self.ip}:{self.port}" if self.ip else None
+
+    @property
+    def serving(self) -> bool:
+        return self.ready and not self.deleting and self.ip is not None
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    scaled: dict[str, tuple[int, int]]  # variant -> (before, after)
+    pushed_ok: int
+    push_failures: tuple[str, ...]  # "pod: error"
+    serving: int  # ready pods the plan should reach
+    acknowledged: int  # of those, pods that hold the current plan id
+
+
+def config_update(
+    allocation: VariantAllocation,
+    *,
+    spec: CascadeSpec,
+    plan_id: str,
+    next_stage_url: str | None = None,
+) -> CascadeConfigUpdate:
+    """What one variant's pods are told. `next_stage_url` only when the plan reroutes: the
+    pods' args already name the next variant's Service."""
+    update = CascadeConfigUpdate(
+        threshold=allocation.threshold,
+        batch_size=allocation.batch_size,
+        slo_seconds=spec.slo_seconds,
+        max_batch_wait_ms=spec.control.max_batch_wait_ms,
+        plan_id=plan_id,
+    )
+    if next_stage_url is not None:
+        update.next_stage_url = next_stage_url
+    return update
+
+
+def next_stage_urls(
+    plan: Plan, *, spec: CascadeSpec, cascade: str, namespace: str, port: int, rerouted: bool
+) -> dict[str, str | None]:
+    """variant -> URL to push (None: leave the pod's own). Pushed for every stage once any
+    plan of this cascade sent a stage somewhere other than the next variant in the spec."""
+    names = [v.name for v in spec.variants]
+    default = {n: names[i + 1] if i + 1 < len(names) else None for i, n in enumerate(names)}
+    wanted = {
+        a.name: a.next_stage if a.next_stage is not None else default[a.name] for a in plan.variants
+    }
+    if not rerouted and all(wanted[n] == default[n] for n in wanted):
+        return {n: None for n in wanted}
+    return {
+        n: manifests.stage_url(cascade=cascade, namespace=namespace, variant=v, port=port)
+        if v is not None
+        else ""
+        for n, v in wanted.items()
+    }
+
+
+def _put(url: str, body: str, token: str | None, timeout: float) -> str | None:
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    try:
+        response = _HTTP.put(f"{url}{PATH_CONFIG}", content=body, headers=headers, timeout=timeout)
+    except httpx.HTTPError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    if response.status_code >= 300:
+        return f"HTTP {response.status_code}: {response.text[:200]}"
+    return None
+
+
+def _load(url: str, timeout: float) -> float | None:
+    """Queue depth + in-flight requests of one worker, or None if it does not answer."""
+    try:
+        response = _HTTP.get(f"{url}{PATH_METRICS}", timeout=timeout)
+        response.raise_for_status()
+    except httpx.HTTPError:
+        return None
+    sample = parse_worker_metrics(response.text)
+    return sample.queue_depth + sample.inflight
+
+
+def deletion_costs(loads: Mapping[str, float | None]) -> dict[str, str]:
+    """pod -> pod-deletion-cost: idle pods cheapest, silent pods cheaper still."""
+    return {
+        pod: str(-1 if load is None else min(round(load * 100), 2**31 - 1))
+        for pod, load in loads.items()
+    }
+
+
+def push_config(
+    *,
+    pods: Sequence[PodInfo],
+    plan: Plan,
+    spec: CascadeSpec,
+    plan_id: str,
+    token: str | None,
+    acknowledged: MutableMapping[str, str],
+    timeout_s: float,
+    next_urls: Mapping[str, str | None] | None = None,
+) -> tuple[int, tuple[str, ...]]:
+    """PUT the plan to serving pods that lack it; updates `acknowledged` (pod uid -> plan id)."""
+    by_variant = {a.name: a for a in plan.variants}
+    todo = [
+        p
+        for p in pods
+        if p.serving and p.variant in by_variant and acknowledged.get(p.uid) != plan_id
+    ]
+    urls = next_urls or {}
+    bodies = {
+        name: config_update(
+            a, spec=spec, plan_id=plan_id, next_stage_url=urls.get(name)
+        ).model_dump_json(exclude_none=True)
+        for name, a in by_variant.items()
+    }
+    if not todo:
+        return 0, ()
+    results = list(
+        _POOL.map(
+            lambda p: (p, _put(p.url or "", bodies[p.variant], token, timeout_s)),
+            todo,
+        )
+    )
+    failures: list[str] = []
+    ok = 0
+    for pod, error in results:
+        if error is None:
+            acknowledged[pod.uid] = plan_id
+            ok += 1
+        else:
+            failures.append(f"{pod.name}: {error}")
+    return ok, tuple(failures)
+
+
+def apply_plan(
+    *,
+    api: KubeApi,
+    namespace: str,
+    cascade: str,
+    spec: CascadeSpec,
+    plan: Plan,
+    current_replicas: Mapping[str, int | None],
+    pods: Sequence[PodInfo],
+    token: str | None,
+    acknowledged: MutableMapping[str, str],
+    configmap_plan_id: str | None,
+    timeout_s: float,
+    next_urls: Mapping[str, str | None] | None = None,
+) -> ApplyResult:
+    """Bring the cluster to `plan`. `current_replicas[v]` is None when unknown (then set)."""
+    plan_id = manifests.plan_id(plan)
+    if configmap_plan_id != plan_id:
+        cm = manifests.configmap(cascade=cascade, namespace=namespace, plan=plan, spec=spec)
+        api.patch_configmap_data(namespace, cm["metadata"]["name"], cm)
+    scaled: dict[str, tuple[int, int]] = {}
+    for allocation in plan.variants:
+        before = current_replicas.get(allocation.name)
+        if before == allocation.replicas:
+            continue
+        if before is not None and allocation.replicas < before:
+            victims = [p for p in pods if p.variant == allocation.name and not p.deleting]
+            loads = dict(
+                _POOL.map(
+                    lambda p: (p.name, _load(p.url, timeout_s) if p.url else None),
+                    victims,
+                )
+            )
+            for pod, cost in deletion_costs(loads).items():
+                api.annotate_pod(namespace, pod, {manifests.DELETION_COST: cost})
+        api.scale(
+            namespace, manifests.deployment_name(cascade, allocation.name), allocation.replicas
+        )
+        scaled[allocation.name] = (before if before is not None else -1, allocation.replicas)
+    ok, failures = push_config(
+        pods=pods,
+        plan=plan,
+        spec=spec,
+        plan_id=plan_id,
+        token=token,
+        acknowledged=acknowledged,
+        timeout_s=timeout_s,
+        next_urls=next_urls,
+    )
+    serving = [p for p in pods if p.serving]
+    live = {p.uid for p in pods}
+    for uid in [u for u in acknowledged if u not in live]:
+        del acknowledged[uid]
+    return ApplyResult(
+        scaled=scaled,
+        pushed_ok=ok,
+        push_failures=failures,
+        serving=len(serving),
+        acknowledged=sum(1 for p in serving if acknowledged.get(p.uid) == plan_id),
+    )

@@ -1,0 +1,332 @@
+"""The children of a cascade as plain dicts: pure functions, no API calls.
+
+Each variant gets a Deployment `<cascade>-<variant>` and a Service of the same name; the
+cascade gets a Secret `<cascade>-token` (the config API's bearer token) and a ConfigMap
+`<cascade>-plan` (the latest plan). Workers read their threshold and batch size from the
+ConfigMap through env vars, which Kubernetes resolves only when a container starts: a new
+plan reaches running pods by the config PUT, reaches new pods through the ConfigMap, and never
+changes the pod template, so plan changes never roll pods.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from diffcascade_worker.protocol import PATH_HEALTHZ, PATH_METRICS, PATH_READYZ
+
+from diffcascade_operator.kube.settings import OperatorSettings
+from diffcascade_operator.plan import Plan
+from diffcascade_operator.spec import CascadeSpec, VariantSpec
+
+Manifest = dict[str, Any]
+
+LABEL_CASCADE = "diffcascade.dev/cascade"
+LABEL_VARIANT = "diffcascade.dev/variant"
+MANAGED_BY = "diffcascade-operator"
+WORKER_NAME = "diffcascade-worker"
+TOKEN_KEY = "token"
+PLAN_KEY = "plan.json"
+PORT_NAME = "http"
+PRESTOP_SLEEP_S = 5  # lets endpoints drop the pod before SIGTERM starts the drain
+DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+
+
+def deployment_name(cascade: str, variant: str) -> str:
+    return f"{cascade}-{variant}"
+
+
+def service_name(cascade: str, variant: str) -> str:
+    return f"{cascade}-{variant}"
+
+
+def secret_name(cascade: str) -> str:
+    return f"{cascade}-token"
+
+
+def configmap_name(cascade: str) -> str:
+    return f"{cascade}-plan"
+
+
+def threshold_key(variant: str) -> str:
+    return f"{variant}.threshold"
+
+
+def batch_size_key(variant: str) -> str:
+    return f"{variant}.batchSize"
+
+
+def labels(cascade: str, variant: str | None = None) -> dict[str, str]:
+    out = {
+        "app.kubernetes.io/name": WORKER_NAME,
+        "app.kubernetes.io/instance": cascade,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        LABEL_CASCADE: cascade,
+    }
+    if variant is not None:
+        out["app.kubernetes.io/component"] = variant
+        out[LABEL_VARIANT] = variant
+    return out
+
+
+def selector(cascade: str, variant: str) -> dict[str, str]:
+    return {LABEL_CASCADE: cascade, LABEL_VARIANT: variant}
+
+
+def stage_url(*, cascade: str, namespace: str, variant: str, port: int) -> str:
+    """The in-cluster base URL of a variant's Service."""
+    return f"http://{service_name(cascade, variant)}.{namespace}.svc:{port}"
+
+
+def drain_seconds(spec: CascadeSpec) -> int:
+    """A request accepted just before SIGTERM may take up to two SLOs (light + deferred)."""
+    return math.ceil(2 * spec.slo_seconds)
+
+
+def grace_period_seconds(spec: CascadeSpec, settings: OperatorSettings) -> int:
+    return PRESTOP_SLEEP_S + drain_seconds(spec) + math.ceil(settings.drain_margin_s)
+
+
+def _gpu_resources(variant: VariantSpec) -> dict[str, Any]:
+    """The spec's resources plus `nvidia.com/gpu: gpusPerReplica`; quantities as strings."""
+    resources: dict[str, Any] = {
+        section: {k: str(v) for k, v in (values or {}).items()}
+        for section, values in (variant.resources or {}).items()
+        if section in ("limits", "requests")
+    }
+    if variant.gpus_per_replica > 0:
+        resources.setdefault("limits", {}).setdefault(
+            "nvidia.com/gpu", str(variant.gpus_per_replica)
+        )
+    return {k: v for k, v in resources.items() if v}
+
+
+def _worker_args(
+    *, cascade: str, namespace: str, spec: CascadeSpec, index: int, port: int
+) -> list[str]:
+    variant = spec.variants[index]
+    args = [
+        "serve",
+        f"--model={variant.model}",
+        f"--variant={variant.name}",
+        f"--cascade={cascade}",
+        "--host=0.0.0.0",
+        f"--port={port}",
+        f"--steps={variant.steps}",
+        f"--guidance={variant.guidance_scale:g}",
+        f"--size={variant.resolution}",
+        f"--slo-seconds={spec.slo_seconds:g}",
+        f"--max-batch-wait-ms={spec.control.max_batch_wait_ms:g}",
+        f"--drain-timeout={drain_seconds(spec)}",
+    ]
+    if variant.gate is not None and variant.gate.discriminator is not None:
+        args.append(f"--gate={variant.gate.discriminator.uri}")
+    if index + 1 < len(spec.variants):
+        nxt = spec.variants[index + 1].name
+        url = stage_url(cascade=cascade, namespace=namespace, variant=nxt, port=port)
+        args.append(f"--next-stage-url={url}")
+    return args
+
+
+def _probe(path: str, *, period: int, failures: int, timeout: int = 2) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": PORT_NAME},
+        "periodSeconds": period,
+        "failureThreshold": failures,
+        "timeoutSeconds": timeout,
+    }
+
+
+def deployment(
+    *,
+    cascade: str,
+    namespace: str,
+    spec: CascadeSpec,
+    index: int,
+    replicas: int,
+    settings: OperatorSettings,
+) -> Manifest:
+    """The worker Deployment of `spec.variants[index]` with `replicas` pods."""
+    variant = spec.variants[index]
+    port = settings.worker_port
+    cm = configmap_name(cascade)
+    env: list[dict[str, Any]] = [
+        {
+            "name": "DIFFCASCADE_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": secret_name(cascade), "key": TOKEN_KEY}},
+        },
+        {
+            "name": "DIFFCASCADE_THRESHOLD",
+            "valueFrom": {"configMapKeyRef": {"name": cm, "key": threshold_key(variant.name)}},
+        },
+        {
+            "name": "DIFFCASCADE_BATCH_SIZE",
+            "valueFrom": {"configMapKeyRef": {"name": cm, "key": batch_size_key(variant.name)}},
+        },
+        *(variant.env or []),
+    ]
+    # Startup may include downloading and loading a multi-GB pipeline.
+    startup_budget = max(600.0, 4 * variant.profile.startup_seconds)
+    container: dict[str, Any] = {
+        "name": "worker",
+        "image": variant.image or spec.worker_image or settings.worker_image,
+        "command": ["diffcascade-worker"],
+        "args": _worker_args(
+            cascade=cascade, namespace=namespace, spec=spec, index=index, port=port
+        ),
+        "env": env,
+        "ports": [{"name": PORT_NAME, "containerPort": port, "protocol": "TCP"}],
+        "readinessProbe": _probe(PATH_READYZ, period=2, failures=1),
+        "livenessProbe": _probe(PATH_HEALTHZ, period=10, failures=3, timeout=5),
+        "startupProbe": _probe(PATH_HEALTHZ, period=10, failures=math.ceil(startup_budget / 10)),
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SLEEP_S)]}}},
+    }
+    resources = _gpu_resources(variant)
+    if resources:
+        container["resources"] = resources
+    pod_labels = labels(cascade, variant.name)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": deployment_name(cascade, variant.name),
+            "namespace": namespace,
+            "labels": pod_labels,
+        },
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": selector(cascade, variant.name)},
+            # New pods must be ready before old ones go: a rollout never drops capacity.
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+            },
+            "template": {
+                "metadata": {
+                    "labels": pod_labels,
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(port),
+                        "prometheus.io/path": PATH_METRICS,
+                    },
+                },
+                "spec": {
+                    "containers": [container],
+                    "terminationGracePeriodSeconds": grace_period_seconds(spec, settings),
+                },
+            },
+        },
+    }
+
+
+def service(*, cascade: str, namespace: str, variant: str, settings: OperatorSettings) -> Manifest:
+    port = settings.worker_port
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": service_name(cascade, variant),
+            "namespace": namespace,
+            "labels": labels(cascade, variant),
+        },
+        "spec": {
+            "selector": selector(cascade, variant),
+            "ports": [{"name": PORT_NAME, "port": port, "targetPort": PORT_NAME}],
+        },
+    }
+
+
+def secret(*, cascade: str, namespace: str, token: str) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": secret_name(cascade),
+            "namespace": namespace,
+            "labels": labels(cascade),
+        },
+        "type": "Opaque",
+        "stringData": {TOKEN_KEY: token},
+    }
+
+
+def plan_data(plan: Plan, *, spec: CascadeSpec) -> dict[str, str]:
+    """ConfigMap data: per variant threshold and batch size (read at pod start) + the plan."""
+    data: dict[str, str] = {}
+    for allocation in plan.variants:
+        threshold = allocation.threshold if allocation.threshold is not None else 0.0
+        data[threshold_key(allocation.name)] = f"{threshold:.6g}"
+        data[batch_size_key(allocation.name)] = str(allocation.batch_size)
+    document = {
+        "planId": plan_id(plan),
+        "threshold": plan.threshold,
+        "demandQps": plan.demand_qps,
+        "sloSeconds": spec.slo_seconds,
+        "variants": [
+            {
+                "name": a.name,
+                "replicas": a.replicas,
+                "batchSize": a.batch_size,
+                "threshold": a.threshold,
+            }
+            for a in plan.variants
+        ],
+        "reason": plan.reason,
+    }
+    data[PLAN_KEY] = json.dumps(document, sort_keys=True)
+    return data
+
+
+def configmap(*, cascade: str, namespace: str, plan: Plan, spec: CascadeSpec) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": configmap_name(cascade),
+            "namespace": namespace,
+            "labels": labels(cascade),
+            "annotations": {"diffcascade.dev/plan-id": plan_id(plan)},
+        },
+        "data": plan_data(plan, spec=spec),
+    }
+
+
+def plan_id(plan: Plan) -> str:
+    """A short hash of what the workers are told (replicas excluded: they are not told)."""
+    payload = [(a.name, a.batch_size, a.threshold, a.next_stage) for a in plan.variants]
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:12]
+
+
+def children(
+    *,
+    cascade: str,
+    namespace: str,
+    spec: CascadeSpec,
+    plan: Plan,
+    replicas: Mapping[str, int],
+    token: str,
+    settings: OperatorSettings,
+) -> list[Manifest]:
+    """Every child, in creation order: Secret and ConfigMap before the pods that read them."""
+    out = [
+        secret(cascade=cascade, namespace=namespace, token=token),
+        configmap(cascade=cascade, namespace=namespace, plan=plan, spec=spec),
+    ]
+    for index, variant in enumerate(spec.variants):
+        out.append(
+            service(cascade=cascade, namespace=namespace, variant=variant.name, settings=settings)
+        )
+        out.append(
+            deployment(
+                cascade=cascade,
+                namespace=namespace,
+                spec=spec,
+                index=index,
+                replicas=replicas.get(variant.name, 0),
+                settings=settings,
+            )
+        )
+    return out

@@ -1,0 +1,574 @@
+"""What the Kopf handlers do, as plain functions: apply children, run one control step.
+
+The handlers only unpack Kopf's kwargs and call into here, so the whole loop can also be
+driven directly (benchmarks do). Per-cascade memory (demand history, last plan, which pods
+hold which plan) lives in a `CascadeState` kept in Kopf's per-object memo; after a restart it
+is seeded from the status the previous operator wrote.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+import kubernetes
+
+from diffcascade_operator import control
+from diffcascade_operator.kube import manifests
+from diffcascade_operator.kube import status as st
+from diffcascade_operator.kube.actuator import ApplyResult, PodInfo, apply_plan, next_stage_urls
+from diffcascade_operator.kube.api import KubeApi
+from diffcascade_operator.kube.settings import OperatorSettings
+from diffcascade_operator.metrics_source import (
+    FallbackSource,
+    MetricsReading,
+    MetricsSource,
+    MetricsUnavailable,
+    PrometheusSource,
+    ScrapeSource,
+)
+from diffcascade_operator.plan import Plan, SolverStatus
+from diffcascade_operator.profiles import CascadeProfiles, ProfileError, profiles_from_spec
+from diffcascade_operator.snapshot import DemandSample, Snapshot
+from diffcascade_operator.spec import CascadeSpec, InvalidSpec, parse_spec
+
+logger = logging.getLogger(__name__)
+
+Decide = Callable[[Snapshot, Plan | None], Plan]
+
+#: (operator ms, decide ms) of the latest control steps in this process, for diagnostics and
+#: benchmarks; bounded, so it costs nothing to keep.
+RECENT_STEPS: deque[tuple[float, float]] = deque(maxlen=10_000)
+Event = tuple[str, str, str]  # (type, reason, message)
+
+
+@dataclass
+class CascadeState:
+    """In-memory state of one cascade's control loop."""
+
+    history: deque[DemandSample]
+    plan: Plan | None = None
+    last_step: float = 0.0
+    acknowledged: dict[str, str] = field(default_factory=dict)  # pod uid -> plan id
+    token: str | None = None
+    configmap_plan_id: str | None = None
+    spec_hash: str | None = None
+    spec: CascadeSpec | None = None
+    profiles: CascadeProfiles | None = None
+    source: MetricsSource | None = None
+    source_url: str | None = None
+    endpoints: dict[str, list[str]] = field(default_factory=dict)
+    restored: bool = False
+    rerouted: bool = False  # a plan sent some stage to other than the spec's next variant
+
+
+def new_state(settings: OperatorSettings) -> CascadeState:
+    return CascadeState(history=deque(maxlen=settings.demand_history))
+
+
+def load_spec(state: CascadeState, raw: Mapping[str, Any]) -> tuple[CascadeSpec, CascadeProfiles]:
+    """Parse and profile the spec, once per distinct spec; InvalidSpec says what is wrong."""
+    digest = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
+    if digest != state.spec_hash or state.spec is None or state.profiles is None:
+        spec = parse_spec(dict(raw))
+        try:
+            profiles = profiles_from_spec(spec)
+        except (ProfileError, OSError) as exc:
+            raise InvalidSpec(f"profiles: {exc}") from None
+        state.spec, state.profiles, state.spec_hash = spec, profiles, digest
+        if state.plan is not None and [v.name for v in state.plan.variants] != [
+            v.name for v in spec.variants
+        ]:
+            state.plan = None  # the variants changed: the old plan does not describe them
+    return state.spec, state.profiles
+
+
+def invalid_spec_status(
+    error: InvalidSpec, *, status: Mapping[str, Any], now: float, generation: int | None
+) -> dict[str, Any]:
+    """Conditions for a spec that cannot be used; everything that runs is left alone."""
+    message = f"spec is invalid, nothing was changed: {error}"
+    return {
+        "observedGeneration": generation,
+        "conditions": st.merge_conditions(
+            status.get("conditions"),
+            [
+                st.Condition(st.READY, "False", "InvalidSpec", message),
+                st.Condition(st.DEGRADED, "True", "InvalidSpec", message),
+                st.Condition(st.PROGRESSING, "False", "InvalidSpec", message),
+            ],
+            now=now,
+            generation=generation,
+        ),
+    }
+
+
+def starting_plan(
+    state: CascadeState,
+    *,
+    spec: CascadeSpec,
+    profiles: CascadeProfiles,
+    status: Mapping[str, Any],
+    now: float,
+) -> Plan:
+    """The plan new children start from: the last one (memory, then status), else the initial."""
+    if state.plan is None and not state.restored:
+        state.restored = True
+        restored = st.plan_from_status(status)
+        if restored is not None and [v.name for v in restored.variants] == [
+            v.name for v in spec.variants
+        ]:
+            state.plan = restored
+        demand = status.get("demand") or {}
+        at = st.parse_iso(demand.get("at"))
+        if at is not None and demand.get("measuredQps") is not None and not state.history:
+            state.history.append(DemandSample(at=at, qps=float(demand["measuredQps"])))
+    if state.plan is not None:
+        return state.plan
+    return control.initial_plan(spec=spec, profiles=profiles, now=now)
+
+
+def ensure_children(
+    *,
+    api: KubeApi,
+    owner: Mapping[str, Any],
+    namespace: str,
+    name: str,
+    spec: CascadeSpec,
+    plan: Plan,
+    state: CascadeState,
+    settings: OperatorSettings,
+) -> dict[str, str]:
+    """Create what is missing, patch what exists; returns {child: 'created'|'patched'}."""
+    if state.token is None:
+        state.token = api.read_token(namespace, manifests.secret_name(name))
+    if state.token is None:
+        state.token = secrets.token_urlsafe(32)
+    children = manifests.children(
+        cascade=name,
+        namespace=namespace,
+        spec=spec,
+        plan=plan,
+        replicas=plan.replicas(),
+        token=state.token,
+        settings=settings,
+    )
+    kopf.adopt(children, owner=owner)  # type: ignore[arg-type]
+    results = {f"{c['kind']}/{c['metadata']['name']}": api.apply(c) for c in children}
+    state.configmap_plan_id = manifests.plan_id(plan)
+    return results
+
+
+def apply_children(
+    *,
+    api: KubeApi,
+    body: Mapping[str, Any],
+    state: CascadeState,
+    settings: OperatorSettings,
+    now: float | None = None,
+) -> tuple[dict[str, Any], list[Event]]:
+    """The create/update/resume reconcile: (status fields, events). Never raises InvalidSpec."""
+    now = time.time() if now is None else now
+    meta = body.get("metadata", {})
+    name, namespace = meta["name"], meta["namespace"]
+    generation = meta.get("generation")
+    status = body.get("status") or {}
+    try:
+        spec, profiles = load_spec(state, body.get("spec") or {})
+    except InvalidSpec as exc:
+        return invalid_spec_status(exc, status=status, now=now, generation=generation), [
+            ("Warning", "InvalidSpec", str(exc))
+        ]
+    plan = starting_plan(state, spec=spec, profiles=profiles, status=status, now=now)
+    results = ensure_children(
+        api=api,
+        owner=body,
+        namespace=namespace,
+        name=name,
+        spec=spec,
+        plan=plan,
+        state=state,
+        settings=settings,
+    )
+    state.last_step = 0.0  # decide again on the next tick: the spec may have changed
+    created = sorted(k for k, v in results.items() if v == "created")
+    events: list[Event] = []
+    if created:
+        events.append(("Normal", "ChildrenCreated", "created " + ", ".join(created)))
+    removed = api.prune(
+        namespace, name, owner_uid=str(meta.get("uid")), keep={v.name for v in spec.variants}
+    )
+    if removed:
+        events.append(
+            ("Normal", "ChildrenRemoved", "variant gone from spec: " + ", ".join(removed))
+        )
+    fields: dict[str, Any] = {
+        "observedGeneration": generation,
+        "conditions": st.merge_conditions(
+            status.get("conditions"),
+            [st.Condition(st.PROGRESSING, "True", "ChildrenApplied", "workers rolled out")],
+            now=now,
+            generation=generation,
+        ),
+    }
+    if st.condition_status(status.get("conditions"), st.READY) in (None, "False"):
+        # Clear a stale InvalidSpec; the control step sets the real state on its next tick.
+        fields["conditions"] = st.merge_conditions(
+            fields["conditions"],
+            [st.Condition(st.READY, "Unknown", "Reconciling", "waiting for the control loop")],
+            now=now,
+            generation=generation,
+        )
+    return fields, events
+
+
+def metrics_source(
+    state: CascadeState, spec: CascadeSpec, settings: OperatorSettings
+) -> MetricsSource | None:
+    url = spec.control.prometheus_url or settings.prometheus_url
+    if state.source is None or state.source_url != url:
+        scrape = ScrapeSource(lambda: state.endpoints) if settings.scrape_fallback else None
+        prom = (
+            PrometheusSource(
+                url, window_s=settings.metrics_window_s, namespace_label=settings.namespace_label
+            )
+            if url
+            else None
+        )
+        source: MetricsSource | None
+        if prom is not None and scrape is not None:
+            source = FallbackSource(prom, scrape)
+        else:
+            source = prom or scrape
+        state.source, state.source_url = source, url
+    return state.source
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    status: dict[str, Any]  # status fields as they should be (the caller diff-patches)
+    events: list[Event]
+    decide_ms: float
+    operator_ms: float  # the step's own time, decide() excluded
+
+
+def _plan_changed(plan: Plan, previous: Plan | None) -> bool:
+    if previous is None:
+        return True
+    return not plan.same_allocation(previous) or round(plan.threshold, 4) != round(
+        previous.threshold, 4
+    )
+
+
+def describe_change(plan: Plan, previous: Plan | None) -> str:
+    parts = []
+    if previous is None or round(previous.threshold, 4) != round(plan.threshold, 4):
+        before = "-" if previous is None else f"{previous.threshold:.3f}"
+        parts.append(f"threshold {before}->{plan.threshold:.3f}")
+    old = previous.replicas() if previous is not None else {}
+    old_batch = {a.name: a.batch_size for a in previous.variants} if previous else {}
+    for a in plan.variants:
+        if old.get(a.name) != a.replicas or old_batch.get(a.name) != a.batch_size:
+            parts.append(
+                f"{a.name} {old.get(a.name, '-')}->{a.replicas} replicas "
+                f"(batch {old_batch.get(a.name, '-')}->{a.batch_size})"
+            )
+    return (
+        f"{'; '.join(parts) or 'plan refreshed'} at {plan.demand_qps:.2f} qps "
+        f"({plan.solver.status.value}): {plan.reason}"
+    )
+
+
+def control_step(
+    *,
+    api: KubeApi,
+    body: Mapping[str, Any],
+    state: CascadeState,
+    pods: Sequence[PodInfo],
+    deployment_replicas: Mapping[str, int | None],
+    settings: OperatorSettings,
+    now: float | None = None,
+    decide: Decide = control.decide,
+    force: bool = False,
+) -> StepOutcome | None:
+    """One control step if the interval has passed (None otherwise)."""
+    started = time.perf_counter()
+    now = time.time() if now is None else now
+    meta = body.get("metadata", {})
+    name, namespace = meta["name"], meta["namespace"]
+    generation = meta.get("generation")
+    status = body.get("status") or {}
+    try:
+        spec, profiles = load_spec(state, body.get("spec") or {})
+    except InvalidSpec as exc:
+        fields = invalid_spec_status(exc, status=status, now=now, generation=generation)
+        return StepOutcome(fields, [], 0.0, (time.perf_counter() - started) * 1000)
+    interval = settings.interval_s or spec.control.interval_seconds
+    if not force and now - state.last_step < interval - 0.05:
+        return None
+    state.last_step = now
+    previous = starting_plan(state, spec=spec, profiles=profiles, status=status, now=now)
+    if state.plan is None:
+        previous_for_decide: Plan | None = None
+    else:
+        previous_for_decide = state.plan
+    events: list[Event] = []
+    if any(v.name not in deployment_replicas for v in spec.variants):
+        results = ensure_children(
+            api=api,
+            owner=body,
+            namespace=namespace,
+            name=name,
+            spec=spec,
+            plan=previous,
+            state=state,
+            settings=settings,
+        )
+        created = sorted(k for k, v in results.items() if v == "created")
+        if created:
+            events.append(("Normal", "ChildrenCreated", "re-created " + ", ".join(created)))
+        deployment_replicas = {**{v.name: None for v in spec.variants}, **deployment_replicas}
+    if state.token is None:
+        state.token = api.read_token(namespace, manifests.secret_name(name))
+
+    mine = [p for p in pods if not p.deleting]
+    state.endpoints = {
+        v.name: [p.url for p in mine if p.variant == v.name and p.serving and p.url]
+        for v in spec.variants
+    }
+    ready = {v.name: len(state.endpoints[v.name]) for v in spec.variants}
+    variants = [v.name for v in spec.variants]
+    reading: MetricsReading | None = None
+    metrics_error: str | None = None
+    source = metrics_source(state, spec, settings)
+    if source is None:
+        metrics_error = "no Prometheus URL configured and direct scraping is off"
+    else:
+        try:
+            reading = source.read(cascade=name, variants=variants, namespace=namespace)
+        except MetricsUnavailable as exc:
+            metrics_error = str(exc)
+    fallback_reason = getattr(source, "last_error", None) if reading is not None else None
+    if reading is not None:
+        state.history.append(DemandSample(at=reading.at, qps=reading.demand_qps))
+    snapshot = Snapshot(
+        spec=spec,
+        profiles=profiles,
+        now=now,
+        demand=tuple(state.history),
+        stages=reading.stages if reading is not None else {},
+        ready_replicas=ready,
+        metrics_available=reading is not None,
+    )
+    decide_started = time.perf_counter()
+    plan = decide(snapshot, previous_for_decide)
+    decide_ms = (time.perf_counter() - decide_started) * 1000
+
+    next_urls = next_stage_urls(
+        plan,
+        spec=spec,
+        cascade=name,
+        namespace=namespace,
+        port=settings.worker_port,
+        rerouted=state.rerouted,
+    )
+    state.rerouted = state.rerouted or any(u is not None for u in next_urls.values())
+    apply_error: str | None = None
+    result: ApplyResult | None = None
+    try:
+        result = apply_plan(
+            api=api,
+            namespace=namespace,
+            cascade=name,
+            spec=spec,
+            plan=plan,
+            current_replicas=deployment_replicas,
+            pods=mine,
+            token=state.token,
+            acknowledged=state.acknowledged,
+            configmap_plan_id=state.configmap_plan_id,
+            timeout_s=settings.push_timeout_s,
+            next_urls=next_urls,
+        )
+        state.configmap_plan_id = manifests.plan_id(plan)
+    except kubernetes.client.ApiException as exc:
+        apply_error = f"Kubernetes API: {exc.status} {exc.reason}"
+        logger.warning("[%s/%s] applying the plan failed: %s", namespace, name, apply_error)
+
+    if _plan_changed(plan, state.plan if state.plan is not None else None) and (
+        plan.solver.status is not SolverStatus.HELD or state.plan is None
+    ):
+        events.append(("Normal", "PlanChanged", describe_change(plan, state.plan)))
+    if (
+        metrics_error is not None
+        and st.condition_status(status.get("conditions"), st.METRICS_AVAILABLE) != "False"
+    ):
+        events.append(("Warning", "MetricsUnavailable", metrics_error[:1000]))
+    state.plan = plan
+
+    fields = step_status(
+        plan=plan,
+        reading=reading,
+        metrics_error=metrics_error,
+        fallback_reason=fallback_reason,
+        apply_error=apply_error,
+        result=result,
+        ready=ready,
+        status=status,
+        generation=generation,
+        now=now,
+        history=state.history,
+    )
+    operator_ms = (time.perf_counter() - started) * 1000 - decide_ms
+    RECENT_STEPS.append((operator_ms, decide_ms))
+    return StepOutcome(fields, events, decide_ms, operator_ms)
+
+
+def step_status(
+    *,
+    plan: Plan,
+    reading: MetricsReading | None,
+    metrics_error: str | None,
+    apply_error: str | None,
+    fallback_reason: str | None = None,
+    result: ApplyResult | None,
+    ready: Mapping[str, int],
+    status: Mapping[str, Any],
+    generation: int | None,
+    now: float,
+    history: Sequence[DemandSample],
+) -> dict[str, Any]:
+    conds: list[st.Condition] = []
+    if reading is not None:
+        message = f"{reading.demand_qps:.2f} qps"
+        if fallback_reason:
+            message += f"; Prometheus did not answer: {fallback_reason}"
+        conds.append(st.Condition(st.METRICS_AVAILABLE, "True", reading.source, message[:1000]))
+    else:
+        conds.append(
+            st.Condition(
+                st.METRICS_AVAILABLE,
+                "False",
+                "MetricsUnavailable",
+                f"keeping the last plan: {metrics_error}"[:1000],
+            )
+        )
+    solver = plan.solver
+    if solver.status in (SolverStatus.OPTIMAL, SolverStatus.INITIAL):
+        conds.append(
+            st.Condition(st.ALLOCATION_SOLVED, "True", solver.status.value, plan.reason[:1000])
+        )
+    elif solver.status is SolverStatus.INFEASIBLE:
+        conds.append(
+            st.Condition(
+                st.ALLOCATION_SOLVED,
+                "False",
+                "Infeasible",
+                (solver.message or plan.reason)[:1000],
+            )
+        )
+    elif st.condition_status(status.get("conditions"), st.ALLOCATION_SOLVED) is None:
+        conds.append(st.Condition(st.ALLOCATION_SOLVED, "Unknown", "Held", plan.reason[:1000]))
+
+    serving = result.serving if result is not None else 0
+    acked = result.acknowledged if result is not None else 0
+    if result is None:
+        conds.append(
+            st.Condition(st.THRESHOLD_APPLIED, "Unknown", "ApplyFailed", apply_error or "")
+        )
+    elif serving == 0:
+        conds.append(
+            st.Condition(st.THRESHOLD_APPLIED, "Unknown", "NoReadyWorkers", "no ready pod to tell")
+        )
+    elif acked == serving:
+        conds.append(
+            st.Condition(
+                st.THRESHOLD_APPLIED,
+                "True",
+                "AllWorkersUpdated",
+                f"threshold {plan.threshold:.3f} on {acked}/{serving} ready pods",
+            )
+        )
+    else:
+        failures = "; ".join(result.push_failures[:3])
+        conds.append(
+            st.Condition(
+                st.THRESHOLD_APPLIED,
+                "False",
+                "PushFailed",
+                f"{acked}/{serving} ready pods hold the plan; {failures}"[:1000],
+            )
+        )
+
+    desired = plan.replicas()
+    lagging = [a.name for a in plan.variants if ready.get(a.name, 0) != a.replicas]
+    if lagging:
+        conds.append(
+            st.Condition(
+                st.PROGRESSING,
+                "True",
+                "Scaling",
+                ", ".join(f"{v} {ready.get(v, 0)}/{desired[v]} ready" for v in lagging),
+            )
+        )
+    else:
+        conds.append(st.Condition(st.PROGRESSING, "False", "Stable", "all replicas ready"))
+
+    problems: list[tuple[str, str]] = []
+    if apply_error:
+        problems.append(("ApplyFailed", apply_error))
+    if reading is None:
+        problems.append(("MetricsUnavailable", metrics_error or ""))
+    if solver.status is SolverStatus.INFEASIBLE:
+        problems.append(("Infeasible", solver.message or plan.reason))
+    if result is not None and result.push_failures:
+        problems.append(("PushFailed", "; ".join(result.push_failures[:3])))
+    if problems:
+        conds.append(st.Condition(st.DEGRADED, "True", problems[0][0], problems[0][1][:1000]))
+    else:
+        conds.append(st.Condition(st.DEGRADED, "False", "AsExpected", ""))
+
+    missing = [a.name for a in plan.variants if a.replicas > 0 and ready.get(a.name, 0) == 0]
+    if apply_error:
+        conds.append(st.Condition(st.READY, "False", "ApplyFailed", apply_error))
+    elif missing:
+        conds.append(
+            st.Condition(
+                st.READY, "False", "StageUnavailable", f"no ready pod: {', '.join(missing)}"
+            )
+        )
+    else:
+        conds.append(st.Condition(st.READY, "True", "Serving", "every stage has a ready pod"))
+
+    total = sum(desired.values())
+    total_ready = sum(ready.get(a.name, 0) for a in plan.variants)
+    plan_id = manifests.plan_id(plan)
+    last = history[-1] if history else None
+    demand: dict[str, Any] = {
+        "qps": round(plan.demand_qps, 3),
+        "source": reading.source if reading is not None else "None",
+    }
+    if last is not None:
+        demand["measuredQps"] = round(last.qps, 3)
+        demand["at"] = st.iso(last.at)
+    return {
+        "observedGeneration": generation,
+        "demand": demand,
+        "allocation": st.allocation_doc(plan, ready=ready, plan_id=plan_id),
+        "replicasSummary": st.replicas_summary(plan, ready),
+        "readySummary": f"{total_ready}/{total}",
+        "replicas": total,
+        "readyReplicas": total_ready,
+        "appliedWorkers": acked,
+        "conditions": st.merge_conditions(
+            status.get("conditions"), conds, now=now, generation=generation
+        ),
+    }

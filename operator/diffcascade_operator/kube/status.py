@@ -1,0 +1,177 @@
+"""The cascade's status document: conditions, allocation, demand, printer-column fields.
+
+Conditions follow metav1.Condition: one entry per type, `lastTransitionTime` changes only
+when `status` flips. `Ready` means "can serve": every stage that should run has a ready pod.
+The plan is rebuilt from status after an operator restart, so hysteresis survives restarts.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from diffcascade_operator.plan import Plan, SolverOutcome, SolverStatus, VariantAllocation
+
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+READY = "Ready"
+PROGRESSING = "Progressing"
+DEGRADED = "Degraded"
+METRICS_AVAILABLE = "MetricsAvailable"
+ALLOCATION_SOLVED = "AllocationSolved"
+THRESHOLD_APPLIED = "ThresholdApplied"
+CONDITION_TYPES = (
+    READY,
+    PROGRESSING,
+    DEGRADED,
+    METRICS_AVAILABLE,
+    ALLOCATION_SOLVED,
+    THRESHOLD_APPLIED,
+)
+
+
+@dataclass(frozen=True)
+class Condition:
+    type: str
+    status: ConditionStatus
+    reason: str
+    message: str = ""
+
+
+def iso(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_iso(text: str | None) -> float | None:
+    if not text:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def merge_conditions(
+    existing: Sequence[Mapping[str, Any]] | None,
+    updates: Iterable[Condition],
+    *,
+    now: float,
+    generation: int | None,
+) -> list[dict[str, Any]]:
+    """The new conditions list: updated types replaced, others kept, in CONDITION_TYPES order."""
+    by_type: dict[str, dict[str, Any]] = {str(c.get("type")): dict(c) for c in existing or ()}
+    for cond in updates:
+        old = by_type.get(cond.type)
+        flipped = old is None or old.get("status") != cond.status
+        entry: dict[str, Any] = {
+            "type": cond.type,
+            "status": cond.status,
+            "reason": cond.reason,
+            "message": cond.message,
+            "lastTransitionTime": iso(now)
+            if flipped or old is None
+            else old.get("lastTransitionTime", iso(now)),
+        }
+        if generation is not None:
+            entry["observedGeneration"] = generation
+        by_type[cond.type] = entry
+    order = {t: i for i, t in enumerate(CONDITION_TYPES)}
+    return sorted(by_type.values(), key=lambda c: (order.get(c["type"], 99), c["type"]))
+
+
+def condition_status(conditions: Sequence[Mapping[str, Any]] | None, kind: str) -> str | None:
+    for cond in conditions or ():
+        if cond.get("type") == kind:
+            return str(cond.get("status"))
+    return None
+
+
+def replicas_summary(plan: Plan, ready: Mapping[str, int]) -> str:
+    return " ".join(f"{a.name}={a.replicas}/{ready.get(a.name, 0)}" for a in plan.variants)
+
+
+def _round(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def allocation_doc(plan: Plan, *, ready: Mapping[str, int], plan_id: str) -> dict[str, Any]:
+    variants: list[dict[str, Any]] = []
+    for a in plan.variants:
+        entry: dict[str, Any] = {
+            "name": a.name,
+            "replicas": a.replicas,
+            "readyReplicas": ready.get(a.name, 0),
+            "batchSize": a.batch_size,
+        }
+        if a.threshold is not None:
+            entry["threshold"] = _round(a.threshold, 4)
+        if a.next_stage is not None:
+            entry["nextStage"] = a.next_stage
+        variants.append(entry)
+    solver: dict[str, Any] = {
+        "status": plan.solver.status.value,
+        "solveMillis": _round(plan.solver.solve_ms, 1),
+        "message": plan.solver.message,
+    }
+    if plan.solver.objective_value is not None:
+        solver["objectiveValue"] = _round(plan.solver.objective_value, 4)
+    doc: dict[str, Any] = {
+        "threshold": _round(plan.threshold, 4),
+        "deferFraction": _round(plan.defer_fraction, 4),
+        "predictedLatencySeconds": _round(plan.predicted_latency_s),
+        "predictedThroughputQps": _round(plan.predicted_throughput_qps),
+        "planId": plan_id,
+        "variants": variants,
+        "solver": solver,
+        "decidedAt": iso(plan.decided_at),
+        "reason": plan.reason,
+    }
+    # Absent (not null) when unknown: a merge patch treats null as "delete".
+    if plan.predicted_fid is not None:
+        doc["predictedFID"] = _round(plan.predicted_fid)
+    return doc
+
+
+def plan_from_status(status: Mapping[str, Any] | None) -> Plan | None:
+    """The plan last written to status, so a restarted operator continues from it."""
+    allocation = (status or {}).get("allocation")
+    if not isinstance(allocation, Mapping) or not allocation.get("variants"):
+        return None
+    try:
+        variants = tuple(
+            VariantAllocation(
+                name=str(v["name"]),
+                replicas=int(v["replicas"]),
+                batch_size=int(v.get("batchSize", 1)),
+                threshold=float(v["threshold"]) if v.get("threshold") is not None else None,
+                next_stage=str(v["nextStage"]) if v.get("nextStage") else None,
+            )
+            for v in allocation["variants"]
+        )
+        solver = allocation.get("solver") or {}
+        fid = allocation.get("predictedFID")
+        return Plan(
+            variants=variants,
+            threshold=float(allocation.get("threshold") or 0.0),
+            defer_fraction=float(allocation.get("deferFraction") or 0.0),
+            demand_qps=float(((status or {}).get("demand") or {}).get("qps") or 0.0),
+            predicted_latency_s=float(allocation.get("predictedLatencySeconds") or 0.0),
+            predicted_throughput_qps=float(allocation.get("predictedThroughputQps") or 0.0),
+            predicted_fid=float(fid) if fid is not None else None,
+            solver=SolverOutcome(
+                status=SolverStatus(solver.get("status", SolverStatus.HELD.value)),
+                solve_ms=float(solver.get("solveMillis") or 0.0),
+                message=str(solver.get("message") or ""),
+            ),
+            reason=str(allocation.get("reason") or "restored from status"),
+            decided_at=parse_iso(allocation.get("decidedAt")) or 0.0,
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def diff_patch(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
+    """The top-level keys of `desired` that differ from `current` (a minimal merge patch)."""
+    return {k: v for k, v in desired.items() if current.get(k) != v}

@@ -1,0 +1,280 @@
+"""Where the control loop's demand and queue numbers come from: Prometheus or the workers.
+
+No Kubernetes here: the operator and the one-machine mode share these sources. Both answer the
+same question for one cascade: the arrival rate at the first stage (the cascade's demand) and,
+per stage, the summed queue depth and arrival rate.
+
+Labels: every worker series carries `cascade` and `variant` (see the worker's protocol module);
+the PromQL filters on them. Two cascades with the same name in different namespaces can only be
+told apart when Prometheus attaches the pod's namespace as a label (the usual
+`kubernetes_sd_configs` relabelling does); name that label with `namespace_label` (off by
+default, because a static scrape config has no such label and the filter would match nothing).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import httpx
+from diffcascade_worker.protocol import ARRIVALS, LABEL_CASCADE, LABEL_VARIANT, QUEUE_DEPTH
+from prometheus_client.parser import text_string_to_metric_families
+
+from diffcascade_operator.snapshot import StageSample
+
+SourceName = Literal["Prometheus", "DirectScrape"]
+
+
+class MetricsUnavailable(RuntimeError):
+    """No usable reading: the source cannot be reached or has no data for the cascade."""
+
+
+@dataclass(frozen=True)
+class MetricsReading:
+    demand_qps: float  # arrivals at the first stage
+    stages: dict[str, StageSample]  # by variant name
+    source: SourceName
+    at: float  # wall-clock seconds of the reading
+
+
+class MetricsSource(Protocol):
+    def read(
+        self, *, cascade: str, variants: Sequence[str], namespace: str | None = None
+    ) -> MetricsReading: ...
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) and value >= 0.0 else 0.0
+
+
+def _quote(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+class PrometheusSource:
+    """PromQL through prometheus-api-client: two instant queries per reading.
+
+    `window_s` is the rate window; it must span at least two scrapes (four is safer), so a
+    15 s scrape interval wants 60 s. Shorter windows react faster and are noisier.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        window_s: float = 60.0,
+        timeout_s: float = 2.0,
+        namespace_label: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        from prometheus_api_client import PrometheusConnect
+        from urllib3.util.retry import Retry
+
+        self.url = url.rstrip("/")
+        self.window_s = window_s
+        self.timeout_s = timeout_s
+        self.namespace_label = namespace_label
+        self._clock = clock
+        # One quick retry at most: a dead Prometheus must turn into a fallback within a tick.
+        self._client = PrometheusConnect(
+            self.url,
+            disable_ssl=True,
+            retry=Retry(total=1, connect=1, read=0, backoff_factor=0.0),
+            timeout=timeout_s,  # type: ignore[arg-type]
+        )
+
+    def _selector(self, cascade: str, namespace: str | None) -> str:
+        parts = [f'{LABEL_CASCADE}="{_quote(cascade)}"']
+        if self.namespace_label and namespace:
+            parts.append(f'{self.namespace_label}="{_quote(namespace)}"')
+        return ",".join(parts)
+
+    def queries(self, *, cascade: str, namespace: str | None = None) -> tuple[str, str]:
+        """(arrival rate by variant, queue depth by variant): the PromQL this source sends."""
+        sel = self._selector(cascade, namespace)
+        window = f"{max(1, round(self.window_s))}s"
+        return (
+            f"sum by ({LABEL_VARIANT}) (rate({ARRIVALS.exposed}{{{sel}}}[{window}]))",
+            f"sum by ({LABEL_VARIANT}) ({QUEUE_DEPTH.exposed}{{{sel}}})",
+        )
+
+    def _query(self, promql: str) -> dict[str, float]:
+        try:
+            result: list[dict[str, Any]] = self._client.custom_query(promql)
+        except Exception as exc:  # requests' and the client's errors alike
+            raise MetricsUnavailable(f"Prometheus at {self.url}: {exc}") from exc
+        values: dict[str, float] = {}
+        for row in result:
+            variant = row.get("metric", {}).get(LABEL_VARIANT)
+            if variant is not None:
+                values[variant] = _finite(float(row["value"][1]))
+        return values
+
+    def read(
+        self, *, cascade: str, variants: Sequence[str], namespace: str | None = None
+    ) -> MetricsReading:
+        if not variants:
+            raise ValueError("a cascade has at least one variant")
+        rate_q, depth_q = self.queries(cascade=cascade, namespace=namespace)
+        depths = self._query(depth_q)
+        if not depths:
+            raise MetricsUnavailable(
+                f"Prometheus at {self.url} has no {QUEUE_DEPTH.exposed} series for "
+                f"cascade {cascade!r} (not scraped yet, or a label mismatch)"
+            )
+        rates = self._query(rate_q)
+        if variants[0] not in rates:
+            raise MetricsUnavailable(
+                f"Prometheus at {self.url} has no arrival rate for {cascade}/{variants[0]} yet"
+            )
+        stages = {
+            v: StageSample(queue_depth=depths.get(v, 0.0), arrival_qps=rates.get(v, 0.0))
+            for v in variants
+        }
+        return MetricsReading(
+            demand_qps=rates[variants[0]], stages=stages, source="Prometheus", at=self._clock()
+        )
+
+
+@dataclass(frozen=True)
+class WorkerSample:
+    """What one worker's /metrics said, summed over the series of one cascade."""
+
+    arrivals_total: float
+    queue_depth: float
+    inflight: float
+    at: float
+
+
+def parse_worker_metrics(text: str, *, cascade: str | None = None, at: float = 0.0) -> WorkerSample:
+    """Sum the arrival counter and queue gauges of a /metrics page (optionally one cascade)."""
+    from diffcascade_worker.protocol import INFLIGHT
+
+    arrivals = depth = inflight = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if cascade is not None and sample.labels.get(LABEL_CASCADE) != cascade:
+                continue
+            if sample.name == ARRIVALS.exposed:
+                arrivals += sample.value
+            elif sample.name == QUEUE_DEPTH.exposed:
+                depth += sample.value
+            elif sample.name == INFLIGHT.exposed:
+                inflight += sample.value
+    return WorkerSample(arrivals_total=arrivals, queue_depth=depth, inflight=inflight, at=at)
+
+
+class ScrapeSource:
+    """Reads every worker's /metrics directly; rates from counter deltas between reads.
+
+    `endpoints()` maps each variant to its workers' base URLs (e.g. `http://10.0.0.5:8000`).
+    A worker seen for the first time has no rate yet; when no worker of the first stage has one,
+    the source scrapes twice, `first_gap_s` apart, so a first reading is still a measurement.
+    """
+
+    def __init__(
+        self,
+        endpoints: Callable[[], Mapping[str, Sequence[str]]],
+        *,
+        timeout_s: float = 1.0,
+        first_gap_s: float = 0.5,
+        clock: Callable[[], float] = time.time,
+        client: httpx.Client | None = None,
+    ) -> None:
+        self._endpoints = endpoints
+        self._timeout_s = timeout_s
+        self._first_gap_s = first_gap_s
+        self._clock = clock
+        self._client = client or httpx.Client(timeout=timeout_s)
+        self._previous: dict[str, WorkerSample] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="scrape")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+        self._client.close()
+
+    def scrape(self, url: str, *, cascade: str | None = None) -> WorkerSample | None:
+        """One worker's sample, or None when it does not answer."""
+        try:
+            response = self._client.get(f"{url.rstrip('/')}/metrics", timeout=self._timeout_s)
+            response.raise_for_status()
+        except httpx.HTTPError:
+            return None
+        return parse_worker_metrics(response.text, cascade=cascade, at=self._clock())
+
+    def _scrape_all(self, urls: Sequence[str], cascade: str) -> dict[str, WorkerSample]:
+        samples = self._pool.map(lambda u: (u, self.scrape(u, cascade=cascade)), urls)
+        return {u: s for u, s in samples if s is not None}
+
+    def read(
+        self, *, cascade: str, variants: Sequence[str], namespace: str | None = None
+    ) -> MetricsReading:
+        if not variants:
+            raise ValueError("a cascade has at least one variant")
+        endpoints = {v: list(self._endpoints().get(v, ())) for v in variants}
+        urls = sorted({u for us in endpoints.values() for u in us})
+        if not urls:
+            raise MetricsUnavailable(f"no worker endpoints to scrape for cascade {cascade!r}")
+        with self._lock:
+            current = self._scrape_all(urls, cascade)
+            if not current:
+                raise MetricsUnavailable(f"none of the {len(urls)} workers of {cascade!r} answered")
+            first = [u for u in endpoints[variants[0]] if u in current]
+            if first and not any(u in self._previous for u in first):
+                for url in current:
+                    self._previous[url] = current[url]
+                time.sleep(self._first_gap_s)
+                current = self._scrape_all(urls, cascade) or current
+            stages: dict[str, StageSample] = {}
+            for variant in variants:
+                depth = rate = 0.0
+                for url in endpoints[variant]:
+                    now = current.get(url)
+                    if now is None:
+                        continue
+                    depth += now.queue_depth
+                    before = self._previous.get(url)
+                    if before is not None and now.at > before.at:
+                        delta = now.arrivals_total - before.arrivals_total
+                        if delta < 0:  # the worker restarted: its counter began again
+                            delta = now.arrivals_total
+                        rate += delta / (now.at - before.at)
+                stages[variant] = StageSample(queue_depth=depth, arrival_qps=rate)
+            self._previous.update(current)
+            for gone in set(self._previous) - set(urls):
+                del self._previous[gone]
+        return MetricsReading(
+            demand_qps=stages[variants[0]].arrival_qps,
+            stages=stages,
+            source="DirectScrape",
+            at=self._clock(),
+        )
+
+
+class FallbackSource:
+    """Asks `primary` first and `fallback` when it fails; `last_error` says why it fell back."""
+
+    def __init__(self, primary: MetricsSource, fallback: MetricsSource) -> None:
+        self.primary = primary
+        self.fallback = fallback
+        self.last_error: str | None = None
+
+    def read(
+        self, *, cascade: str, variants: Sequence[str], namespace: str | None = None
+    ) -> MetricsReading:
+        try:
+            reading = self.primary.read(cascade=cascade, variants=variants, namespace=namespace)
+        except MetricsUnavailable as primary_error:
+            self.last_error = str(primary_error)
+            try:
+                return self.fallback.read(cascade=cascade, variants=variants, namespace=namespace)
+            except MetricsUnavailable as fallback_error:
+                raise MetricsUnavailable(f"{primary_error}; fallback: {fallback_error}") from None
+        self.last_error = None
+        return reading

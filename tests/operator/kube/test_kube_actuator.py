@@ -1,0 +1,158 @@
+"""Applying a plan: deletion cost before scale-down, config PUTs once per plan, replicas."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from diffcascade_operator.kube import manifests
+from diffcascade_operator.kube.actuator import PodInfo, apply_plan, deletion_costs, next_stage_urls
+from diffcascade_operator.kube.api import KubeApi
+from diffcascade_operator.kube.manifests import DELETION_COST, plan_id
+from diffcascade_operator.plan import VariantAllocation
+from diffcascade_operator.spec import parse_spec
+from kmock_k8s import ThreadedKMock
+from kube_env import Cluster, cascade_manifest
+from test_kube_manifests import _children, _plan, _spec
+
+
+class Pod:
+    """A worker's /metrics (queue depth) and /v1/cascade/config (records PUTs), over HTTP."""
+
+    def __init__(self, queue: int) -> None:
+        self.puts: list[dict[str, Any]] = []
+        pod = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = (
+                    f'diffcascade_queue_depth{{cascade="c",variant="light"}} {queue}\n'
+                    f'diffcascade_inflight_requests{{cascade="c",variant="light"}} 0\n'
+                ).encode()
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_PUT(self) -> None:
+                length = int(self.headers["Content-Length"])
+                pod.puts.append(json.loads(self.rfile.read(length)))
+                pod.auth = self.headers.get("Authorization")
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.auth: str | None = None
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def pods() -> Iterator[dict[str, Pod]]:
+    running = {"busy": Pod(queue=5), "idle": Pod(queue=0)}
+    yield running
+    for pod in running.values():
+        pod.server.shutdown()
+
+
+def test_scale_down_marks_the_idlest_pod_cheapest_and_config_is_pushed_once(
+    k8s: ThreadedKMock, pods: dict[str, Pod]
+) -> None:
+    api, cluster, ns = KubeApi(), Cluster(), "actuate"
+    for child in _children(_plan(2, 1, 0.1)).values():
+        child["metadata"]["namespace"] = ns
+        api.apply(child)
+    infos = []
+    for name, pod in pods.items():
+        cluster.core.create_namespaced_pod(
+            ns, {"metadata": {"name": name}, "spec": {"containers": [{"name": "w"}]}}
+        )
+        infos.append(PodInfo(name, f"uid-{name}", "light", "127.0.0.1", pod.port, ready=True))
+    plan = _plan(1, 1, 0.05)
+    acknowledged: dict[str, str] = {}
+
+    def apply(current: dict[str, int | None]) -> Any:
+        return apply_plan(
+            api=api,
+            namespace=ns,
+            cascade="c",
+            spec=_spec(),
+            plan=plan,
+            current_replicas=current,
+            pods=infos,
+            token="t0k",
+            acknowledged=acknowledged,
+            configmap_plan_id=None,
+            timeout_s=2.0,
+        )
+
+    result = apply({"light": 2, "heavy": 1})
+    again = apply({"light": 1, "heavy": 1})
+
+    costs = {
+        name: int(cluster.core.read_namespaced_pod(name, ns).metadata.annotations[DELETION_COST])
+        for name in pods
+    }
+    assert costs["idle"] < costs["busy"]
+    assert cluster.replicas(ns, "c-light") == 1
+    assert result.scaled == {"light": (2, 1)}
+    assert result.pushed_ok == 2 and result.acknowledged == 2 and not result.push_failures
+    assert again.pushed_ok == 0 and again.acknowledged == 2  # nothing new to say
+    assert pods["idle"].puts == [
+        {
+            "threshold": 0.05,
+            "batch_size": 1,
+            "max_batch_wait_ms": 0.0,
+            "slo_seconds": 5.0,
+            "plan_id": plan_id(plan),
+        }
+    ]
+    assert pods["busy"].auth == "Bearer t0k"
+    cm = cluster.core.read_namespaced_config_map("c-plan", ns)
+    assert cm.data["light.threshold"] == "0.05"
+
+
+def test_unanswering_pods_cost_least_and_fail_the_push() -> None:
+    assert deletion_costs({"a": 2.0, "b": 0.0, "c": None}) == {"a": "200", "b": "0", "c": "-1"}
+
+
+def test_next_stage_is_pushed_only_once_a_plan_reroutes() -> None:
+    raw = cascade_manifest("c", models={"light": Path("/l"), "heavy": Path("/h")})["spec"]
+    curve = {"thresholds": [0, 1], "deferFractions": [0, 1]}
+    middle = {**raw["variants"][1], "name": "mid", "gate": {"deferCurve": curve}}
+    raw["variants"].insert(1, middle)
+    raw["variants"][0]["gate"]["deferCurve"] = curve
+    raw["gpuBudget"] = 4
+    spec = parse_spec(raw)
+    chained = replace(
+        _plan(1, 1, 0.1),
+        variants=(
+            VariantAllocation("light", 1, 1, 0.1, "mid"),
+            VariantAllocation("mid", 1, 1, 0.0, None),
+            VariantAllocation("heavy", 1, 1, None, None),
+        ),
+    )
+    skipping = replace(
+        chained,
+        variants=(
+            VariantAllocation("light", 1, 1, 0.1, "heavy"),
+            VariantAllocation("mid", 0, 1, 0.0, None),
+            VariantAllocation("heavy", 1, 1, None, None),
+        ),
+    )
+    where = {"spec": spec, "cascade": "c", "namespace": "ns", "port": 8000}
+    assert set(next_stage_urls(chained, **where, rerouted=False).values()) == {None}
+    pushed = next_stage_urls(skipping, **where, rerouted=False)
+    assert pushed["light"] == "http://c-heavy.ns.svc:8000"
+    back = next_stage_urls(chained, **where, rerouted=True)
+    assert back["light"] == "http://c-mid.ns.svc:8000" and back["heavy"] == ""
+    assert manifests.plan_id(chained) != manifests.plan_id(skipping)

@@ -1,0 +1,123 @@
+"""Rendering children: pure functions, so plain asserts on the dicts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from diffcascade_operator.kube import manifests
+from diffcascade_operator.kube.settings import OperatorSettings
+from diffcascade_operator.plan import Plan, SolverOutcome, SolverStatus, VariantAllocation
+from diffcascade_operator.spec import CascadeSpec, parse_spec
+from kube_env import cascade_manifest
+
+MODELS = {"light": Path("/models/light"), "heavy": Path("/models/heavy")}
+SETTINGS = OperatorSettings()
+
+
+def _spec(**control: Any) -> CascadeSpec:
+    raw = cascade_manifest("c", models=MODELS)["spec"]
+    raw["variants"][0]["gate"]["deferCurve"] = {"thresholds": [0, 1], "deferFractions": [0, 1]}
+    raw["control"].update(control)
+    return parse_spec(raw)
+
+
+def _plan(light: int, heavy: int, threshold: float, batch: int = 1) -> Plan:
+    return Plan(
+        variants=(
+            VariantAllocation("light", light, batch, threshold),
+            VariantAllocation("heavy", heavy, batch, None),
+        ),
+        threshold=threshold,
+        defer_fraction=0.5,
+        demand_qps=1.0,
+        predicted_latency_s=1.0,
+        predicted_throughput_qps=2.0,
+        predicted_fid=17.0,
+        solver=SolverOutcome(SolverStatus.OPTIMAL, 1.0),
+        reason="test",
+        decided_at=0.0,
+    )
+
+
+def _children(plan: Plan, spec: CascadeSpec | None = None) -> dict[str, dict[str, Any]]:
+    rendered = manifests.children(
+        cascade="c",
+        namespace="ns",
+        spec=spec or _spec(),
+        plan=plan,
+        replicas=plan.replicas(),
+        token="t0k",
+        settings=SETTINGS,
+    )
+    return {f"{c['kind']}/{c['metadata']['name']}": c for c in rendered}
+
+
+def test_a_new_plan_changes_replicas_and_configmap_but_never_the_pod_template() -> None:
+    low, high = _children(_plan(1, 1, 0.09)), _children(_plan(2, 3, 0.05, batch=2))
+    for variant in ("light", "heavy"):
+        key = f"Deployment/c-{variant}"
+        assert low[key]["spec"]["template"] == high[key]["spec"]["template"]
+    assert low["Deployment/c-light"]["spec"]["replicas"] == 1
+    assert high["Deployment/c-heavy"]["spec"]["replicas"] == 3
+    assert low["ConfigMap/c-plan"]["data"]["light.threshold"] == "0.09"
+    assert high["ConfigMap/c-plan"]["data"]["light.threshold"] == "0.05"
+    assert high["ConfigMap/c-plan"]["data"]["heavy.batchSize"] == "2"
+
+
+def test_worker_pods_get_gpus_probes_drain_and_a_grace_period_above_two_slos() -> None:
+    dep = _children(_plan(1, 1, 0.1))["Deployment/c-light"]
+    pod = dep["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["startupProbe"]["failureThreshold"] * 10 >= 600
+    assert container["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
+    assert pod["terminationGracePeriodSeconds"] > 2 * 5  # sloSeconds = 5
+    assert "--drain-timeout=10" in container["args"]
+    env = {e["name"]: e["valueFrom"] for e in container["env"]}
+    assert env["DIFFCASCADE_TOKEN"]["secretKeyRef"]["name"] == "c-token"
+    assert env["DIFFCASCADE_THRESHOLD"]["configMapKeyRef"] == {
+        "name": "c-plan",
+        "key": "light.threshold",
+    }
+    annotations = dep["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+
+
+def test_stages_are_labelled_selected_and_chained_through_services() -> None:
+    children = _children(_plan(1, 1, 0.1))
+    light, heavy = children["Deployment/c-light"], children["Deployment/c-heavy"]
+    labels = light["spec"]["template"]["metadata"]["labels"]
+    assert labels["app.kubernetes.io/managed-by"] == "diffcascade-operator"
+    assert labels["app.kubernetes.io/component"] == "light"
+    assert light["spec"]["selector"]["matchLabels"] == {
+        "diffcascade.dev/cascade": "c",
+        "diffcascade.dev/variant": "light",
+    }
+    light_args = light["spec"]["template"]["spec"]["containers"][0]["args"]
+    heavy_args = heavy["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--next-stage-url=http://c-heavy.ns.svc:8000" in light_args
+    assert not any(a.startswith("--next-stage-url") for a in heavy_args)
+    assert any(a.startswith("--gate=") for a in light_args)
+    assert children["Service/c-heavy"]["spec"]["selector"]["diffcascade.dev/variant"] == "heavy"
+    assert children["Secret/c-token"]["stringData"] == {"token": "t0k"}
+
+
+@pytest.mark.parametrize("gpus", [0, 2])
+def test_gpu_limit_follows_gpus_per_replica(gpus: int) -> None:
+    raw = cascade_manifest("c", models=MODELS)["spec"]
+    raw["variants"][0]["gate"]["deferCurve"] = {"thresholds": [0, 1], "deferFractions": [0, 1]}
+    raw["variants"][1]["gpusPerReplica"] = gpus
+    raw["variants"][1]["resources"] = {"requests": {"memory": "8Gi", "cpu": 2}}
+    dep = _children(_plan(1, 1, 0.1), parse_spec(raw))["Deployment/c-heavy"]
+    resources = dep["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert resources["requests"] == {"memory": "8Gi", "cpu": "2"}
+    assert resources.get("limits", {}).get("nvidia.com/gpu") == (str(gpus) if gpus else None)
+
+
+def test_plan_id_ignores_replicas_and_follows_what_workers_are_told() -> None:
+    assert manifests.plan_id(_plan(1, 1, 0.1)) == manifests.plan_id(_plan(4, 5, 0.1))
+    assert manifests.plan_id(_plan(1, 1, 0.1)) != manifests.plan_id(_plan(1, 1, 0.2))

@@ -1,0 +1,51 @@
+"""Status conditions and the plan restored from status after a restart."""
+
+from __future__ import annotations
+
+from diffcascade_operator.kube import status as st
+from diffcascade_operator.kube.manifests import plan_id
+from test_kube_manifests import _plan
+
+
+def test_last_transition_time_moves_only_when_the_status_flips() -> None:
+    first = st.merge_conditions(
+        None, [st.Condition("Ready", "True", "Serving", "a")], now=100.0, generation=1
+    )
+    same = st.merge_conditions(
+        first, [st.Condition("Ready", "True", "Serving", "b")], now=200.0, generation=2
+    )
+    flipped = st.merge_conditions(
+        same, [st.Condition("Ready", "False", "StageUnavailable", "c")], now=300.0, generation=2
+    )
+    assert same[0]["lastTransitionTime"] == first[0]["lastTransitionTime"] == st.iso(100.0)
+    assert same[0]["message"] == "b" and same[0]["observedGeneration"] == 2
+    assert flipped[0]["lastTransitionTime"] == st.iso(300.0)
+
+
+def test_conditions_keep_other_types_in_a_fixed_order() -> None:
+    conds = st.merge_conditions(
+        [{"type": "MetricsAvailable", "status": "True", "reason": "Prometheus"}],
+        [st.Condition("Degraded", "False", "AsExpected"), st.Condition("Ready", "True", "Serving")],
+        now=1.0,
+        generation=None,
+    )
+    assert [c["type"] for c in conds] == ["Ready", "Degraded", "MetricsAvailable"]
+
+
+def test_the_plan_written_to_status_is_the_plan_read_back() -> None:
+    plan = _plan(2, 3, 0.05, batch=2)
+    status = {
+        "demand": {"qps": plan.demand_qps},
+        "allocation": st.allocation_doc(plan, ready={"light": 1}, plan_id=plan_id(plan)),
+    }
+    restored = st.plan_from_status(status)
+    assert restored is not None
+    assert restored.variants == plan.variants
+    assert restored.threshold == plan.threshold
+    assert plan_id(restored) == plan_id(plan)
+    assert st.plan_from_status({}) is None
+    assert st.plan_from_status({"allocation": {"variants": [{"name": "x"}]}}) is None
+
+
+def test_replicas_summary_reads_desired_over_ready() -> None:
+    assert st.replicas_summary(_plan(2, 3, 0.1), {"light": 2}) == "light=2/2 heavy=3/0"

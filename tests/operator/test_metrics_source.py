@@ -1,0 +1,145 @@
+"""Metrics sources against real HTTP: a /metrics page made by prometheus_client, a dead port."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from diffcascade_operator.metrics_source import (
+    FallbackSource,
+    MetricsUnavailable,
+    PrometheusSource,
+    ScrapeSource,
+)
+from diffcascade_worker.protocol import ARRIVALS, INFLIGHT, QUEUE_DEPTH
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+
+class FakeWorker:
+    """A worker's metric families (the protocol's names and labels) behind real HTTP."""
+
+    def __init__(self, variant: str, cascade: str = "c") -> None:
+        self.registry = CollectorRegistry()
+        labels = ["cascade", "variant"]
+        self.arrivals = Counter(ARRIVALS.name, ARRIVALS.help, labels, registry=self.registry)
+        self.depth = Gauge(QUEUE_DEPTH.name, QUEUE_DEPTH.help, labels, registry=self.registry)
+        self.inflight = Gauge(INFLIGHT.name, INFLIGHT.help, labels, registry=self.registry)
+        self.key = (cascade, variant)
+        registry = self.registry
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = generate_latest(registry)
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def arrive(self, n: float) -> None:
+        self.arrivals.labels(*self.key).inc(n)
+
+    def queue(self, n: float) -> None:
+        self.depth.labels(*self.key).set(n)
+
+
+@pytest.fixture
+def fleet() -> Iterator[dict[str, FakeWorker]]:
+    workers = {"a": FakeWorker("light"), "b": FakeWorker("light"), "h": FakeWorker("heavy")}
+    yield workers
+    for w in workers.values():
+        w.server.shutdown()
+
+
+def _dead_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_scrape_source_sums_replicas_and_rates_counter_deltas(
+    fleet: dict[str, FakeWorker],
+) -> None:
+    clock = Clock()
+    endpoints = {"light": [fleet["a"].url, fleet["b"].url], "heavy": [fleet["h"].url]}
+    source = ScrapeSource(lambda: endpoints, clock=clock, first_gap_s=0.0)
+    source.read(cascade="c", variants=["light", "heavy"])
+    fleet["a"].arrive(10)
+    fleet["b"].arrive(20)
+    fleet["h"].arrive(5)
+    fleet["a"].queue(3)
+    fleet["h"].queue(1)
+    clock.now += 10.0
+    reading = source.read(cascade="c", variants=["light", "heavy"])
+    assert reading.source == "DirectScrape"
+    assert reading.demand_qps == pytest.approx(3.0)
+    assert reading.stages["light"].queue_depth == 3
+    assert reading.stages["heavy"].arrival_qps == pytest.approx(0.5)
+
+
+def test_scrape_source_measures_on_its_first_read_and_ignores_other_cascades(
+    fleet: dict[str, FakeWorker],
+) -> None:
+    other = FakeWorker("light", cascade="other")
+    fleet["a"].arrive(1)
+    source = ScrapeSource(lambda: {"light": [fleet["a"].url, other.url]}, first_gap_s=0.3)
+    feeder = threading.Timer(0.1, lambda: (fleet["a"].arrive(3), other.arrive(100)))
+    feeder.start()
+    reading = source.read(cascade="c", variants=["light"])
+    other.server.shutdown()
+    assert reading.demand_qps * 0.3 * 1.5 >= 3.0  # about 3 arrivals over ~0.3 s
+    assert reading.demand_qps < 100  # the other cascade's arrivals do not count
+
+
+def test_scrape_source_without_answering_workers_is_unavailable() -> None:
+    source = ScrapeSource(lambda: {"light": [_dead_url()]}, timeout_s=0.5)
+    with pytest.raises(MetricsUnavailable, match="answered"):
+        source.read(cascade="c", variants=["light"])
+    with pytest.raises(MetricsUnavailable, match="no worker endpoints"):
+        ScrapeSource(lambda: {}).read(cascade="c", variants=["light"])
+
+
+def test_prometheus_source_queries_filter_on_cascade_and_optionally_namespace() -> None:
+    plain = PrometheusSource("http://prom:9090", window_s=30)
+    rate, depth = plain.queries(cascade="c1", namespace="images")
+    assert rate == (
+        'sum by (variant) (rate(diffcascade_arrived_requests_total{cascade="c1"}[30s]))'
+    )
+    assert depth == 'sum by (variant) (diffcascade_queue_depth{cascade="c1"})'
+    scoped = PrometheusSource("http://prom:9090", namespace_label="namespace")
+    assert 'namespace="images"' in scoped.queries(cascade="c1", namespace="images")[0]
+
+
+def test_unreachable_prometheus_falls_back_to_scraping_and_says_why(
+    fleet: dict[str, FakeWorker],
+) -> None:
+    started = time.monotonic()
+    prometheus = PrometheusSource(_dead_url(), timeout_s=1.0)
+    with pytest.raises(MetricsUnavailable, match="Prometheus"):
+        prometheus.read(cascade="c", variants=["light"])
+    assert time.monotonic() - started < 5
+    fallback = FallbackSource(
+        prometheus, ScrapeSource(lambda: {"light": [fleet["a"].url]}, first_gap_s=0.0)
+    )
+    reading = fallback.read(cascade="c", variants=["light"])
+    assert reading.source == "DirectScrape"
+    assert fallback.last_error is not None and "Prometheus" in fallback.last_error
