@@ -59,8 +59,11 @@ def _quote(value: str) -> str:
 class PrometheusSource:
     """PromQL through prometheus-api-client: two instant queries per reading.
 
-    `window_s` is the rate window; it must span at least two scrapes (four is safer), so a
-    15 s scrape interval wants 60 s. Shorter windows react faster and are noisier.
+    Arrival rates use `irate`: the rate between the last two scrapes, so a demand step shows
+    one scrape after it happens instead of being averaged in over a whole window. Smoothing
+    is the demand estimator's job (EWMA, trend and step rule in `demand.py`), where it is
+    tested and configurable. `window_s` only bounds how old those two scrapes may be: it must
+    span at least two scrapes (four is safer), so a 15 s scrape interval wants 60 s.
     """
 
     def __init__(
@@ -99,7 +102,7 @@ class PrometheusSource:
         sel = self._selector(cascade, namespace)
         window = f"{max(1, round(self.window_s))}s"
         return (
-            f"sum by ({LABEL_VARIANT}) (rate({ARRIVALS.exposed}{{{sel}}}[{window}]))",
+            f"sum by ({LABEL_VARIANT}) (irate({ARRIVALS.exposed}{{{sel}}}[{window}]))",
             f"sum by ({LABEL_VARIANT}) ({QUEUE_DEPTH.exposed}{{{sel}}})",
         )
 

@@ -122,7 +122,7 @@ def test_prometheus_source_queries_filter_on_cascade_and_optionally_namespace() 
     plain = PrometheusSource("http://prom:9090", window_s=30)
     rate, depth = plain.queries(cascade="c1", namespace="images")
     assert rate == (
-        'sum by (variant) (rate(diffcascade_arrived_requests_total{cascade="c1"}[30s]))'
+        'sum by (variant) (irate(diffcascade_arrived_requests_total{cascade="c1"}[30s]))'
     )
     assert depth == 'sum by (variant) (diffcascade_queue_depth{cascade="c1"})'
     scoped = PrometheusSource("http://prom:9090", namespace_label="namespace")
