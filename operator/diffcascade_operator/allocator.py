@@ -242,7 +242,7 @@ def _prune_levels(
     return kept or levels
 
 
-def _upper(profile: VariantProfile, bounds: ReplicaBounds, cap: int) -> int:
+def _upper(bounds: ReplicaBounds, cap: int) -> int:
     if bounds.maximum is not None:
         return min(bounds.maximum, cap)
     return cap
@@ -357,7 +357,7 @@ def _solve(problem: AllocationProblem) -> Allocation:
         )
     else:
         cap_l = 0
-    u_l = _upper(light, problem.light_bounds, max(cap_l, 0))
+    u_l = _upper(problem.light_bounds, max(cap_l, 0))
     u_h = 0
     if heavy is not None:
         if lat_h:
@@ -369,7 +369,7 @@ def _solve(problem: AllocationProblem) -> Allocation:
             )
         else:
             cap_h = min_h
-        u_h = _upper(heavy, problem.heavy_bounds, max(cap_h, 0))
+        u_h = _upper(problem.heavy_bounds, max(cap_h, 0))
 
     if not lat_l or u_l < min_l or (heavy is not None and u_h < min_h):
         return _best_effort(problem, objective, solver_name)

@@ -121,7 +121,6 @@ def _default_batch(profile: VariantProfile) -> int:
 
 def _variants(
     profiles: CascadeProfiles,
-    spec: CascadeSpec,
     allocation: Allocation,
     replicas: Mapping[str, int],
     previous: Plan | None,
@@ -169,7 +168,6 @@ def _describe(
 
 def _plan(
     *,
-    snapshot_spec: CascadeSpec,
     profiles: CascadeProfiles,
     allocation: Allocation,
     replicas: Mapping[str, int],
@@ -182,7 +180,7 @@ def _plan(
     scale_down_since: Mapping[str, float],
     notes: tuple[str, ...] = (),
 ) -> Plan:
-    variants = _variants(profiles, snapshot_spec, allocation, replicas, previous)
+    variants = _variants(profiles, allocation, replicas, previous)
     summary = _describe(variants, allocation, estimate)
     if status is SolverStatus.INFEASIBLE:
         tail = f"infeasible ({allocation.message}): best effort, all light"
@@ -220,7 +218,6 @@ def initial_plan(spec: CascadeSpec, profiles: CascadeProfiles, now: float) -> Pl
     best = result.best
     status = SolverStatus.INITIAL if best.status is SolverStatus.OPTIMAL else best.status
     return _plan(
-        snapshot_spec=spec,
         profiles=profiles,
         allocation=best,
         replicas=_with_minimums(spec, best.replicas()),
@@ -435,7 +432,6 @@ def decide(snapshot: Snapshot, previous: Plan | None) -> Plan:
             "backlog " + ", ".join(f"{n} {q:.0f}" for n, q in sorted(backlog.items()) if q > 0)
         )
     return _plan(
-        snapshot_spec=spec,
         profiles=snapshot.profiles,
         allocation=final,
         replicas=kept,

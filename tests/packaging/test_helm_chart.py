@@ -194,7 +194,11 @@ def test_operator_command_from_default_values() -> None:
         "--all-namespaces",
         "--standalone",
         "--prometheus-url=http://prometheus-operated.monitoring.svc:9090",
+        "--liveness=http://0.0.0.0:8080/healthz",
     ]
+    probe = container["livenessProbe"]["httpGet"]
+    assert probe == {"path": "/healthz", "port": "health"}
+    assert container["ports"] == [{"name": "health", "containerPort": 8080}]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["DIFFCASCADE_WORKER_IMAGE"] == "ghcr.io/diffcascade/worker:0.1.0"
     assert container["image"] == "ghcr.io/diffcascade/operator:0.1.0"
@@ -211,6 +215,7 @@ def test_operator_command_from_tuned_values() -> None:
         "--peering-name=p",
         "--priority=0",
         "--interval=2",
+        "--liveness=http://0.0.0.0:8080/healthz",
         "--debug",
     ]
     env = {e["name"]: e.get("value") for e in container["env"]}

@@ -177,10 +177,6 @@ class FakeEngine:
     batches: list[list[int]] = field(default_factory=list)
     block: threading.Event | None = None
 
-    @property
-    def has_gate(self) -> bool:
-        return self.gate
-
     def warm_up(self) -> None:
         if self.block is not None:
             self.block.wait(timeout=30)

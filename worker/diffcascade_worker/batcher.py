@@ -115,10 +115,6 @@ class Batcher:
     def depth(self) -> int:
         return len(self._queue)
 
-    @property
-    def busy(self) -> bool:
-        return bool(self._queue) or bool(self._running)
-
     def backlog_seconds(self) -> float:
         """Rough time until a newly queued image would start: a hint for Retry-After."""
         batch_size = max(1, self._config().batch_size)

@@ -32,9 +32,6 @@ class BatchOutput:
 class Engine(Protocol):
     """What the batcher runs, always from one dedicated thread."""
 
-    @property
-    def has_gate(self) -> bool: ...
-
     def warm_up(self) -> None: ...
 
     def run_batch(self, prompts: Sequence[str], seeds: Sequence[int]) -> BatchOutput: ...
@@ -86,10 +83,6 @@ class DiffusersEngine:
             time.perf_counter() - started,
         )
         return cls(pipeline, gate)
-
-    @property
-    def has_gate(self) -> bool:
-        return self._gate is not None
 
     def warm_up(self) -> None:
         self._pipeline.warm_up()
