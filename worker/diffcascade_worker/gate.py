@@ -103,7 +103,8 @@ class Gate:
         with self._lock, torch.inference_mode():
             logits = self.model(x)
         probs = torch.softmax(logits.float(), dim=1)[:, REAL_CLASS]
-        return [float(p) for p in probs.clamp(0.0, 1.0).cpu()]
+        scores: list[float] = probs.clamp(0.0, 1.0).cpu().tolist()  # one call, not one per image
+        return scores
 
 
 def save_checkpoint(

@@ -31,13 +31,13 @@ from diffcascade_operator.metrics_source import (
     FallbackSource,
     MetricsReading,
     MetricsSource,
-    MetricsUnavailable,
     PrometheusSource,
     ScrapeSource,
 )
 from diffcascade_operator.plan import Plan, SolverStatus
 from diffcascade_operator.profiles import CascadeProfiles, ProfileError, profiles_from_spec
 from diffcascade_operator.snapshot import DemandSample, Snapshot
+from diffcascade_operator.snapshot_builder import build_snapshot, read_metrics
 from diffcascade_operator.spec import CascadeSpec, InvalidSpec, parse_spec
 
 logger = logging.getLogger(__name__)
@@ -316,10 +316,6 @@ def control_step(
         return None
     state.last_step = now
     previous = starting_plan(state, spec=spec, profiles=profiles, status=status, now=now)
-    if state.plan is None:
-        previous_for_decide: Plan | None = None
-    else:
-        previous_for_decide = state.plan
     events: list[Event] = []
     if any(v.name not in deployment_replicas for v in spec.variants):
         results = ensure_children(
@@ -347,29 +343,22 @@ def control_step(
     ready = {v.name: len(state.endpoints[v.name]) for v in spec.variants}
     variants = [v.name for v in spec.variants]
     reading: MetricsReading | None = None
-    metrics_error: str | None = None
+    note: str | None = "no Prometheus URL configured and direct scraping is off"
     source = metrics_source(state, spec, settings)
-    if source is None:
-        metrics_error = "no Prometheus URL configured and direct scraping is off"
-    else:
-        try:
-            reading = source.read(cascade=name, variants=variants, namespace=namespace)
-        except MetricsUnavailable as exc:
-            metrics_error = str(exc)
-    fallback_reason = getattr(source, "last_error", None) if reading is not None else None
-    if reading is not None:
-        state.history.append(DemandSample(at=reading.at, qps=reading.demand_qps))
-    snapshot = Snapshot(
+    if source is not None:
+        reading, note = read_metrics(source, cascade=name, variants=variants, namespace=namespace)
+    metrics_error = note if reading is None else None
+    fallback_reason = note if reading is not None else None
+    snapshot = build_snapshot(
         spec=spec,
         profiles=profiles,
         now=now,
-        demand=tuple(state.history),
-        stages=reading.stages if reading is not None else {},
+        history=state.history,
+        reading=reading,
         ready_replicas=ready,
-        metrics_available=reading is not None,
     )
     decide_started = time.perf_counter()
-    plan = decide(snapshot, previous_for_decide)
+    plan = decide(snapshot, state.plan)  # None until a plan was decided or restored
     decide_ms = (time.perf_counter() - decide_started) * 1000
 
     next_urls = next_stage_urls(
@@ -403,7 +392,7 @@ def control_step(
         apply_error = f"Kubernetes API: {exc.status} {exc.reason}"
         logger.warning("[%s/%s] applying the plan failed: %s", namespace, name, apply_error)
 
-    if _plan_changed(plan, state.plan if state.plan is not None else None) and (
+    if _plan_changed(plan, state.plan) and (
         plan.solver.status is not SolverStatus.HELD or state.plan is None
     ):
         events.append(("Normal", "PlanChanged", describe_change(plan, state.plan)))

@@ -28,13 +28,13 @@ from diffcascade_operator.metrics_source import (
     FallbackSource,
     MetricsReading,
     MetricsSource,
-    MetricsUnavailable,
     PrometheusSource,
     ScrapeSource,
 )
 from diffcascade_operator.plan import Plan
 from diffcascade_operator.profiles import CascadeProfiles
-from diffcascade_operator.snapshot import DemandSample, Snapshot
+from diffcascade_operator.snapshot import DemandSample
+from diffcascade_operator.snapshot_builder import build_snapshot, read_metrics
 from diffcascade_operator.spec import CascadeSpec
 
 logger = logging.getLogger(__name__)
@@ -198,9 +198,6 @@ class LocalCascade:
         if self.prometheus is not None:
             self.prometheus.stop()
 
-    def child_pids(self) -> list[int]:
-        return self.supervisor.pids()
-
     # --- loops ---------------------------------------------------------------------------------
 
     def _endpoints(self) -> Mapping[str, Sequence[str]]:
@@ -244,15 +241,9 @@ class LocalCascade:
 
     async def _read_metrics(self) -> MetricsReading | None:
         assert self.source is not None
-        source = self.source
-        try:
-            reading = await asyncio.to_thread(
-                source.read, cascade=self.name, variants=self.variants
-            )
-        except MetricsUnavailable as exc:
-            self.metrics_error = str(exc)
-            return None
-        self.metrics_error = getattr(source, "last_error", None)
+        reading, self.metrics_error = await asyncio.to_thread(
+            read_metrics, self.source, cascade=self.name, variants=self.variants
+        )
         return reading
 
     async def _tick(self) -> None:
@@ -265,19 +256,17 @@ class LocalCascade:
                 "reading %s: demand %.3f qps %s", reading.source, reading.demand_qps, reading.stages
             )
             self.last_reading = reading
-            self._demand.append(DemandSample(at=now, qps=reading.demand_qps))
         while self._demand and now - self._demand[0].at > _DEMAND_WINDOW_S:
             self._demand.popleft()
-        snapshot = Snapshot(
+        snapshot = build_snapshot(
             spec=self.spec,
             profiles=self.profiles,
             now=now,
-            demand=tuple(self._demand),
-            stages=dict(reading.stages) if reading else {},
+            history=self._demand,
+            reading=reading,
             ready_replicas={
                 v: len(self.supervisor.of(v, WorkerState.READY)) for v in self.variants
             },
-            metrics_available=reading is not None,
         )
         previous = self.plan
         plan = decide(snapshot, previous)

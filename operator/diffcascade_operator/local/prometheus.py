@@ -33,6 +33,7 @@ class LocalPrometheus:
         self.url = ""
         self._dir: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
+        self._targets_json: str | None = None  # what targets_file holds
 
     @property
     def targets_file(self) -> Path:
@@ -42,6 +43,7 @@ class LocalPrometheus:
     def launch(self, *, host: str = "127.0.0.1") -> str:
         """Start the process (from the event loop's thread, see supervisor); returns its URL."""
         self._dir = Path(tempfile.mkdtemp(prefix="diffcascade-prometheus-"))
+        self._targets_json = None
         self.set_targets({})
         interval = f"{max(1, round(self.scrape_interval_s * 1000))}ms"
         config = self._dir / "prometheus.yml"
@@ -92,9 +94,13 @@ class LocalPrometheus:
             for variant, addresses in sorted(targets.items())
             if addresses
         ]
+        text = json.dumps(groups)
+        if text == self._targets_json:
+            return  # called every reconcile; a rewrite would only make Prometheus re-read it
         tmp = self.targets_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(groups), encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
         tmp.replace(self.targets_file)
+        self._targets_json = text
 
     def stop(self) -> None:
         if self._process is not None:

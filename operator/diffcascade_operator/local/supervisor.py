@@ -223,9 +223,6 @@ class Supervisor:
         wanted = states or (WorkerState.STARTING, WorkerState.READY)
         return [w for w in self.workers if w.variant == variant and w.state in wanted]
 
-    def pids(self) -> list[int]:
-        return [w.process.pid for w in self.workers if w.process.poll() is None]
-
     def shutdown(self, *, grace_s: float | None = None) -> None:
         """Drain every worker, kill stragglers after the grace period, reap all. Idempotent."""
         self._closed = True

@@ -14,9 +14,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from diffcascade_operator.profiles import QualityCurve
+from diffcascade_operator.profiles import QualityCurve, fid_at
 from diffcascade_operator.sim.engine import NOT_SERVED, SimResult
-from diffcascade_operator.sim.model import interp
 
 FID_WINDOW_S = 5.0
 
@@ -91,11 +90,7 @@ def window_light_shares(result: SimResult, *, window_s: float = FID_WINDOW_S) ->
 def mean_fid(result: SimResult, quality: QualityCurve | None) -> float | None:
     if quality is None:
         return None
-    fids = [
-        interp(quality.light_shares, quality.fids, share)
-        for share in window_light_shares(result)
-        if share is not None
-    ]
+    fids = [fid_at(quality, share) for share in window_light_shares(result) if share is not None]
     return sum(fids) / len(fids) if fids else None
 
 

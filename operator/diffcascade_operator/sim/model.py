@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from diffcascade_operator.plan import Plan
-from diffcascade_operator.profiles import DeferCurve, QualityCurve, batch_latency_ms
+from diffcascade_operator.profiles import DeferCurve, QualityCurve, batch_latency_ms, fid_at
 
 #: Prompts in the reference gate data; trace prompt indices wrap around it.
 REFERENCE_PROMPTS = 5000
@@ -86,17 +86,6 @@ def random_mix_quality(curve: QualityCurve) -> QualityCurve:
     curve's dip is available; the mixture's FID is taken as the straight line between the
     end points (the curve at light share 0 and 1), an approximation of a mixture's FID.
     """
-    heavy = interp(curve.light_shares, curve.fids, 0.0)
-    light = interp(curve.light_shares, curve.fids, 1.0)
+    heavy = fid_at(curve, 0.0)
+    light = fid_at(curve, 1.0)
     return QualityCurve(light_shares=(0.0, 1.0), fids=(heavy, light))
-
-
-def interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
-    """Piecewise-linear y(x), clamped at the ends; xs increasing."""
-    if x <= xs[0]:
-        return ys[0]
-    if x >= xs[-1]:
-        return ys[-1]
-    k = bisect.bisect_right(xs, x)
-    x0, x1, y0, y1 = xs[k - 1], xs[k], ys[k - 1], ys[k]
-    return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else y1

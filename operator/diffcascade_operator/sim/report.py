@@ -9,10 +9,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffcascade_operator.profiles import QualityCurve
+from diffcascade_operator.profiles import QualityCurve, fid_at
 from diffcascade_operator.sim.engine import NOT_SERVED, SimResult
 from diffcascade_operator.sim.metrics import FID_WINDOW_S, Summary, window_light_shares
-from diffcascade_operator.sim.model import interp
 
 
 @dataclass(frozen=True)
@@ -63,11 +62,7 @@ def per_second(result: SimResult, quality: QualityCurve | None) -> list[SecondRo
         last_state = state.get(second, last_state)
         window = min(int(second // FID_WINDOW_S), len(shares) - 1)
         share = shares[window]
-        fid = (
-            interp(quality.light_shares, quality.fids, share)
-            if quality is not None and share is not None
-            else None
-        )
+        fid = fid_at(quality, share) if quality is not None and share is not None else None
         rows.append(
             SecondRow(
                 second=second,

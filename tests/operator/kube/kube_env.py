@@ -52,6 +52,17 @@ def write_kubeconfig(path: Path, url: str) -> None:
     )
 
 
+def terminate(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if the process has not exited within 15 s."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
 def wait_for(fn: Callable[[], T | None], *, timeout: float = 30.0, what: str = "") -> T:
     """Poll fn until it returns something truthy (404s count as 'not yet')."""
     deadline = time.monotonic() + timeout
@@ -95,13 +106,7 @@ class WorkerProcess:
         return body
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        terminate(self.process)
 
 
 def start_workers(
@@ -228,13 +233,8 @@ class PrometheusProcess:
         time.sleep(2)  # a rate needs two samples
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        if self.process is not None:
+            terminate(self.process)
         self.process = None
 
 
