@@ -142,14 +142,17 @@ def candidate_batches(table: Mapping[int, float], max_batch_size: int) -> dict[i
 def defer_curve_from_scores(
     confidences: Iterable[float], *, thresholds: Sequence[float] = THRESHOLD_GRID
 ) -> DeferCurve:
-    """f(t) = share of prompts whose confidence is below t (a query defers when conf < t)."""
+    """f(t) = share of prompts whose confidence is below t (a query defers when conf < t).
+
+    t >= 1 defers everything, as the worker's rule does (a float32 softmax can give exactly 1).
+    """
     ordered = sorted(float(c) for c in confidences)
     if not ordered:
         raise ProfileError("no confidences to build a deferral curve from")
     if any(math.isnan(c) for c in ordered):
         raise ProfileError("confidences contain NaN")
     n = len(ordered)
-    fractions = tuple(bisect.bisect_left(ordered, t) / n for t in thresholds)
+    fractions = tuple(1.0 if t >= 1.0 else bisect.bisect_left(ordered, t) / n for t in thresholds)
     return DeferCurve(thresholds=tuple(float(t) for t in thresholds), fractions=fractions)
 
 

@@ -216,3 +216,9 @@ def test_profiles_from_spec_with_inline_quality_points() -> None:
     quality = profiles_from_spec(parse_spec(raw)).quality
     assert quality is not None
     assert quality.light_shares == (0.0, 1.0) and fid_at(quality, 0.5) == pytest.approx(19.0)
+
+
+def test_threshold_one_defers_even_fully_confident_prompts() -> None:
+    curve = defer_curve_from_scores([0.2, 1.0, 1.0])
+    assert curve.fractions[-1] == 1.0
+    assert curve.fractions[-2] == pytest.approx(1 / 3)
