@@ -69,6 +69,7 @@ class ServedWorker:
             *cli, "serve", "--model", str(model), "--variant", "bench",
             "--port", str(self.port), "--threads", "1", "--batch-size", str(batch_size),
             "--queue-capacity", "256", "--slo-seconds", "600", "--log-level", "warning",
+            "--token", "bench-token",
         ]  # fmt: skip
         self._log = log.open("wb")
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)

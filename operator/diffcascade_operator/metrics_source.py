@@ -22,9 +22,25 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import httpx
-from diffcascade_worker.protocol import ARRIVALS, LABEL_CASCADE, LABEL_VARIANT, QUEUE_DEPTH
+from diffcascade_worker.protocol import (
+    ARRIVALS,
+    BATCH_SECONDS,
+    GATE_CONFIDENCE,
+    LABEL_BATCH_SIZE,
+    LABEL_CASCADE,
+    LABEL_VARIANT,
+    QUEUE_DEPTH,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
+from diffcascade_operator.live_profiles import (
+    BatchStat,
+    LiveObservations,
+    LiveProfileError,
+    LiveTracker,
+    VariantTotals,
+    histogram_from_buckets,
+)
 from diffcascade_operator.snapshot import StageSample
 
 SourceName = Literal["Prometheus", "DirectScrape"]
@@ -46,6 +62,41 @@ class MetricsSource(Protocol):
     def read(
         self, *, cascade: str, variants: Sequence[str], namespace: str | None = None
     ) -> MetricsReading: ...
+
+
+class LiveSource(Protocol):
+    """A source of the live-profile histograms (every source here is one)."""
+
+    def read_live(
+        self,
+        *,
+        cascade: str,
+        variants: Sequence[str],
+        window_s: float,
+        namespace: str | None = None,
+    ) -> LiveObservations: ...
+
+
+def _totals(
+    buckets: Mapping[float, float], batches: Mapping[int, tuple[float, float]]
+) -> VariantTotals:
+    """VariantTotals from {le: count} and {batch size: (count, seconds)}; bad rows are dropped."""
+    try:
+        confidence = histogram_from_buckets(buckets) if buckets else None
+    except LiveProfileError:
+        confidence = None
+    return VariantTotals(
+        confidence=confidence,
+        batches={b: BatchStat(_finite(c), _finite(sec)) for b, (c, sec) in batches.items()},
+    )
+
+
+def _batch_size(labels: Mapping[str, str]) -> int | None:
+    try:
+        size = int(labels.get(LABEL_BATCH_SIZE, ""))
+    except ValueError:
+        return None
+    return size if size >= 1 else None
 
 
 def _finite(value: float) -> float:
@@ -143,6 +194,68 @@ class PrometheusSource:
             demand_qps=rates[variants[0]], stages=stages, source="Prometheus", at=self._clock()
         )
 
+    def live_queries(
+        self, *, cascade: str, window_s: float, namespace: str | None = None
+    ) -> tuple[str, str, str]:
+        """(confidence buckets, batch counts, batch seconds): increases over the live window."""
+        sel = self._selector(cascade, namespace)
+        window = f"{max(1, round(window_s))}s"
+        conf, batch = GATE_CONFIDENCE.name, BATCH_SECONDS.name
+        by_size = f"{LABEL_VARIANT}, {LABEL_BATCH_SIZE}"
+        return (
+            f"sum by ({LABEL_VARIANT}, le) (increase({conf}_bucket{{{sel}}}[{window}]))",
+            f"sum by ({by_size}) (increase({batch}_count{{{sel}}}[{window}]))",
+            f"sum by ({by_size}) (increase({batch}_sum{{{sel}}}[{window}]))",
+        )
+
+    def _rows(self, promql: str) -> list[tuple[dict[str, str], float]]:
+        try:
+            result: list[dict[str, Any]] = self._client.custom_query(promql)
+        except Exception as exc:
+            raise MetricsUnavailable(f"Prometheus at {self.url}: {exc}") from exc
+        rows = []
+        for row in result:
+            try:
+                rows.append((dict(row.get("metric", {})), _finite(float(row["value"][1]))))
+            except (KeyError, IndexError, TypeError, ValueError):
+                continue
+        return rows
+
+    def read_live(
+        self,
+        *,
+        cascade: str,
+        variants: Sequence[str],
+        window_s: float,
+        namespace: str | None = None,
+    ) -> LiveObservations:
+        """Histogram increases over `window_s`, by variant (empty ones when nothing ran)."""
+        conf_q, count_q, sum_q = self.live_queries(
+            cascade=cascade, window_s=window_s, namespace=namespace
+        )
+        buckets: dict[str, dict[float, float]] = {v: {} for v in variants}
+        for labels, value in self._rows(conf_q):
+            variant, le = labels.get(LABEL_VARIANT), labels.get("le")
+            if variant in buckets and le is not None:
+                try:
+                    buckets[variant][float(le)] = value
+                except ValueError:
+                    continue
+        batches: dict[str, dict[int, tuple[float, float]]] = {v: {} for v in variants}
+        for index, promql in enumerate((count_q, sum_q)):
+            for labels, value in self._rows(promql):
+                variant, size = labels.get(LABEL_VARIANT), _batch_size(labels)
+                if variant in batches and size is not None:
+                    pair = list(batches[variant].get(size, (0.0, 0.0)))
+                    pair[index] = value
+                    batches[variant][size] = (pair[0], pair[1])
+        return LiveObservations(
+            variants={v: _totals(buckets[v], batches[v]) for v in variants},
+            window_s=window_s,
+            source="Prometheus",
+            at=self._clock(),
+        )
+
 
 @dataclass(frozen=True)
 class WorkerSample:
@@ -172,6 +285,41 @@ def parse_worker_metrics(text: str, *, cascade: str | None = None, at: float = 0
     return WorkerSample(arrivals_total=arrivals, queue_depth=depth, inflight=inflight, at=at)
 
 
+def parse_live_totals(text: str, *, cascade: str | None = None) -> dict[str, VariantTotals]:
+    """Cumulative gate-confidence buckets and batch latency by size of a /metrics page."""
+    buckets: dict[str, dict[float, float]] = {}
+    batches: dict[str, dict[int, tuple[float, float]]] = {}
+    conf_bucket = f"{GATE_CONFIDENCE.name}_bucket"
+    count_name, sum_name = f"{BATCH_SECONDS.name}_count", f"{BATCH_SECONDS.name}_sum"
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            if cascade is not None and labels.get(LABEL_CASCADE) != cascade:
+                continue
+            variant = labels.get(LABEL_VARIANT)
+            if variant is None:
+                continue
+            if sample.name == conf_bucket and "le" in labels:
+                try:
+                    le = float(labels["le"])
+                except ValueError:
+                    continue
+                per = buckets.setdefault(variant, {})
+                per[le] = per.get(le, 0.0) + sample.value
+            elif sample.name in (count_name, sum_name):
+                size = _batch_size(labels)
+                if size is None:
+                    continue
+                per_size = batches.setdefault(variant, {})
+                count, seconds = per_size.get(size, (0.0, 0.0))
+                if sample.name == count_name:
+                    count += sample.value
+                else:
+                    seconds += sample.value
+                per_size[size] = (count, seconds)
+    return {v: _totals(buckets.get(v, {}), batches.get(v, {})) for v in {*buckets, *batches}}
+
+
 class ScrapeSource:
     """Reads every worker's /metrics directly; rates from counter deltas between reads.
 
@@ -195,6 +343,7 @@ class ScrapeSource:
         self._clock = clock
         self._client = client or httpx.Client(timeout=timeout_s)
         self._previous: dict[str, WorkerSample] = {}
+        self._live: LiveTracker | None = None  # histogram windows, per (variant, url)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="scrape")
 
@@ -259,6 +408,57 @@ class ScrapeSource:
             at=self._clock(),
         )
 
+    def _scrape_text(self, url: str) -> str | None:
+        try:
+            response = self._client.get(f"{url.rstrip('/')}/metrics", timeout=self._timeout_s)
+            response.raise_for_status()
+        except httpx.HTTPError:
+            return None
+        return response.text
+
+    def read_live(
+        self,
+        *,
+        cascade: str,
+        variants: Sequence[str],
+        window_s: float,
+        namespace: str | None = None,
+    ) -> LiveObservations:
+        """Scrape every worker, keep its cumulative totals, sum their increases over the window.
+
+        A worker's first scrape only sets its baseline, so the window fills from the first
+        call on (Prometheus keeps history; this fallback has only what it saw).
+        """
+        endpoints = {v: list(self._endpoints().get(v, ())) for v in variants}
+        urls = sorted({u for us in endpoints.values() for u in us})
+        if not urls:
+            raise MetricsUnavailable(f"no worker endpoints to scrape for cascade {cascade!r}")
+        texts = dict(self._pool.map(lambda u: (u, self._scrape_text(u)), urls))
+        if not any(texts.values()):
+            raise MetricsUnavailable(f"none of the {len(urls)} workers of {cascade!r} answered")
+        totals: dict[tuple[str, str], VariantTotals | None] = {}
+        for variant, variant_urls in endpoints.items():
+            for url in variant_urls:
+                text = texts.get(url)
+                seen = parse_live_totals(text, cascade=cascade) if text is not None else None
+                totals[(variant, url)] = (
+                    None if seen is None else seen.get(variant) or VariantTotals()
+                )
+        with self._lock:
+            if self._live is None or self._live.window_s != window_s:
+                self._live = LiveTracker(window_s, source="DirectScrape")
+            return self._live.observe(now=self._clock(), variants=variants, totals=totals)
+
+
+def live_source_for(source: MetricsSource | None, reading: MetricsReading | None) -> object | None:
+    """Where to read this step's histograms: the source that just answered `read()` (so a
+    Prometheus that is down is not waited on twice), None when none did."""
+    if reading is None or source is None:
+        return None
+    if reading.source == "DirectScrape" and isinstance(source, FallbackSource):
+        return source.fallback
+    return source
+
 
 class FallbackSource:
     """Asks `primary` first and `fallback` when it fails; `last_error` says why it fell back."""
@@ -281,3 +481,25 @@ class FallbackSource:
                 raise MetricsUnavailable(f"{primary_error}; fallback: {fallback_error}") from None
         self.last_error = None
         return reading
+
+    def read_live(
+        self,
+        *,
+        cascade: str,
+        variants: Sequence[str],
+        window_s: float,
+        namespace: str | None = None,
+    ) -> LiveObservations:
+        """The primary's histograms, else the fallback's (each must be a `LiveSource`)."""
+        sources = [s for s in (self.primary, self.fallback) if hasattr(s, "read_live")]
+        errors: list[str] = []
+        for source in sources:
+            try:
+                observations: LiveObservations = source.read_live(  # type: ignore[attr-defined]
+                    cascade=cascade, variants=variants, window_s=window_s, namespace=namespace
+                )
+            except MetricsUnavailable as exc:
+                errors.append(str(exc))
+                continue
+            return observations
+        raise MetricsUnavailable("; ".join(errors) or "no source of live histograms")

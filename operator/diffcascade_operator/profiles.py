@@ -20,15 +20,20 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from diffcascade_worker.deferral import (
+    THRESHOLD_GRID as THRESHOLD_GRID,  # re-exported: the contract, for planning code
+)
+from diffcascade_worker.deferral import (
+    DeferCurve as DeferCurve,
+)
+from diffcascade_worker.deferral import (
+    DeferCurveError,
+    curve_from_confidences,
+    curve_from_document,
+    validate_curve,
+)
+
 from diffcascade_operator.spec import CascadeSpec, DeferCurveSpec, QualitySpec, VariantSpec
-
-
-@dataclass(frozen=True)
-class DeferCurve:
-    """f(t): fraction of queries deferred at threshold t, on an increasing threshold grid."""
-
-    thresholds: tuple[float, ...]
-    fractions: tuple[float, ...]
 
 
 @dataclass(frozen=True)
@@ -57,9 +62,6 @@ class CascadeProfiles:
 class ProfileError(ValueError):
     """A profile that cannot be loaded or used; the message says which and why."""
 
-
-#: t = 0, 0.005, ..., 1.0: the grid the allocator and the worker's calibration share.
-THRESHOLD_GRID: tuple[float, ...] = tuple(k / 200 for k in range(201))
 
 _REFERENCE_PACKAGE = "diffcascade_operator.reference"
 
@@ -91,14 +93,9 @@ def _interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
 
 
 def defer_fraction(curve: DeferCurve, t: float) -> float:
-    """f(t), piecewise linear between the curve's points (exact on them); f(t <= 0) = 0.
-
-    Confidences lie in [0, 1], so nothing is below a threshold of 0 whatever the curve's first
-    point says.
-    """
-    if t <= 0.0:
-        return 0.0
-    return _interpolate(curve.thresholds, curve.fractions, t)
+    """f(t) by the contract's one reading (`DeferCurve.at`: piecewise linear, 0 at t <= 0,
+    1 at t >= 1)."""
+    return curve.at(t)
 
 
 def fid_at(quality: QualityCurve, light_share: float) -> float:
@@ -142,18 +139,14 @@ def candidate_batches(table: Mapping[int, float], max_batch_size: int) -> dict[i
 def defer_curve_from_scores(
     confidences: Iterable[float], *, thresholds: Sequence[float] = THRESHOLD_GRID
 ) -> DeferCurve:
-    """f(t) = share of prompts whose confidence is below t (a query defers when conf < t).
-
-    t >= 1 defers everything, as the worker's rule does (a float32 softmax can give exactly 1).
-    """
-    ordered = sorted(float(c) for c in confidences)
-    if not ordered:
-        raise ProfileError("no confidences to build a deferral curve from")
-    if any(math.isnan(c) for c in ordered):
+    """f(t) = share of prompts the worker's rule defers at t (`deferral.curve_from_confidences`)."""
+    values = [float(c) for c in confidences]
+    if any(math.isnan(c) for c in values):
         raise ProfileError("confidences contain NaN")
-    n = len(ordered)
-    fractions = tuple(1.0 if t >= 1.0 else bisect.bisect_left(ordered, t) / n for t in thresholds)
-    return DeferCurve(thresholds=tuple(float(t) for t in thresholds), fractions=fractions)
+    try:
+        return curve_from_confidences(values, thresholds=thresholds)
+    except DeferCurveError as exc:
+        raise ProfileError(str(exc)) from None
 
 
 def confidences_from_disc_scores(
@@ -172,19 +165,9 @@ def confidences_from_disc_scores(
 
 def _checked_curve(thresholds: Sequence[Any], fractions: Sequence[Any], where: str) -> DeferCurve:
     try:
-        ts = tuple(float(t) for t in thresholds)
-        fs = tuple(float(f) for f in fractions)
-    except (TypeError, ValueError) as exc:
-        raise ProfileError(f"{where}: thresholds and deferFractions must be numbers") from exc
-    if len(ts) != len(fs) or len(ts) < 2:
-        raise ProfileError(f"{where}: thresholds and deferFractions need equal length >= 2")
-    if any(b <= a for a, b in itertools.pairwise(ts)):
-        raise ProfileError(f"{where}: thresholds must be strictly increasing")
-    if any(not 0.0 <= v <= 1.0 for v in (*ts, *fs)):
-        raise ProfileError(f"{where}: values must lie in [0, 1]")
-    if any(b < a - 1e-9 for a, b in itertools.pairwise(fs)):
-        raise ProfileError(f"{where}: deferFractions must be non-decreasing in t")
-    return DeferCurve(thresholds=ts, fractions=fs)
+        return validate_curve(thresholds, fractions, where=where)
+    except DeferCurveError as exc:
+        raise ProfileError(str(exc)) from None
 
 
 def load_defer_curve_file(path: Path) -> DeferCurve:
@@ -197,17 +180,10 @@ def load_defer_curve_file(path: Path) -> DeferCurve:
         doc = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ProfileError(f"cannot read deferral curve {path}: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise ProfileError(f"{path}: expected a JSON object")
-    confidences = doc.get("confidences")
-    if isinstance(confidences, list) and confidences:
-        try:
-            return defer_curve_from_scores(float(c) for c in confidences)
-        except (TypeError, ValueError) as exc:
-            raise ProfileError(f"{path}: confidences must be numbers") from exc
-    if "thresholds" not in doc or "deferFractions" not in doc:
-        raise ProfileError(f"{path}: needs 'thresholds' and 'deferFractions' (or 'confidences')")
-    return _checked_curve(doc["thresholds"], doc["deferFractions"], str(path))
+    try:
+        return curve_from_document(doc, where=str(path))
+    except DeferCurveError as exc:
+        raise ProfileError(str(exc)) from None
 
 
 def load_latency_csv(path: Path | None = None) -> dict[str, dict[int, float]]:
@@ -340,11 +316,15 @@ def variant_profile(variant: VariantSpec, *, base_dir: Path | None = None) -> Va
     curve = None
     if gate is not None and gate.defer_curve is not None:
         curve = defer_curve_from_spec(gate.defer_curve, base_dir=base_dir)
+    table = variant.profile.batch_latency_ms
+    if table is None:  # profile.auto: the operator fills the measured table in first
+        raise ProfileError(
+            f"variant {variant.name}: profile.auto is measured by the operator's profiling Job; "
+            "here, run `diffcascade-worker profile` and set profile.batchLatencyMs"
+        )
     return VariantProfile(
         name=variant.name,
-        batch_latency_ms=candidate_batches(
-            variant.profile.batch_latency_ms, variant.max_batch_size
-        ),
+        batch_latency_ms=candidate_batches(table, variant.max_batch_size),
         defer_curve=curve,
         gpus_per_replica=variant.gpus_per_replica,
         startup_seconds=variant.profile.startup_seconds,

@@ -23,6 +23,7 @@ class StageSample:
 
     queue_depth: float  # images waiting
     arrival_qps: float  # arrivals at this stage
+    inflight: float = 0.0  # requests admitted, not answered (the workers' in-flight gauge)
 
 
 @dataclass(frozen=True)

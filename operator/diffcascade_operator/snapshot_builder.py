@@ -9,10 +9,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping, MutableSequence, Sequence
 
+from diffcascade_operator.live_profiles import (
+    LiveObservations,
+    LiveProfileResult,
+    LiveProfileSettings,
+    live_profiles,
+)
 from diffcascade_operator.metrics_source import MetricsReading, MetricsSource, MetricsUnavailable
+from diffcascade_operator.plan import Plan
 from diffcascade_operator.profiles import CascadeProfiles
 from diffcascade_operator.snapshot import DemandSample, Snapshot
 from diffcascade_operator.spec import CascadeSpec
+
+#: Demand samples a control loop keeps (one per tick): the operator's default, the simulator's.
+DEMAND_HISTORY = 120
 
 
 def read_metrics(
@@ -53,3 +63,43 @@ def build_snapshot(
         ready_replicas=ready_replicas,
         metrics_available=reading is not None,
     )
+
+
+# --- live profiles (issue 9) -------------------------------------------------------------------
+# The snapshot carries the profiles to plan with: the offline ones blended with what the
+# workers' histograms say over the sliding window (rules in `live_profiles`). Both loops call
+# this before `build_snapshot` and pass `result.profiles` as its `profiles`.
+
+
+def plan_thresholds(plan: Plan | None) -> dict[str, float]:
+    """The threshold in force per gated variant (where the live summary reports f)."""
+    if plan is None:
+        return {}
+    return {a.name: a.threshold for a in plan.variants if a.threshold is not None}
+
+
+def read_live_profiles(
+    source: object | None,
+    *,
+    profiles: CascadeProfiles,
+    cascade: str,
+    variants: Sequence[str],
+    plan: Plan | None,
+    settings: LiveProfileSettings,
+    namespace: str | None = None,
+) -> tuple[LiveProfileResult, str | None]:
+    """(blended profiles and their summary, note): the note says why nothing was observed."""
+    observed: LiveObservations | None = None
+    note: str | None = None
+    read = getattr(source, "read_live", None)
+    if read is None:
+        note = "no metrics source with histograms"
+    else:
+        try:
+            observed = read(
+                cascade=cascade, variants=variants, window_s=settings.window_s, namespace=namespace
+            )
+        except MetricsUnavailable as exc:
+            note = str(exc)
+    result = live_profiles(profiles, observed, thresholds=plan_thresholds(plan), settings=settings)
+    return result, note

@@ -7,11 +7,12 @@ and the simulator reject a bad cascade with the same message.
 
 from __future__ import annotations
 
-import itertools
 import re
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from diffcascade_worker.deferral import DeferCurveError, validate_curve
+from diffcascade_worker.storage import StorageError, parse_uri
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
@@ -36,6 +37,14 @@ class Objective(StrEnum):
     MAX_THRESHOLD = "MaxThreshold"  # the paper's: the highest threshold that fits
 
 
+def _storage_uri(value: str, *, model: bool = False) -> str:
+    try:
+        parse_uri(value, bare_hub_ids=model)
+    except StorageError as error:
+        raise ValueError(str(error)) from None
+    return value
+
+
 class DeferCurveSpec(_Model):
     """f(t): the fraction of queries the gate defers at threshold t.
 
@@ -48,8 +57,14 @@ class DeferCurveSpec(_Model):
     reference: str | None = None
     path: str | None = Field(
         default=None,
-        description="A calibration file read by the controller (local mode, or mounted)",
+        description="A calibration file read by the controller: a path, or an http(s):// or "
+        "s3:// URI the operator fetches",
     )
+
+    @field_validator("path")
+    @classmethod
+    def _path_uri(cls, value: str | None) -> str | None:
+        return None if value is None else _storage_uri(value)
 
     @model_validator(mode="after")
     def _one_source(self) -> DeferCurveSpec:
@@ -60,21 +75,28 @@ class DeferCurveSpec(_Model):
                 "deferCurve needs exactly one of thresholds+deferFractions, reference or path"
             )
         if inline:
-            ts, fs = self.thresholds or [], self.defer_fractions or []
-            if len(ts) != len(fs) or len(ts) < 2:
-                raise ValueError("deferCurve thresholds and deferFractions need equal length >= 2")
-            if any(b < a for a, b in itertools.pairwise(ts)):
-                raise ValueError("deferCurve thresholds must be increasing")
-            if any(not 0.0 <= v <= 1.0 for v in (*ts, *fs)):
-                raise ValueError("deferCurve values must lie in [0, 1]")
-            if any(b < a - 1e-9 for a, b in itertools.pairwise(fs)):
-                raise ValueError("deferCurve deferFractions must be non-decreasing in t")
+            # The contract's one validator (`deferral.validate_curve`), as profiles use it.
+            try:
+                validate_curve(
+                    self.thresholds or [], self.defer_fractions or [], where="deferCurve"
+                )
+            except DeferCurveError as exc:
+                raise ValueError(str(exc)) from None
         return self
 
 
 class DiscriminatorSpec(_Model):
-    uri: str = Field(min_length=1, description="Path of the checkpoint inside the worker pod")
-    architecture: Literal["tiny-cnn", "efficientnet_v2_s"] = "tiny-cnn"
+    uri: str = Field(
+        min_length=1,
+        description="Storage URI (hf://, pvc://, http(s)://, s3://) or a path in the worker pod",
+    )
+    # clip-score: a CLIP model folder, no training (the confidence is the CLIP score).
+    architecture: Literal["tiny-cnn", "efficientnet_v2_s", "clip-score"] = "tiny-cnn"
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        return _storage_uri(value)
 
 
 class GateSpec(_Model):
@@ -83,14 +105,28 @@ class GateSpec(_Model):
 
 
 class ProfileSpec(_Model):
-    """Measured mean latency of one batch, by batch size (keys are strings in YAML)."""
+    """Measured mean latency of one batch, by batch size (keys are strings in YAML).
 
-    batch_latency_ms: dict[int, float]
+    With `auto`, the operator measures the table (and a gated variant's f(t)) itself, with a
+    profiling Job on the variant's nodes, before the first plan; the measurement replaces a
+    table (and deferCurve) written beside `auto`, which serve the simulator and local mode.
+    """
+
+    batch_latency_ms: dict[int, float] | None = None
     startup_seconds: float = Field(default=0.0, ge=0.0)
+    auto: bool = False
+    batch_sizes: list[Annotated[int, Field(ge=1, le=256)]] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=16,
+        description="Batch sizes the profiling Job measures (default 1, 2, 4, 8, 16)",
+    )
 
     @field_validator("batch_latency_ms")
     @classmethod
-    def _positive(cls, table: dict[int, float]) -> dict[int, float]:
+    def _positive(cls, table: dict[int, float] | None) -> dict[int, float] | None:
+        if table is None:
+            return None
         if not table:
             raise ValueError("profile.batchLatencyMs needs at least one batch size")
         for size, ms in table.items():
@@ -98,10 +134,24 @@ class ProfileSpec(_Model):
                 raise ValueError(f"profile.batchLatencyMs[{size}]={ms}: sizes >= 1, ms > 0")
         return dict(sorted(table.items()))
 
+    @field_validator("batch_sizes")
+    @classmethod
+    def _sizes(cls, sizes: list[int] | None) -> list[int] | None:
+        return sorted(set(sizes)) if sizes is not None else None
+
+    @model_validator(mode="after")
+    def _table_or_auto(self) -> ProfileSpec:
+        if self.batch_latency_ms is None and not self.auto:
+            raise ValueError("profile needs batchLatencyMs, or auto: true to measure it")
+        return self
+
 
 class VariantSpec(_Model):
     name: str = Field(min_length=1, max_length=40)
-    model: str = Field(min_length=1, description="Hub id or a path on a mounted volume")
+    model: str = Field(
+        min_length=1,
+        description="Storage URI (hf://, pvc://, http(s)://, s3://), hub id, or a path in the pod",
+    )
     steps: int = Field(default=1, ge=1, le=1000)
     guidance_scale: float = Field(default=0.0, ge=0.0, le=50.0)
     resolution: int = Field(default=512, ge=32, le=2048, multiple_of=8)
@@ -114,6 +164,13 @@ class VariantSpec(_Model):
     image: str | None = None
     resources: dict[str, Any] | None = None
     env: list[dict[str, Any]] | None = None
+    node_selector: dict[str, str] | None = Field(default=None, max_length=64)
+    tolerations: list[dict[str, Any]] | None = Field(default=None, max_length=64)
+
+    @field_validator("model")
+    @classmethod
+    def _model_uri(cls, value: str) -> str:
+        return _storage_uri(value, model=True)
 
     @field_validator("name")
     @classmethod
@@ -162,6 +219,31 @@ class ControlSpec(_Model):
     paused: bool = False
 
 
+_OBJECT_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+
+
+class StorageSpec(_Model):
+    """Where pods keep fetched models and what they fetch with (KServe-style storage)."""
+
+    cache_claim_name: str | None = Field(
+        default=None,
+        pattern=_OBJECT_NAME,
+        description="PVC holding the model cache (default: the operator's, else an emptyDir)",
+    )
+    cache_size_limit: str | None = Field(
+        default=None, description="sizeLimit of the emptyDir cache, e.g. 40Gi"
+    )
+    secret_name: str | None = Field(
+        default=None,
+        pattern=_OBJECT_NAME,
+        description="Secret with HF_TOKEN and/or AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY",
+    )
+    s3_endpoint: str | None = Field(
+        default=None, pattern=r"^https?://", description="S3-compatible endpoint URL (default AWS)"
+    )
+    s3_region: str | None = None
+
+
 class CascadeSpec(_Model):
     slo_seconds: float = Field(gt=0.0, le=3600.0)
     gpu_budget: int = Field(ge=1, le=100_000)
@@ -170,6 +252,7 @@ class CascadeSpec(_Model):
     quality: QualitySpec | None = None
     control: ControlSpec = ControlSpec()
     worker_image: str | None = None
+    storage: StorageSpec | None = None
 
     @model_validator(mode="after")
     def _cascade_rules(self) -> CascadeSpec:
@@ -177,9 +260,12 @@ class CascadeSpec(_Model):
         if len(set(names)) != len(names):
             raise ValueError(f"variant names must be unique, got {names}")
         for variant in self.variants[:-1]:
-            if variant.gate is None or variant.gate.defer_curve is None:
+            gate = variant.gate
+            measured = gate is not None and gate.discriminator is not None and variant.profile.auto
+            if (gate is None or gate.defer_curve is None) and not measured:
                 raise ValueError(
                     f"variant {variant.name} defers to a later stage and needs gate.deferCurve"
+                    " (or gate.discriminator with profile.auto to measure it)"
                 )
         floor = sum(v.min_replicas * v.gpus_per_replica for v in self.variants)
         if floor > self.gpu_budget:

@@ -143,3 +143,90 @@ def test_unreachable_prometheus_falls_back_to_scraping_and_says_why(
     reading = fallback.read(cascade="c", variants=["light"])
     assert reading.source == "DirectScrape"
     assert fallback.last_error is not None and "Prometheus" in fallback.last_error
+
+
+# --- live-profile histograms (gate confidence, batch latency by size) --------------------------
+
+
+class WorkerPage:
+    """The real worker's metrics (diffcascade_worker.metrics) behind real HTTP."""
+
+    def __init__(self, variant: str, cascade: str = "c") -> None:
+        from diffcascade_worker.metrics import WorkerMetrics
+
+        self.metrics = WorkerMetrics(cascade=cascade, variant=variant)
+        metrics = self.metrics
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = metrics.exposition()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def batch(self, confidences: list[float], seconds: float) -> None:
+        self.metrics.batch_latency(len(confidences)).observe(seconds)
+        for value in confidences:
+            self.metrics.gate_confidence.observe(value)
+
+
+def test_scrape_source_reads_histogram_increases_over_the_window() -> None:
+    pages = [WorkerPage("light"), WorkerPage("light")]
+    clock = Clock()
+    source = ScrapeSource(
+        lambda: {"light": [p.url for p in pages], "heavy": []}, clock=clock, first_gap_s=0.0
+    )
+    try:
+        pages[0].batch([0.9, 0.9], 0.2)  # before the first scrape: baseline, not counted
+        first = source.read_live(cascade="c", variants=["light", "heavy"], window_s=10.0)
+        assert first.variants["light"].confidence is not None
+        assert first.variants["light"].confidence.samples == 0
+        for page in pages:
+            page.batch([0.01, 0.02], 0.3)
+            page.batch([0.03], 0.1)
+        clock.now += 5.0
+        later = source.read_live(cascade="c", variants=["light", "heavy"], window_s=10.0)
+        light = later.variants["light"]
+        assert light.confidence is not None and light.confidence.samples == 6
+        assert light.batches[2].batches == 2 and light.batches[2].mean_ms == pytest.approx(300.0)
+        assert light.batches[1].batches == 2 and later.source == "DirectScrape"
+        assert later.variants["heavy"].confidence is None
+        clock.now += 11.0  # the window slid past everything: nothing new arrived since
+        idle = source.read_live(cascade="c", variants=["light", "heavy"], window_s=10.0)
+        assert idle.variants["light"].confidence is not None
+        assert idle.variants["light"].confidence.samples == 0
+    finally:
+        source.close()
+        for page in pages:
+            page.server.shutdown()
+
+
+def test_prometheus_live_queries_are_window_increases_by_variant() -> None:
+    source = PrometheusSource("http://prom:9090", namespace_label="namespace")
+    conf, count, seconds = source.live_queries(cascade="c", window_s=120, namespace="ns")
+    assert conf == (
+        'sum by (variant, le) (increase(diffcascade_gate_confidence_bucket{cascade="c",'
+        'namespace="ns"}[120s]))'
+    )
+    assert "increase(diffcascade_batch_latency_seconds_count{" in count
+    assert "by (variant, batch_size)" in count and "_sum{" in seconds
+
+
+def test_unreachable_prometheus_falls_back_to_scraping_for_histograms() -> None:
+    page = WorkerPage("light")
+    scrape = ScrapeSource(lambda: {"light": [page.url]})
+    fallback = FallbackSource(PrometheusSource(_dead_url(), timeout_s=1.0), scrape)
+    try:
+        seen = fallback.read_live(cascade="c", variants=["light"], window_s=30.0)
+        assert seen.source == "DirectScrape"
+    finally:
+        scrape.close()
+        page.server.shutdown()

@@ -100,6 +100,9 @@ def to_json_schema(schema: Schema) -> Schema:
     """
     out: Schema = {}
     for key, val in schema.items():
+        if key == "x-kubernetes-list-type" and val == "set":
+            out["uniqueItems"] = True  # what the apiserver enforces for a set-typed list
+            continue
         if key.startswith("x-kubernetes-") or key in {"description", "default", "nullable"}:
             continue
         if key == "properties":

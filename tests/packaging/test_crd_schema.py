@@ -132,6 +132,7 @@ PRINTER_COLUMNS = [
     ("Replicas", "string", ".status.replicasSummary", 0),
     ("FID", "number", ".status.allocation.predictedFID", 0),
     ("Ready", "string", '.status.conditions[?(@.type=="Ready")].status', 0),
+    ("Drift", "number", ".status.profiles.maxDistance", 1),
     ("Source", "string", ".status.demand.source", 1),
     ("Solver", "string", ".status.allocation.solver.status", 1),
     ("Objective", "string", ".spec.objective", 1),

@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
+import operator_api_calls
 import pytest
 import yaml
+from operator_api_calls import Call
 from packaging_support import (
     CHART_DIR,
     CRD_PATH,
     KUBERNETES_VERSION,
-    REPO,
     load_yaml,
     schema_errors,
 )
@@ -306,7 +307,7 @@ def test_rbac_is_least_privilege() -> None:
         for doc in by_kind(render(values), "ClusterRole") + by_kind(render(values), "Role"):
             for rule in doc["rules"]:
                 assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]
-                assert "delete" not in rule["verbs"], rule  # children go by garbage collection
+                assert "deletecollection" not in rule["verbs"], rule
                 assert not (
                     {"secrets"} & set(rule["resources"]) and {"list", "watch"} & set(rule["verbs"])
                 ), rule
@@ -329,49 +330,42 @@ def test_rbac_lets_kopf_serve_cascades_and_post_events() -> None:
             assert _allows(rules, group, "events", "create")
 
 
-_CALL = re.compile(
-    r"\.(create|patch|read|list|delete|replace)_"
-    r"(?:namespaced_([a-z_]+?)|([a-z_]+?)_for_all_namespaces)\("
-)
-_RESOURCES = {
-    "deployment": ("apps", "deployments"),
-    "service": ("", "services"),
-    "secret": ("", "secrets"),
-    "config_map": ("", "configmaps"),
-    "pod": ("", "pods"),
-    "event": ("", "events"),
-    "endpoints": ("", "endpoints"),
-    "custom_object": ("diffcascade.dev", "diffusioncascades"),
-}
-_VERBS = {"read": "get", "replace": "update"}
+@pytest.fixture(scope="module")
+def operator_calls() -> set[Call]:
+    return operator_api_calls.operator_calls()
 
 
-def _client_calls() -> set[tuple[str, str, str]]:
-    """(group, resource, verb) of every Kubernetes client call the operator code makes."""
-    sources = [*(REPO / "operator" / "diffcascade_operator" / "kube").glob("*.py")]
-    sources.append(REPO / "operator" / "diffcascade_operator" / "metrics_source.py")
-    calls = set()
-    for path in sources:
-        if not path.exists():
-            continue
-        for verb, namespaced, everywhere in _CALL.findall(path.read_text()):
-            word = namespaced or everywhere
-            sub = ""
-            for suffix in ("_status", "_scale"):
-                if word.endswith(suffix) and word.removesuffix(suffix) in _RESOURCES:
-                    word, sub = word.removesuffix(suffix), "/" + suffix[1:]
-            assert word in _RESOURCES, f"{path.name}: {verb}_{word}: teach this test its resource"
-            group, resource = _RESOURCES[word]
-            calls.add((group, resource + sub, _VERBS.get(verb, verb)))
-    return calls
+def test_the_derived_calls_include_what_prune_passes_around_by_reference() -> None:
+    calls = {c.method for c in operator_api_calls.client_calls(["diffcascade_operator.kube.api"])}
+    assert {"delete_namespaced_deployment", "delete_namespaced_service"} <= calls
+    assert operator_api_calls.rbac_of_request(
+        "/apis/apps/v1/namespaces/{namespace}/deployments/{name}", "DELETE"
+    ) == ("apps", "deployments", "delete")
+    assert operator_api_calls.rbac_of_request("/api/v1/namespaces/{namespace}/pods", "GET") == (
+        "",
+        "pods",
+        "list",
+    )
 
 
-def test_rbac_covers_every_client_call_of_the_operator() -> None:
-    calls = _client_calls()
+def test_rbac_covers_every_api_call_the_operator_can_make(operator_calls: set[Call]) -> None:
+    assert ("apps", "deployments", "delete") in operator_calls  # prune()
+    assert ("diffcascade.dev", "diffusioncascades/status", "patch") in operator_calls  # Kopf
     namespaced_rules = by_kind(render(VALUE_SETS["namespaced"]), "Role")[0]["rules"]
     for rules in (_cluster_wide_rules({}), namespaced_rules):
-        missing = sorted(c for c in calls if not _allows(rules, *c))
+        missing = sorted(c for c in operator_calls if not _allows(rules, *c))
         assert missing == [], f"the chart's RBAC does not allow {missing}"
+
+
+def test_rbac_grants_delete_only_on_what_the_operator_deletes(operator_calls: set[Call]) -> None:
+    deleted = {(g, r) for g, r, v in operator_calls if v in ("delete", "deletecollection")}
+    for values in VALUE_SETS.values():
+        docs = render(values)
+        for doc in by_kind(docs, "ClusterRole") + by_kind(docs, "Role"):
+            for rule in doc["rules"]:
+                if "delete" in rule["verbs"] or "deletecollection" in rule["verbs"]:
+                    granted = {(g, r) for g in rule["apiGroups"] for r in rule["resources"]}
+                    assert granted <= deleted, rule
 
 
 def test_values_file_documents_every_top_level_key() -> None:
@@ -380,7 +374,8 @@ def test_values_file_documents_every_top_level_key() -> None:
     for key in ("image", "workerImage", "watchNamespaces", "peering", "prometheus",
                 "controlIntervalSeconds", "logLevel", "serviceAccount", "rbac", "serviceMonitor",
                 "podSecurityContext", "securityContext", "resources", "nodeSelector",
-                "tolerations", "affinity"):  # fmt: skip
+                "tolerations", "affinity", "allowedImageRegistries", "allowedEnvSecrets",
+                "workerResources", "networkPolicy"):  # fmt: skip
         assert key in values, key
     assert all(k[0].islower() and "_" not in k for k in values)
     assert text.count("# --") >= 10
@@ -411,3 +406,66 @@ def test_packaged_chart_carries_the_crd(tmp_path: Path) -> None:
     with helm.Chart.load(archive) as chart:
         packaged = {c["name"]: c["data"] for c in chart.crds}
     assert packaged["crds/diffusioncascade.yaml"] == CRD_PATH.read_text()
+
+
+# --- what the chart tells the operator about hardening --------------------------------------
+
+
+def _operator_settings(values: dict[str, Any]) -> Any:
+    from diffcascade_operator.kube.settings import OperatorSettings
+
+    deployment, container = _operator(values)
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    for e in container["env"]:
+        if e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.namespace":
+            env[e["name"]] = NAMESPACE  # what the kubelet resolves
+    return deployment, OperatorSettings.from_env(env)
+
+
+def test_worker_network_policies_let_in_the_operator_pod_the_chart_runs() -> None:
+    deployment, settings = _operator_settings({})
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert settings.operator_namespace == NAMESPACE
+    assert settings.operator_pod_labels
+    assert settings.operator_pod_labels.items() <= pod_labels.items()
+    assert settings.network_policy is True
+    [scraper] = settings.scraper_peers
+    assert scraper["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}
+
+
+def test_scraper_and_client_selectors_and_allowlists_are_values() -> None:
+    scraper = {"podSelector": {"matchLabels": {"app": "vmagent"}}}
+    _, settings = _operator_settings(
+        {
+            "networkPolicy": {"enabled": False, "scrapers": [scraper], "clients": [scraper]},
+            "allowedImageRegistries": ["registry.local:5000", "ghcr.io/acme"],
+            "allowedEnvSecrets": ["hf-token"],
+            "workerResources": {"requests": {"cpu": "250m", "memory": "1Gi"}},
+        }
+    )
+    assert settings.network_policy is False
+    assert settings.scraper_peers == settings.client_peers == (scraper,)
+    assert settings.allowed_image_registries == ("registry.local:5000", "ghcr.io/acme")
+    assert settings.allowed_env_secrets == ("hf-token",)
+    assert (settings.worker_cpu_request, settings.worker_memory_request) == ("250m", "1Gi")
+    _, defaults = _operator_settings({})
+    assert defaults.allowed_image_registries == ("ghcr.io/diffcascade",)
+    assert defaults.allowed_env_secrets == ()
+
+
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+
+
+def test_images_are_pinned_by_digest_when_one_is_given() -> None:
+    _, container = _operator({"image": {"digest": DIGEST}, "workerImage": {"digest": DIGEST}})
+    assert container["image"] == f"ghcr.io/diffcascade/operator@{DIGEST}"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["DIFFCASCADE_WORKER_IMAGE"] == f"ghcr.io/diffcascade/worker@{DIGEST}"
+    values = load_yaml(CHART_DIR / "values.yaml")
+    assert values["image"]["digest"] == values["workerImage"]["digest"] == ""
+    assert "digest" in (CHART_DIR / "values.yaml").read_text().split("workerImage:")[0]
+
+
+def test_a_malformed_digest_fails_the_render_with_a_clear_message() -> None:
+    with pytest.raises(helm.HelmError, match=r"workerImage.digest must be sha256:<64 hex"):
+        render({"workerImage": {"digest": "latest"}})

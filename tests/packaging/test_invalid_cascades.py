@@ -129,8 +129,8 @@ CASES = [
     Case(
         "defer-curve-thresholds-decreasing",
         _set(CURVE, {"thresholds": [0.5, 0.2], "deferFractions": [0.1, 0.2]}),
-        "must be increasing",
-        "must be increasing",
+        "must be strictly increasing",
+        "must be strictly increasing",
     ),
     Case(
         "defer-curve-fractions-decreasing",
@@ -167,6 +167,12 @@ CASES = [
         _set("spec.quality.fidByLightShare.0.fid", 0),
         "greater than 0",
         "less than or equal to the minimum of 0",
+    ),
+    Case(
+        "profile-without-table-or-auto",
+        _drop(f"{LIGHT}.profile.batchLatencyMs"),
+        "needs batchLatencyMs, or auto",
+        "needs batchLatencyMs, or auto",
     ),
     Case("variant-name-not-a-dns-label", _set(f"{LIGHT}.name", "Light_1"), "DNS label", "match"),
     Case("variant-name-too-long", _set(f"{LIGHT}.name", "a" * 41), "at most 40", "too long"),
@@ -319,12 +325,35 @@ def test_spec_reads_padded_batch_sizes_the_crd_refuses() -> None:
     assert admission_errors(doc) != []
 
 
-def test_spec_tolerates_rounding_in_defer_fractions_the_crd_does_not() -> None:
-    # spec.py allows a 1e-9 dip (floating-point noise from calibration); isSorted() is exact.
+@pytest.mark.parametrize(
+    ("thresholds", "fractions", "message"),
+    [
+        ([0.0, 0.5, 0.5, 1.0], [0.0, 0.2, 0.3, 1.0], "strictly increasing"),
+        ([0.1, 0.2], [0.5, 0.5 - 1e-12], "non-decreasing"),
+    ],
+)
+def test_spec_the_crd_and_profiles_refuse_the_same_defer_curves(
+    thresholds: list[float], fractions: list[float], message: str
+) -> None:
+    # One validator (deferral.validate_curve) behind spec.py and profiles; the CRD says the
+    # same through isSorted() and a set-typed thresholds list (repeats refused).
+    from diffcascade_operator.profiles import ProfileError, defer_curve_from_spec
+    from diffcascade_operator.spec import DeferCurveSpec, InvalidSpec
+    from pydantic import ValidationError
+
     doc = _base()
     doc["spec"]["variants"][0]["gate"]["deferCurve"] = {
-        "thresholds": [0.1, 0.2],
-        "deferFractions": [0.5, 0.5 - 1e-12],
+        "thresholds": thresholds,
+        "deferFractions": fractions,
     }
-    parse_spec(doc["spec"])
-    assert any("non-decreasing" in e for e in admission_errors(doc))
+    with pytest.raises(InvalidSpec, match=message):
+        parse_spec(doc["spec"])
+    assert admission_errors(doc) != []
+    with pytest.raises(ValidationError, match=message):
+        DeferCurveSpec.model_validate({"thresholds": thresholds, "deferFractions": fractions})
+    with pytest.raises(ProfileError, match=message):
+        defer_curve_from_spec(
+            DeferCurveSpec.model_construct(
+                thresholds=thresholds, defer_fractions=fractions, reference=None, path=None
+            )
+        )

@@ -32,6 +32,8 @@ def cascade_processes(
             str(tiny_models["light"] / "gate.pt"),
             "--next-stage-url",
             f"http://127.0.0.1:{heavy_port}",
+            "--allowed-next-stage",  # the tests point deferrals at stand-in servers too
+            "http://127.0.0.1:*",
             "--batch-size",
             "4",
         ],

@@ -10,17 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 from diffcascade_worker.calibration import (
+    Calibration,
     CurveFormatError,
-    DeferCurve,
     calibrate,
-    curve_from_confidences,
+    calibration_from_confidences,
     read_curve,
     threshold_grid,
     write_curve,
 )
+from diffcascade_worker.deferral import THRESHOLD_GRID_POINTS
 from diffcascade_worker.gate import Gate, should_defer
 from diffcascade_worker.pipeline import PipelineConfig, TextToImagePipeline
-from diffcascade_worker.protocol import THRESHOLD_GRID_POINTS
 from diffcascade_worker.tiny import read_model_defaults, tiny_prompts
 
 torch.set_num_threads(1)
@@ -33,7 +33,7 @@ def test_grid_has_201_points_from_0_to_1_in_steps_of_0_005() -> None:
 
 
 def test_curve_counts_the_share_below_each_threshold() -> None:
-    curve = curve_from_confidences([0.0, 0.1, 0.1, 0.5, 1.0], model="m")
+    curve = calibration_from_confidences([0.0, 0.1, 0.1, 0.5, 1.0], model="m")
     assert curve.defer_fraction(0.0) == 0.0  # threshold 0 defers nothing
     assert curve.defer_fraction(0.1) == pytest.approx(0.2)  # only 0.0 is strictly below
     assert curve.defer_fraction(0.105) == pytest.approx(0.6)
@@ -45,7 +45,7 @@ def test_curve_counts_the_share_below_each_threshold() -> None:
 
 def test_empty_confidences_are_rejected() -> None:
     with pytest.raises(ValueError, match="at least one"):
-        curve_from_confidences([], model="m")
+        calibration_from_confidences([], model="m")
 
 
 class _FakePipeline:
@@ -85,7 +85,7 @@ def test_calibrate_rejects_mismatched_seeds() -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_curve(tiny_models: dict[str, Path]) -> DeferCurve:
+def tiny_curve(tiny_models: dict[str, Path]) -> Calibration:
     folder = tiny_models["light"]
     defaults = read_model_defaults(folder)
     pipeline = TextToImagePipeline.load(PipelineConfig(model=str(folder), size=64))
@@ -95,7 +95,7 @@ def tiny_curve(tiny_models: dict[str, Path]) -> DeferCurve:
     )  # fmt: skip
 
 
-def test_tiny_calibration_curve_is_monotone_from_0_to_1(tiny_curve: DeferCurve) -> None:
+def test_tiny_calibration_curve_is_monotone_from_0_to_1(tiny_curve: Calibration) -> None:
     assert len(tiny_curve.thresholds) == len(tiny_curve.defer_fractions) == 201
     assert tiny_curve.defer_fractions[0] == 0.0 and tiny_curve.defer_fractions[-1] == 1.0
     assert all(b >= a for a, b in itertools.pairwise(tiny_curve.defer_fractions))
@@ -103,7 +103,7 @@ def test_tiny_calibration_curve_is_monotone_from_0_to_1(tiny_curve: DeferCurve) 
     assert tiny_curve.model.endswith("light")
 
 
-def test_curve_file_round_trips_with_the_spec_keys(tiny_curve: DeferCurve, tmp_path: Path) -> None:
+def test_curve_file_round_trips_with_the_spec_keys(tiny_curve: Calibration, tmp_path: Path) -> None:
     path = write_curve(tmp_path / "curve.json", tiny_curve)
     data = json.loads(path.read_text())
     assert set(data) == {
@@ -112,7 +112,7 @@ def test_curve_file_round_trips_with_the_spec_keys(tiny_curve: DeferCurve, tmp_p
     assert read_curve(path) == tiny_curve
 
 
-def test_curve_points_validate_as_a_cascade_defer_curve(tiny_curve: DeferCurve) -> None:
+def test_curve_points_validate_as_a_cascade_defer_curve(tiny_curve: Calibration) -> None:
     from diffcascade_operator.spec import DeferCurveSpec
 
     data = tiny_curve.to_json()
@@ -128,10 +128,10 @@ def test_curve_points_validate_as_a_cascade_defer_curve(tiny_curve: DeferCurve) 
         ("{not json", "not readable JSON"),
         ("[1, 2]", "JSON object"),
         ('{"thresholds": [0, 1]}', "deferFractions"),
-        ('{"thresholds": [0, 1], "deferFractions": [0]}', "lengths differ"),
+        ('{"thresholds": [0, 1], "deferFractions": [0]}', "equal length"),
         ('{"thresholds": [0, 1], "deferFractions": [0, 2]}', r"\[0, 1\]"),
-        ('{"thresholds": [1, 0], "deferFractions": [0, 1]}', "increase"),
-        ('{"thresholds": [0, 1], "deferFractions": [1, 0]}', "not decrease"),
+        ('{"thresholds": [1, 0], "deferFractions": [0, 1]}', "strictly increasing"),
+        ('{"thresholds": [0, 1], "deferFractions": [1, 0]}', "non-decreasing"),
     ],
 )
 def test_bad_curve_files_are_rejected(tmp_path: Path, content: str, message: str) -> None:
@@ -153,8 +153,8 @@ def test_calibration_and_the_rule_import_without_torch() -> None:
 
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "from diffcascade_worker.calibration import read_curve, curve_from_confidences\n"
+        "from diffcascade_worker.calibration import read_curve, calibration_from_confidences\n"
         "from diffcascade_worker.deferral import should_defer\n"
-        "assert curve_from_confidences([0.5], model='m').defer_fraction(1.0) == 1.0\n"
+        "assert calibration_from_confidences([0.5], model='m').defer_fraction(1.0) == 1.0\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from diffcascade_worker.batcher import Batcher, BatchLatencyModel, ItemResult, WorkItem
+from diffcascade_worker.batcher import (
+    PROBE_AFTER_DROPS,
+    Batcher,
+    BatchLatencyModel,
+    ItemResult,
+    WorkItem,
+)
+from diffcascade_worker.engine import BatchOutput
 from diffcascade_worker.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded
 from diffcascade_worker.metrics import WorkerMetrics
 from diffcascade_worker.protocol import CascadeConfig
@@ -149,3 +157,108 @@ def test_latency_model_is_an_ewma_per_size_interpolated_in_between() -> None:
     model.observe(8, 0.9)
     assert model.expected(4) == pytest.approx(0.2 + (3 / 7) * 0.7)
     assert model.expected(16) == pytest.approx(0.9)
+
+
+class _StallFirst(FakeEngine):
+    """The first batch takes `stall_s` (a stopped process), every later one `delay_s`."""
+
+    stall_s = 0.0
+    calls = 0
+
+    def run_batch(self, prompts: Sequence[str], seeds: Sequence[int]) -> BatchOutput:
+        self.calls += 1
+        if self.calls == 1:
+            time.sleep(self.stall_s)
+        return super().run_batch(prompts, seeds)
+
+
+async def _served(h: Harness, count: int, *, budget_s: float) -> int:
+    items = [_item(100 + i, budget_s=budget_s) for i in range(count)]
+    for item in items:  # one at a time, as a client would
+        h.batcher.submit([item])
+        with contextlib.suppress(DeadlineExceeded):
+            await asyncio.wait_for(asyncio.shield(item.future), timeout=10)
+    return sum(1 for i in items if i.future.exception() is None)
+
+
+async def test_one_stalled_batch_does_not_lock_the_worker_out(
+    make_harness: type[Harness],
+) -> None:
+    engine = _StallFirst(delay_s=0.01)
+    engine.stall_s = 1.5  # 3x the SLO: a plain EWMA (alpha 0.3) would expect 0.45+ s
+    h = make_harness(engine, batch_size=1, slo_seconds=0.4)
+    h.batcher.latency.observe(1, 0.01)  # the warm-up batch
+    h.batcher.start()
+    stalled = _item(0, budget_s=5.0)
+    h.batcher.submit([stalled])
+    await asyncio.wait_for(stalled.future, timeout=10)
+    assert h.batcher.latency.expected(1) < 0.1
+    assert await _served(h, 10, budget_s=0.4) == 10
+    assert h.batcher.cannot_serve(slo_seconds=0.4) is None
+
+
+async def test_an_estimate_over_the_deadline_is_re_measured_by_a_probe_batch(
+    make_harness: type[Harness],
+) -> None:
+    h = make_harness(FakeEngine(delay_s=0.01), batch_size=1, slo_seconds=0.5)
+    h.batcher.probe_interval_s = 0.2
+    h.batcher.latency.observe(1, 2.0)  # learnt while the machine was slow, now stale
+    h.batcher.start()
+    served = await _served(h, 12, budget_s=0.5)
+    # a few are dropped on the stale estimate, then a probe shows the truth
+    assert served >= 12 - PROBE_AFTER_DROPS - 1
+    assert h.batcher.probes >= 1
+    assert h.batcher.latency.expected(1) < 0.1
+
+
+async def test_idle_worker_whose_estimate_exceeds_its_slo_measures_itself(
+    make_harness: type[Harness],
+) -> None:
+    h = make_harness(FakeEngine(delay_s=0.01), batch_size=1, slo_seconds=0.5)
+    h.batcher.probe_interval_s = 0.2
+    h.batcher.latency.observe(1, 2.0)
+    assert h.batcher.cannot_serve(slo_seconds=0.5) is not None  # readiness says so
+    h.batcher.start()
+    for _ in range(200):  # up to 10 s
+        if h.batcher.cannot_serve(slo_seconds=0.5) is None:
+            break
+        await asyncio.sleep(0.05)
+    assert h.batcher.cannot_serve(slo_seconds=0.5) is None
+    assert h.batcher.probes >= 1 and h.engine.batches == [[0]]
+
+
+def test_latency_model_caps_one_outlier_and_trusts_a_much_faster_batch() -> None:
+    model = BatchLatencyModel(alpha=0.3, max_jump=4.0)
+    model.observe(1, 0.1)
+    model.observe(1, 17.0)  # a stall: counts as 0.4 s at most
+    assert model.expected(1) == pytest.approx(0.7 * 0.1 + 0.3 * 0.4)
+    for _ in range(8):  # a lasting slow-down is still learnt
+        model.observe(1, 2.0)
+    assert model.expected(1) > 1.5
+    model.observe(1, 0.1)  # 20x faster than expected: the estimate was wrong
+    assert model.expected(1) == pytest.approx(0.1)
+    model.observe(4, 30.0)  # first batch of 4: bounded by 4 x (4 x 0.1 s)
+    assert model.expected(4) == pytest.approx(1.6)
+
+
+async def test_a_poisoned_batch_size_is_re_measured_while_other_sizes_run_fine(
+    make_harness: type[Harness],
+) -> None:
+    h = make_harness(FakeEngine(delay_s=0.01), batch_size=2, slo_seconds=1.0)
+    h.batcher.probe_interval_s = 0.1
+    h.batcher.latency.observe(1, 0.01)
+    for _ in range(40):  # batches of two were slow for a while, and no longer are
+        h.batcher.latency.observe(2, 5.0)
+    assert h.batcher.latency.expected(2) > 4.0
+    h.batcher.start()
+    pairs_served = 0
+    for round_ in range(8):
+        single = _item(10 * round_)
+        h.batcher.submit([single])  # batches of one keep running in between
+        await asyncio.wait_for(single.future, timeout=10)
+        pair = [_item(10 * round_ + 1, budget_s=1.0), _item(10 * round_ + 2, budget_s=1.0)]
+        h.batcher.submit(pair)
+        done = await asyncio.gather(*(i.future for i in pair), return_exceptions=True)
+        pairs_served += all(isinstance(d, ItemResult) for d in done)
+    assert pairs_served >= 8 - PROBE_AFTER_DROPS
+    assert h.batcher.latency.expected(2) < 0.5

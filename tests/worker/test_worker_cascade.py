@@ -186,7 +186,7 @@ async def test_config_push_takes_effect_without_restart(cascade: Cascade) -> Non
     async with httpx.AsyncClient() as client:
         assert (await client.put(url, json={"threshold": 1.0})).status_code == 401
         bad = await client.put(url, json={"batch_size": 0}, headers=AUTH)
-        assert bad.status_code == 422 and "batch_size" in bad.json()["error"]["message"]
+        assert bad.status_code == 400 and "batch_size" in bad.json()["error"]["message"]
         first = await _generate(client, cascade.light.url, "a cat", seed=5)
         pushed = await client.put(url, json={"threshold": 1.0, "plan_id": "p-1"}, headers=AUTH)
         assert pushed.status_code == 200 and pushed.json()["plan_id"] == "p-1"

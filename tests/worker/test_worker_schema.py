@@ -76,7 +76,7 @@ def test_served_schema_yields_no_server_errors(cascade: Cascade) -> None:
 
 
 def test_config_api_with_token_yields_no_server_errors(cascade: Cascade) -> None:
-    """Random configs pushed with the token are accepted or refused with 422, never 5xx."""
+    """Random configs pushed with the token are accepted or refused with 400, never 5xx."""
     try:
         assert _fuzz(cascade, paths={PATH_CONFIG}, headers=AUTH) > 0
     finally:

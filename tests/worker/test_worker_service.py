@@ -161,29 +161,30 @@ async def test_n_images_get_consecutive_seeds_one_work_item_each() -> None:
 
 
 @pytest.mark.parametrize(
-    ("body", "headers", "fragment"),
+    ("body", "headers", "fragment", "param"),
     [
-        ({"prompt": ""}, {}, "prompt"),
-        ({"prompt": "   "}, {}, "non-whitespace"),
-        ({"prompt": "x" * 4001}, {}, "prompt"),
-        ({"prompt": "p", "n": 0}, {}, "n:"),
-        ({"prompt": "p", "n": 11}, {}, "n:"),
-        ({"prompt": "p", "size": "1024x1024"}, {}, "unsupported size"),
-        ({"prompt": "p", "size": "big"}, {}, "size"),
-        ({"prompt": "p", "response_format": "url"}, {}, "response_format"),
-        ({"prompt": "p", "unknown": 1}, {}, "unknown"),
-        ({"prompt": "p"}, {HEADER_BUDGET_MS: "soon"}, "budget"),
-        ({"prompt": "p"}, {HEADER_BUDGET_MS: "-5"}, "budget"),
+        ({"prompt": ""}, {}, "prompt", "prompt"),
+        ({"prompt": "   "}, {}, "non-whitespace", "prompt"),
+        ({"prompt": "x" * 4001}, {}, "prompt", "prompt"),
+        ({"prompt": "p", "n": 0}, {}, "'n'", "n"),
+        ({"prompt": "p", "n": 11}, {}, "'n'", "n"),
+        ({"prompt": "p", "size": "1024x1024"}, {}, "unsupported size", "size"),
+        ({"prompt": "p", "size": "big"}, {}, "size", "size"),
+        ({"prompt": "p", "response_format": "url"}, {}, "response_format", "response_format"),
+        ({"prompt": "p", "unknown": 1}, {}, "Unknown parameter: 'unknown'", "unknown"),
+        ({"prompt": "p"}, {HEADER_BUDGET_MS: "soon"}, "budget", None),
+        ({"prompt": "p"}, {HEADER_BUDGET_MS: "-5"}, "budget", None),
     ],
 )
-async def test_bad_input_is_422_with_a_clear_message_in_the_openai_envelope(
-    body: dict[str, Any], headers: dict[str, str], fragment: str
+async def test_bad_input_is_400_naming_the_param_in_the_openai_envelope(
+    body: dict[str, Any], headers: dict[str, str], fragment: str, param: str | None
 ) -> None:
     async with _worker(FakeEngine(), _settings("v")) as (_, client):
         response = await client.post(PATH_GENERATIONS, json=body, headers=headers)
-    assert response.status_code == 422
+    assert response.status_code == 400
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and fragment in error["message"]
+    assert error["param"] == param and error["code"]
 
 
 async def test_config_needs_the_token_and_a_valid_document() -> None:
@@ -193,9 +194,9 @@ async def test_config_needs_the_token_and_a_valid_document() -> None:
         refused = await client.put(PATH_CONFIG, json={"threshold": 0.5}, headers=wrong)
         assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer"
         bad = await client.put(PATH_CONFIG, json={"threshold": 2}, headers=AUTH)
-        assert bad.status_code == 422 and "threshold" in bad.json()["error"]["message"]
+        assert bad.status_code == 400 and "threshold" in bad.json()["error"]["message"]
         bad_url = await client.put(PATH_CONFIG, json={"next_stage_url": "ftp://x"}, headers=AUTH)
-        assert bad_url.status_code == 422
+        assert bad_url.status_code == 400
         ok = await client.put(PATH_CONFIG, json={"threshold": 0.5, "batch_size": 2}, headers=AUTH)
         assert ok.status_code == 200 and ok.json()["threshold"] == 0.5
         assert service.config.batch_size == 2
@@ -283,7 +284,7 @@ async def test_openapi_schema_documents_models_and_errors() -> None:
     async with _worker(FakeEngine(), _settings("v")) as (_, client):
         schema = (await client.get("/openapi.json")).json()
     post = schema["paths"][PATH_GENERATIONS]["post"]
-    assert {"422", "429", "503"} <= set(post["responses"])
+    assert {"400", "429", "503"} <= set(post["responses"]) and "422" not in post["responses"]
     assert "GenerationResponse" in str(post["responses"]["200"])
     assert "ErrorResponse" in str(post["responses"]["429"])
     assert schema["paths"][PATH_CONFIG]["put"]["security"]

@@ -68,3 +68,29 @@ def test_token_file_wins_over_the_flag_and_blank_means_none(tmp_path: Path) -> N
     assert read_token("from-flag-or-env", token_file) == "from-file"
     token_file.write_text("  \n")
     assert read_token(None, token_file) is None
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        ([], "--insecure-no-token"),  # no token at all: refuse to start
+        (["--token", "   "], "--insecure-no-token"),  # a blank one is none
+        (["--token", "t", "--slo-seconds", "1e-300"], "--slo-seconds"),
+        (["--token", "t", "--slo-seconds", "1", "--max-batch-wait-ms", "1000"], "below the SLO"),
+        (["--token", "t", "--allowed-next-stage", "http://x:1/#"], "--allowed-next-stage"),
+        (["--token", "t", "--next-stage-url", "http://h:1/?p="], "--next-stage-url"),
+        (["--token", "t", "--port", "8123", "--next-stage-url", "http://127.0.0.1:8123"], "itself"),
+    ],
+)
+def test_unsafe_start_up_settings_are_refused(
+    tiny_models: dict[str, Path],
+    args: list[str],
+    fragment: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("DIFFCASCADE_TOKEN", raising=False)
+    base = ["--model", str(tiny_models["light"]), "--variant", "light"]
+    result = CliRunner().invoke(serve, base + args)
+    assert result.exit_code == 2, result.output
+    assert fragment in result.output
+    assert "Traceback" not in result.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import signal
 import socket
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,3 +204,30 @@ class FakeEngine:
 
 def fake_loader(engine: FakeEngine) -> Callable[[Any], FakeEngine]:
     return lambda _settings: engine
+
+
+@contextlib.asynccontextmanager
+async def served_in_process(service: Any) -> AsyncIterator[str]:
+    """`service` behind the real server stack of `serve` (uvicorn, body limit, connection
+    guards) on a loopback port of this event loop; yields its base URL once it is loaded."""
+    import asyncio
+
+    import uvicorn
+    from diffcascade_worker.serve_command import server_config
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(server_config(service, log_level="warning"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        for _ in range(400):
+            if server.started and service.loaded.is_set():
+                break
+            await asyncio.sleep(0.025)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, timeout=30)
+        sock.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response
@@ -15,20 +15,25 @@ from diffcascade_worker.errors import ERROR_RESPONSES, install_error_handlers
 from diffcascade_worker.metrics import CONTENT_TYPE_LATEST
 from diffcascade_worker.protocol import (
     HEADER_BUDGET_MS,
+    HEADER_DEFERRED_FROM,
     HEADER_REQUEST_ID,
     PATH_CONFIG,
     PATH_GENERATIONS,
     PATH_HEALTHZ,
     PATH_METRICS,
+    PATH_MODELS,
     PATH_READYZ,
     CascadeConfig,
     CascadeConfigUpdate,
     GenerationRequest,
     GenerationResponse,
     HealthStatus,
+    ModelCard,
+    ModelList,
 )
 from diffcascade_worker.service import WorkerService, parse_budget_ms
 from diffcascade_worker.settings import WorkerSettings
+from diffcascade_worker.streaming import SSE_MEDIA_TYPE, stream_generation
 
 _bearer = HTTPBearer(auto_error=False, description="The worker's config token")
 
@@ -69,10 +74,17 @@ def create_app(target: WorkerSettings | WorkerService) -> FastAPI:
     @app.post(
         PATH_GENERATIONS,
         response_model=GenerationResponse,
-        responses=_errors(422, 429, 500, 503),
+        responses={
+            **_errors(400, 413, 429, 500, 503),
+            200: {
+                "content": {SSE_MEDIA_TYPE: {}},
+                "description": "The images; with `stream: true`, image_generation.* events",
+            },
+        },
         summary="Generate images (OpenAI Images API shape)",
     )
     async def create_images(
+        request: Request,
         body: GenerationRequest,
         budget_ms: Annotated[
             str | None,
@@ -82,9 +94,29 @@ def create_app(target: WorkerSettings | WorkerService) -> FastAPI:
             ),
         ] = None,
         request_id: Annotated[str | None, Header(alias=HEADER_REQUEST_ID, max_length=200)] = None,
+        deferred_from: Annotated[
+            str | None,
+            Header(
+                alias=HEADER_DEFERRED_FROM, max_length=200, description="Set by a deferring stage"
+            ),
+        ] = None,
     ) -> Response:
+        budget = parse_budget_ms(budget_ms)
+        if body.stream:
+            return await stream_generation(
+                service,
+                body,
+                budget_ms=budget,
+                request_id=request_id,
+                deferred_from=deferred_from,
+                disconnected=lambda: _until_disconnected(request),
+            )
         result = await service.generate(
-            body, budget_ms=parse_budget_ms(budget_ms), request_id=request_id
+            body,
+            budget_ms=budget,
+            request_id=request_id,
+            deferred_from=deferred_from,
+            disconnected=lambda: _until_disconnected(request),
         )
         # Already a validated model: serialise once, skip FastAPI's re-validation.
         return Response(result.model_dump_json(), media_type="application/json")
@@ -102,12 +134,20 @@ def create_app(target: WorkerSettings | WorkerService) -> FastAPI:
     @app.put(
         PATH_CONFIG,
         response_model=CascadeConfig,
-        responses=_errors(401, 422),
+        responses=_errors(400, 401),
         dependencies=[Depends(authorized)],
         summary="Change threshold, batching, next stage or SLO without a restart",
     )
     async def put_config(update: CascadeConfigUpdate) -> CascadeConfig:
         return service.update_config(update)
+
+    @app.get(PATH_MODELS, response_model=ModelList, summary="The cascade and this variant")
+    async def models() -> ModelList:
+        settings = service.settings
+        cards = [ModelCard(id=settings.cascade, kind="cascade")]
+        if settings.variant != settings.cascade:
+            cards.append(ModelCard(id=settings.variant, kind="variant"))
+        return ModelList(data=cards)
 
     @app.get(PATH_HEALTHZ, response_model=HealthStatus, summary="Alive")
     async def healthz() -> HealthStatus:
@@ -132,7 +172,30 @@ def create_app(target: WorkerSettings | WorkerService) -> FastAPI:
     async def metrics(_request: Request) -> Response:
         return Response(service.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
+    _without_fastapi_422(app)
     return app
+
+
+def _without_fastapi_422(app: FastAPI) -> None:
+    """FastAPI documents a 422 on every route with input; this worker answers 400 instead."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+async def _until_disconnected(request: Request) -> None:
+    """Returns once the client's connection is gone (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _version() -> str:

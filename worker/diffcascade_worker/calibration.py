@@ -13,17 +13,19 @@ be pasted into a DiffusionCascade, or the file referenced by `deferCurve.path`):
 
 from __future__ import annotations
 
-import bisect
-import itertools
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from diffcascade_worker.deferral import should_defer
-from diffcascade_worker.protocol import THRESHOLD_GRID_POINTS
+from diffcascade_worker.deferral import (
+    THRESHOLD_GRID,
+    DeferCurve,
+    DeferCurveError,
+    curve_from_confidences,
+    validate_curve,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -43,60 +45,60 @@ class _Scores(Protocol):
     def score(self, images: torch.Tensor) -> list[float]: ...
 
 
-def threshold_grid(points: int = THRESHOLD_GRID_POINTS) -> list[float]:
-    """Evenly spaced thresholds from 0 to 1 inclusive (0.005 apart for 201 points)."""
-    return [round(i / (points - 1), 6) for i in range(points)]
+def threshold_grid() -> list[float]:
+    """The shared threshold grid (`deferral.THRESHOLD_GRID`) as a list."""
+    return list(THRESHOLD_GRID)
 
 
 @dataclass(frozen=True)
-class DeferCurve:
-    """A calibrated gate: per-prompt confidences and f(t) on the threshold grid."""
+class Calibration:
+    """A calibrated gate: the prompts' confidences, the curve they give, and where from.
+
+    The curve is the shared `deferral.DeferCurve`, so the worker, the allocator and the
+    simulator read f(t) the same way (piecewise linear, exact on the grid).
+    """
 
     model: str
-    thresholds: tuple[float, ...]
-    defer_fractions: tuple[float, ...]
+    curve: DeferCurve
     confidences: tuple[float, ...]
     prompts: int
     variant: str | None = None
 
+    @property
+    def thresholds(self) -> tuple[float, ...]:
+        return self.curve.thresholds
+
+    @property
+    def defer_fractions(self) -> tuple[float, ...]:
+        return self.curve.fractions
+
     def defer_fraction(self, threshold: float) -> float:
-        """f(threshold), read off the grid (the nearest grid point at or below it)."""
-        if threshold >= 1.0:
-            return self.defer_fractions[-1]
-        index = bisect.bisect_right(self.thresholds, threshold) - 1
-        return self.defer_fractions[max(index, 0)]
+        return self.curve.at(threshold)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "variant": self.variant,
             "model": self.model,
             "prompts": self.prompts,
-            "thresholds": list(self.thresholds),
-            "deferFractions": list(self.defer_fractions),
+            "thresholds": list(self.curve.thresholds),
+            "deferFractions": list(self.curve.fractions),
             "confidences": list(self.confidences),
         }
 
 
-def curve_from_confidences(
-    confidences: Sequence[float],
-    *,
-    model: str,
-    variant: str | None = None,
-    points: int = THRESHOLD_GRID_POINTS,
-) -> DeferCurve:
+def calibration_from_confidences(
+    confidences: Sequence[float], *, model: str, variant: str | None = None
+) -> Calibration:
     """f(t) = share of confidences that `should_defer` at t, for each grid t."""
     if not confidences:
         raise ValueError("need at least one confidence to build a curve")
-    grid = threshold_grid(points)
-    n = len(confidences)
-    fractions = tuple(sum(should_defer(c, t) for c in confidences) / n for t in grid)
-    return DeferCurve(
+    values = tuple(float(c) for c in confidences)
+    return Calibration(
         model=model,
         variant=variant,
-        thresholds=tuple(grid),
-        defer_fractions=fractions,
-        confidences=tuple(float(c) for c in confidences),
-        prompts=n,
+        curve=curve_from_confidences(values),
+        confidences=values,
+        prompts=len(values),
     )
 
 
@@ -111,7 +113,7 @@ def calibrate(
     size: int | None = None,
     model: str | None = None,
     variant: str | None = None,
-) -> DeferCurve:
+) -> Calibration:
     """Generate each prompt's image(s), score them and build f(t).
 
     `seeds` is one seed per prompt, or a base seed (prompt i uses base + i). With several images
@@ -142,17 +144,17 @@ def calibrate(
     name = (
         model if model is not None else str(getattr(getattr(pipeline, "config", None), "model", ""))
     )
-    return curve_from_confidences(confidences, model=name, variant=variant)
+    return calibration_from_confidences(confidences, model=name, variant=variant)
 
 
-def write_curve(path: Path, curve: DeferCurve) -> Path:
+def write_curve(path: Path, curve: Calibration) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(curve.to_json(), indent=1) + "\n")
     return path
 
 
-def read_curve(path: Path) -> DeferCurve:
+def read_curve(path: Path) -> Calibration:
     """Read and check a curve file; raises CurveFormatError with the reason."""
     path = Path(path)
     try:
@@ -164,31 +166,20 @@ def read_curve(path: Path) -> DeferCurve:
     if not isinstance(data, dict):
         raise CurveFormatError(f"defer curve {path} must hold a JSON object")
     try:
-        thresholds = tuple(float(v) for v in data["thresholds"])
-        fractions = tuple(float(v) for v in data["deferFractions"])
+        curve = validate_curve(
+            data.get("thresholds", ()), data.get("deferFractions", ()), where=f"defer curve {path}"
+        )
         confidences = tuple(float(v) for v in data.get("confidences") or ())
-    except (KeyError, TypeError, ValueError) as error:
-        raise CurveFormatError(
-            f"defer curve {path} needs numeric 'thresholds' and 'deferFractions': {error}"
-        ) from error
-    if len(thresholds) != len(fractions) or len(thresholds) < 2:
-        raise CurveFormatError(f"defer curve {path}: thresholds/deferFractions lengths differ")
-    values = (*thresholds, *fractions)
-    if any(math.isnan(v) or not 0.0 <= v <= 1.0 for v in values):
-        raise CurveFormatError(f"defer curve {path}: values must lie in [0, 1]")
-    if any(b <= a for a, b in itertools.pairwise(thresholds)):
-        raise CurveFormatError(f"defer curve {path}: thresholds must increase")
-    if any(b < a for a, b in itertools.pairwise(fractions)):
-        raise CurveFormatError(f"defer curve {path}: deferFractions must not decrease")
+    except (DeferCurveError, TypeError, ValueError) as error:
+        raise CurveFormatError(str(error)) from error
     variant = data.get("variant")
     prompts = data.get("prompts", len(confidences))
     if not isinstance(prompts, int) or prompts < 0:
         raise CurveFormatError(f"defer curve {path}: 'prompts' must be a count")
-    return DeferCurve(
+    return Calibration(
         prompts=prompts,
         model=str(data.get("model") or ""),
         variant=None if variant is None else str(variant),
-        thresholds=thresholds,
-        defer_fractions=fractions,
+        curve=curve,
         confidences=confidences,
     )

@@ -4,13 +4,21 @@ The remaining budget travels in `HEADER_BUDGET_MS`, so the next stage applies th
 deadline without synchronised clocks (and drops the query itself if it cannot make it). Every
 failure here - no budget left, next stage down, slow, refusing, or answering nonsense - is a
 `ForwardFailed`; the caller then returns its own image marked degraded.
+
+Where a stage may defer is not up to whoever holds the config token alone: `NextStagePolicy`
+admits only the cascade's own later stages (given at start-up by the operator or `diffcascade
+up`), never the worker itself, and a request that was itself deferred is never deferred again,
+so a misconfigured loop ends after one hop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import httpx
 from pydantic import ValidationError
@@ -38,6 +46,92 @@ class ForwardFailed(Exception):
 @dataclass(frozen=True)
 class ForwardResult:
     image: ImageData  # the next stage's image and its own metadata
+
+
+_LOCAL_HOSTS = frozenset({"localhost", "0.0.0.0", "::"})
+
+
+@dataclass(frozen=True)
+class StageAddress:
+    """A next-stage base URL reduced to what identifies it; port None means any port."""
+
+    scheme: str
+    host: str
+    port: int | None
+    path: str
+
+    @classmethod
+    def parse(cls, url: str, *, wildcard_port: bool = False) -> StageAddress:
+        text = url
+        any_port = False
+        if wildcard_port and ":*" in url:
+            text, any_port = url.replace(":*", "", 1), True
+        parts = urlsplit(text)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL with a host: {url!r}")
+        if parts.username or parts.password or parts.query or parts.fragment:
+            raise ValueError(f"credentials, query or fragment in a stage URL: {url!r}")
+        port = parts.port or (443 if parts.scheme == "https" else 80)  # ValueError if bad
+        path = parts.path.rstrip("/")
+        path = path.removesuffix(PATH_GENERATIONS).rstrip("/")
+        return cls(parts.scheme, parts.hostname.lower(), None if any_port else port, path)
+
+    def matches(self, other: StageAddress) -> bool:
+        """`other` (a concrete URL) is this entry of an allowlist."""
+        return (
+            self.scheme == other.scheme
+            and self.host == other.host
+            and (self.port is None or self.port == other.port)
+            and self.path == other.path
+        )
+
+
+class NextStagePolicy:
+    """Which next-stage URLs a config may name: the allowlist, never this worker itself."""
+
+    def __init__(
+        self,
+        *,
+        allowed: Iterable[str],
+        own_port: int,
+        own_names: Iterable[str] = (),
+    ) -> None:
+        self.allowed = [StageAddress.parse(url, wildcard_port=True) for url in allowed]
+        self._own_port = own_port
+        self._own_names = {name.lower() for name in own_names if name}
+
+    def problem(self, url: str) -> str | None:
+        """Why `url` may not be this worker's next stage, or None when it may."""
+        try:
+            address = StageAddress.parse(url)
+        except ValueError as error:
+            return str(error)
+        if self._is_self(address):
+            return f"next_stage_url {url} is this worker itself: a stage cannot defer to itself"
+        if not any(entry.matches(address) for entry in self.allowed):
+            return (
+                f"next_stage_url {url} is not one of this cascade's stages "
+                f"(allowed: {', '.join(_show(a) for a in self.allowed) or 'none'})"
+            )
+        return None
+
+    def _is_self(self, address: StageAddress) -> bool:
+        if address.host.split(".", 1)[0] in self._own_names:
+            return True
+        if address.port != self._own_port:
+            return False
+        if address.host in _LOCAL_HOSTS:
+            return True
+        try:
+            ip = ipaddress.ip_address(address.host)
+        except ValueError:
+            return False
+        return ip.is_loopback or ip.is_unspecified
+
+
+def _show(address: StageAddress) -> str:
+    port = "*" if address.port is None else str(address.port)
+    return f"{address.scheme}://{address.host}:{port}{address.path}"
 
 
 def generations_url(next_stage_url: str) -> str:

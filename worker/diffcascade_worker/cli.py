@@ -1,4 +1,5 @@
-"""`diffcascade-worker`: serve a variant, build tiny models, train and calibrate the gate."""
+"""`diffcascade-worker`: serve a variant, fetch and profile models, build tiny models, train and
+calibrate the gate."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ _COMMANDS = {
     "serve": "diffcascade_worker.serve_command:serve",
     "make-tiny-model": "diffcascade_worker.model_commands:make_tiny_model",
     "gate": "diffcascade_worker.model_commands:gate",
+    "fetch": "diffcascade_worker.fetch_command:fetch_command",
+    "profile": "diffcascade_worker.profile_command:profile",
 }
 
 
@@ -34,3 +37,7 @@ class _LazyGroup(click.Group):
 @click.version_option(package_name="diffcascade")
 def main() -> None:
     """The diffcascade worker: one model variant behind an OpenAI-style images API."""
+
+
+if __name__ == "__main__":
+    main()

@@ -73,9 +73,9 @@ class DiffusersEngine:
         )
         gate = None
         if settings.gate is not None:
-            from diffcascade_worker.gate import Gate
+            from diffcascade_worker.gate import load_gate
 
-            gate = Gate.load(settings.gate)
+            gate = load_gate(settings.gate)
         logger.info(
             "loaded %s (gate: %s) in %.1f s",
             settings.model,
@@ -87,7 +87,7 @@ class DiffusersEngine:
     def warm_up(self) -> None:
         self._pipeline.warm_up()
         if self._gate is not None:
-            self._gate.score(self._pipeline.generate(["warm-up"], [0]))
+            self._gate.score(self._pipeline.generate(["warm-up"], [0]), prompts=["warm-up"])
 
     def run_batch(self, prompts: Sequence[str], seeds: Sequence[int]) -> BatchOutput:
         import torch
@@ -95,7 +95,8 @@ class DiffusersEngine:
         images = self._pipeline.generate(list(prompts), list(seeds))
         confidences = None
         if self._gate is not None:
-            confidences = [float(c) for c in self._gate.score(images)]
+            scores = self._gate.score(images, prompts=list(prompts))
+            confidences = [float(c) for c in scores]
         # 8-bit pixels for the whole batch in one tensor op: per image, this conversion costs
         # more interpreter time than the PNG itself, and that time is taken from the pipeline.
         pixels = (images.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)

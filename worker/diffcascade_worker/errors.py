@@ -25,10 +25,19 @@ class WorkerError(Exception):
     error_type: ClassVar[str] = "server_error"
     code: ClassVar[str | None] = None
 
-    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: float | None = None,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after_s = retry_after_s
+        self.param = param  # the request field at fault, as OpenAI names it
+        self.instance_code = code or self.code
 
     def headers(self) -> dict[str, str]:
         if self.retry_after_s is None:
@@ -38,14 +47,45 @@ class WorkerError(Exception):
 
     def envelope(self) -> ErrorResponse:
         return ErrorResponse(
-            error=ErrorDetail(message=self.message, type=self.error_type, code=self.code)
+            error=ErrorDetail(
+                message=self.message,
+                type=self.error_type,
+                param=self.param,
+                code=self.instance_code,
+            )
         )
 
 
 class InvalidInput(WorkerError):
-    status_code = 422
+    """The client's request is wrong: 400, as OpenAI answers (`except openai.BadRequestError`)."""
+
+    status_code = 400
     error_type = "invalid_request_error"
-    code = "invalid_input"
+    code = "invalid_value"
+
+
+class ConfigRejected(WorkerError):
+    """A config the worker could hold but that would make it refuse every request (400)."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = "config_rejected"
+
+
+class PayloadTooLarge(WorkerError):
+    """A request body over the worker's limit (413); a prompt needs a few KB at most."""
+
+    status_code = 413
+    error_type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class ClientDisconnected(WorkerError):
+    """The client went away before its images were done; nobody reads this answer (499)."""
+
+    status_code = 499
+    error_type = "invalid_request_error"
+    code = "client_disconnected"
 
 
 class Unauthorized(WorkerError):
@@ -95,12 +135,43 @@ def error_response(error: WorkerError) -> JSONResponse:
     )
 
 
-def _validation_message(exc: RequestValidationError) -> str:
-    parts = []
-    for item in exc.errors():
-        location = ".".join(str(p) for p in item.get("loc", ()) if p != "body") or "body"
-        parts.append(f"{location}: {item.get('msg', 'invalid value')}")
-    return "; ".join(parts) or "invalid request"
+#: pydantic error types -> OpenAI error codes; anything else is `invalid_value`.
+_VALIDATION_CODES = {
+    "missing": "missing_required_parameter",
+    "extra_forbidden": "unknown_parameter",
+    "json_invalid": "invalid_json",
+    "model_attributes_type": "invalid_type",
+    "dict_type": "invalid_type",
+}
+
+
+def _param(item: Any) -> str | None:
+    if item.get("type") == "json_invalid":
+        return None
+    location = [str(p) for p in item.get("loc", ()) if p not in ("body", "header", "query")]
+    return ".".join(location) or None
+
+
+def _describe(item: Any) -> str:
+    param = _param(item)
+    kind = item.get("type")
+    message = str(item.get("msg", "invalid value")).removeprefix("Value error, ")
+    if kind == "extra_forbidden":
+        return f"Unknown parameter: {param!r}."
+    if kind == "json_invalid":
+        return f"The request body is not valid JSON: {message}."
+    return message if param is None else f"Invalid value for {param!r}: {message}"
+
+
+def validation_error(exc: RequestValidationError) -> InvalidInput:
+    """FastAPI's validation errors as one 400 naming the first offending parameter."""
+    errors = list(exc.errors())
+    if not errors:
+        return InvalidInput("invalid request")
+    first = errors[0]
+    code = _VALIDATION_CODES.get(str(first.get("type", "")), InvalidInput.code)
+    message = " ".join(_describe(item) for item in errors)
+    return InvalidInput(message, param=_param(first), code=code)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -112,13 +183,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_validation_error(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return error_response(InvalidInput(_validation_message(exc)))
+        return error_response(validation_error(exc))
 
     async def on_http_error(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        code = "unknown_url" if exc.status_code == 404 else None
         body = ErrorResponse(
-            error=ErrorDetail(message=str(exc.detail), type=error_type, code=None)
+            error=ErrorDetail(message=str(exc.detail), type=error_type, code=code)
         ).model_dump()
         headers: dict[str, Any] = dict(exc.headers or {})
         return JSONResponse(status_code=exc.status_code, content=body, headers=headers)
@@ -130,8 +202,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
 #: Documented error responses, for the OpenAPI schema of each route.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {
+        "model": ErrorResponse,
+        "description": "Invalid request (`param` names the field), or a config that would "
+        "refuse every request",
+    },
     401: {"model": ErrorResponse, "description": "Missing or wrong bearer token"},
-    422: {"model": ErrorResponse, "description": "Invalid input"},
+    413: {"model": ErrorResponse, "description": "Request body over the worker's limit"},
     429: {"model": ErrorResponse, "description": "Queue full; see Retry-After"},
     500: {"model": ErrorResponse, "description": "The pipeline failed"},
     503: {"model": ErrorResponse, "description": "Not ready, draining or deadline missed"},

@@ -15,7 +15,7 @@ A bare torchvision `efficientnet_v2_s` state_dict with a two-class head is accep
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +91,11 @@ class Gate:
             device=resolved,
         )
 
-    def score(self, images: torch.Tensor) -> list[float]:
-        """Confidence in [0, 1], per image, that it is good enough (P(real/good class))."""
+    def score(self, images: torch.Tensor, *, prompts: Sequence[str] | None = None) -> list[float]:
+        """Confidence in [0, 1], per image, that it is good enough (P(real/good class)).
+
+        `prompts` is accepted for the gate interface (the clip-score gate needs them) and unused.
+        """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images shaped (B, 3, H, W), got {tuple(images.shape)}")
         if images.shape[0] == 0:
@@ -105,6 +108,19 @@ class Gate:
         probs = torch.softmax(logits.float(), dim=1)[:, REAL_CLASS]
         scores: list[float] = probs.clamp(0.0, 1.0).cpu().tolist()  # one call, not one per image
         return scores
+
+
+def load_gate(path: Path, *, device: str | None = None) -> Any:
+    """The gate at `path`: a CLIP model folder is the clip-score gate, a file a checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        from diffcascade_worker.clip_gate import ClipGateError, ClipScoreGate
+
+        try:
+            return ClipScoreGate.load(path, device=device)
+        except ClipGateError as error:
+            raise GateLoadError(str(error)) from error
+    return Gate.load(path, device=device)
 
 
 def save_checkpoint(

@@ -34,7 +34,7 @@ _LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0,
 )  # fmt: skip
 _BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
-_CONFIDENCE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
+_CONFIDENCE_BUCKETS = protocol.GATE_CONFIDENCE_BUCKETS
 
 _BUCKETS: dict[str, tuple[float, ...]] = {
     protocol.LATENCY_SECONDS.name: _LATENCY_BUCKETS,
@@ -80,7 +80,8 @@ class WorkerMetrics:
         }
         self.latency = bound(protocol.LATENCY_SECONDS)
         self.queue_wait = bound(protocol.QUEUE_SECONDS)
-        self.batch_latency = bound(protocol.BATCH_SECONDS)
+        self._batch_latency = built[protocol.BATCH_SECONDS.name]
+        self._base = base
         self.queue_depth = bound(protocol.QUEUE_DEPTH)
         self.inflight = bound(protocol.INFLIGHT)
         self.batch_size = bound(protocol.BATCH_SIZE)
@@ -88,6 +89,12 @@ class WorkerMetrics:
         self.threshold = bound(protocol.THRESHOLD)
         self.configured_batch_size = bound(protocol.CONFIGURED_BATCH_SIZE)
         self.ready = bound(protocol.READY)
+
+    def batch_latency(self, batch_size: int) -> Any:
+        """The batch-latency histogram of one executed batch size (live latency by size)."""
+        return self._batch_latency.labels(
+            **self._base, **{protocol.LABEL_BATCH_SIZE: str(batch_size)}
+        )
 
     def completed(self, outcome: Outcome, count: int = 1) -> None:
         if count > 0:

@@ -25,9 +25,10 @@ def _threads() -> None:
 @click.command("make-tiny-model")
 @click.option(
     "--kind",
-    type=click.Choice(["light", "heavy"]),
+    type=click.Choice(["light", "heavy", "clip"]),
     required=True,
-    help="light: 1-step turbo-like (with a trained gate); heavy: many-step DDIM with guidance.",
+    help="light: 1-step turbo-like (with a trained gate); heavy: many-step DDIM with guidance; "
+    "clip: a CLIP model for the clip-score gate.",
 )
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
@@ -40,6 +41,12 @@ def make_tiny_model(kind: str, seed: int, out_dir: Path) -> None:
         raise click.UsageError(f"{out_dir} exists and is not empty (and not a model folder)")
     _threads()
     started = time.perf_counter()
+    if kind == "clip":
+        from diffcascade_worker.tiny import make_tiny_clip
+
+        make_tiny_clip(out_dir, seed=seed)
+        click.echo(f"wrote a tiny CLIP (clip-score gate) to {out_dir}")
+        return
     folder = build("light" if kind == "light" else "heavy", out_dir, seed=seed)
     defaults = read_model_defaults(folder)
     click.echo(

@@ -1,7 +1,8 @@
 """The worker's HTTP contract, shared with the operator.
 
-This module is the only part of the worker the control plane imports, so it must not import
-torch or diffusers. Paths, headers, request/response models, the config document and every
+The control plane imports this module and its torch-free siblings (`deferral`: the threshold
+and deferral-curve contract; `deadline`: the drop rule), so none of them may import torch or
+diffusers. Paths, headers, request/response models, the config document and every
 Prometheus metric name live here, defined once.
 """
 
@@ -12,11 +13,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 # --- paths -------------------------------------------------------------------------------------
 
 PATH_GENERATIONS = "/v1/images/generations"
+PATH_MODELS = "/v1/models"
 PATH_CONFIG = "/v1/cascade/config"
 PATH_HEALTHZ = "/healthz"
 PATH_READYZ = "/readyz"
@@ -39,9 +41,22 @@ MAX_PROMPT_CHARS = 4000
 MAX_IMAGES_PER_REQUEST = 10
 MAX_SEED = 2**32 - 1
 MAX_BATCH_SIZE = 256
-THRESHOLD_GRID_POINTS = 201  # t = 0, 0.005, ..., 1.0: the grid the allocator and calibration share
+#: Below this no batch of any model finishes: a smaller SLO would refuse every request.
+MIN_SLO_SECONDS = 0.01
+#: Exit code of `diffcascade-worker serve` when its drain timeout passed with images unfinished
+#: (each was refused with a 503 `not_ready`); 0 means everything accepted was answered.
+EXIT_DRAIN_INCOMPLETE = 3
 
 _SIZE_RE = re.compile(r"^(\d{2,4})x(\d{2,4})$")
+
+
+#: `size: auto` (OpenAI's default for GPT image models): the variant's own resolution.
+SIZE_AUTO = "auto"
+#: How images are encoded (the only output_format served) and their background.
+OUTPUT_FORMAT = "png"
+BACKGROUND = "opaque"
+MAX_PARTIAL_IMAGES = 3
+MAX_USER_CHARS = 256
 
 
 def parse_size(size: str) -> tuple[int, int]:
@@ -55,19 +70,62 @@ def parse_size(size: str) -> tuple[int, int]:
 # --- generation --------------------------------------------------------------------------------
 
 
+_SUPPORTED: dict[str, tuple[tuple[str, ...], str]] = {
+    "quality": (("auto",), "the gate chooses the light or the heavy model per prompt"),
+    "output_format": ((OUTPUT_FORMAT,), "images are encoded as PNG"),
+    "background": (("auto", BACKGROUND), "diffusion images have no transparency"),
+    "moderation": (("auto", "low"), "no moderation filter runs in the cascade"),
+}
+_REFUSED = {
+    "style": "describe the style in the prompt",
+    "output_compression": "it applies to jpeg and webp, and only png is served",
+}
+
+
 class GenerationRequest(BaseModel):
-    """OpenAI Images `create` request, plus a `seed` extension."""
+    """OpenAI Images `create` request, plus a `seed` extension.
+
+    Every documented parameter is either honoured or refused with a 400 that names it (the
+    README's worker section lists the decisions); unknown parameters are refused too.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     n: int = Field(default=1, ge=1, le=MAX_IMAGES_PER_REQUEST)
-    size: str | None = Field(default=None, description="WIDTHxHEIGHT; defaults to the worker's")
+    size: str | None = Field(
+        default=None, description="WIDTHxHEIGHT or 'auto'; both default to the variant's"
+    )
     response_format: Literal["b64_json"] = "b64_json"
-    model: str | None = Field(default=None, description="Accepted for client compatibility")
-    quality: str | None = Field(default=None, description="Accepted for client compatibility")
-    style: str | None = Field(default=None, description="Accepted for client compatibility")
-    user: str | None = Field(default=None, max_length=256)
+    model: str | None = Field(
+        default=None,
+        description="The cascade's name (default) or one variant's, to be served by it alone",
+    )
+    quality: str | None = Field(
+        default=None, description="Only 'auto': the gate picks light or heavy per prompt"
+    )
+    style: str | None = Field(default=None, description="Refused: describe it in the prompt")
+    user: str | None = Field(default=None, max_length=MAX_USER_CHARS)
+    safety_identifier: str | None = Field(
+        default=None, max_length=MAX_USER_CHARS, description="Echoed in the response"
+    )
+    output_format: str | None = Field(default=None, description="Only 'png'")
+    background: str | None = Field(
+        default=None, description="'auto' or 'opaque': diffusion images have no alpha"
+    )
+    moderation: str | None = Field(
+        default=None, description="'auto' or 'low'; the cascade runs no moderation filter"
+    )
+    output_compression: int | None = Field(
+        default=None, description="Refused: only for jpeg/webp, which are not served"
+    )
+    stream: bool = Field(default=False, description="Server-sent image_generation.* events")
+    partial_images: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_PARTIAL_IMAGES,
+        description="With stream: the light image goes out as a partial when the gate defers",
+    )
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
 
     @field_validator("prompt")
@@ -80,9 +138,31 @@ class GenerationRequest(BaseModel):
     @field_validator("size")
     @classmethod
     def _size_shape(cls, value: str | None) -> str | None:
-        if value is not None:
+        if value is not None and value != SIZE_AUTO:
             parse_size(value)
         return value
+
+    @field_validator("quality", "output_format", "background", "moderation")
+    @classmethod
+    def _supported_value(cls, value: str | None, info: ValidationInfo) -> str | None:
+        allowed, why = _SUPPORTED[str(info.field_name)]
+        if value is not None and value not in allowed:
+            listed = ", ".join(repr(a) for a in allowed)
+            raise ValueError(f"{value!r} is not supported ({listed}): {why}")
+        return value
+
+    @field_validator("style", "output_compression")
+    @classmethod
+    def _refused(cls, value: object, info: ValidationInfo) -> object:
+        if value is not None:
+            name = str(info.field_name)
+            raise ValueError(f"{name} is not supported: {_REFUSED[name]}")
+        return value
+
+    @property
+    def identifier(self) -> str | None:
+        """OpenAI's rule: a non-empty safety_identifier wins over the deprecated `user`."""
+        return self.safety_identifier or self.user or None
 
 
 class ImageData(BaseModel):
@@ -107,11 +187,84 @@ class ImageData(BaseModel):
 class GenerationResponse(BaseModel):
     created: int
     data: list[ImageData]
+    size: str | None = None
+    output_format: Literal["png"] = "png"
+    background: Literal["opaque"] = "opaque"
+    safety_identifier: str | None = None
+
+
+class ImageUsage(BaseModel):
+    """OpenAI's token usage of an image event; diffusion counts no tokens, so all zero."""
+
+    input_tokens: int = 0
+    input_tokens_details: dict[str, int] = Field(
+        default_factory=lambda: {"image_tokens": 0, "text_tokens": 0}
+    )
+    output_tokens: int = 0
+    total_tokens: int = 0
+
+
+class _ImageEvent(BaseModel):
+    b64_json: str
+    created_at: int
+    size: str
+    quality: Literal["auto"] = "auto"
+    background: Literal["opaque"] = "opaque"
+    output_format: Literal["png"] = "png"
+    served_by: str
+    seed: int
+    confidence: float | None = None
+
+
+class PartialImageEvent(_ImageEvent):
+    """The light image of a deferred query, sent while the next stage works on it."""
+
+    type: Literal["image_generation.partial_image"] = "image_generation.partial_image"
+    partial_image_index: int
+
+
+class CompletedImageEvent(_ImageEvent):
+    """The final image: the light one when the gate is confident, else the next stage's."""
+
+    type: Literal["image_generation.completed"] = "image_generation.completed"
+    usage: ImageUsage = Field(default_factory=ImageUsage)
+    deferred: bool
+    degraded: bool = False
+    queue_ms: float
+    run_ms: float
+    total_ms: float
+    safety_identifier: str | None = None
+
+
+#: SSE event names, as OpenAI sends them (the `type` of each event's data).
+EVENT_PARTIAL = "image_generation.partial_image"
+EVENT_COMPLETED = "image_generation.completed"
+EVENT_ERROR = "error"
+
+
+class ModelCard(BaseModel):
+    """One entry of `GET /v1/models`: the cascade (its entry) or one of its variants."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "diffcascade"
+    kind: Literal["cascade", "variant"] = Field(
+        description="`cascade`: the entry, gated; `variant`: that stage alone"
+    )
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
 
 
 class ErrorDetail(BaseModel):
+    """OpenAI's error object: `param` names the offending request field, when there is one."""
+
     message: str
     type: str
+    param: str | None = None
     code: str | None = None
 
 
@@ -124,6 +277,23 @@ class ErrorResponse(BaseModel):
 # --- cascade config ----------------------------------------------------------------------------
 
 
+def check_stage_url(value: str) -> str:
+    """A next-stage base URL: http(s), a host, no credentials, query or fragment.
+
+    A `?` or `#` would let whoever sets the URL choose the path the prompt is posted to.
+    """
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("next_stage_url must start with http:// or https:// (or be empty)")
+    if "?" in value or "#" in value:
+        raise ValueError("next_stage_url must not have a query or a fragment")
+    authority = value.split("://", 1)[1].split("/", 1)[0]
+    if "@" in authority:
+        raise ValueError("next_stage_url must not carry credentials")
+    if not authority.split(":", 1)[0] and not authority.startswith("["):
+        raise ValueError("next_stage_url needs a host")
+    return value
+
+
 class CascadeConfig(BaseModel):
     """What the control plane sets on a running worker (GET/PUT /v1/cascade/config)."""
 
@@ -133,8 +303,22 @@ class CascadeConfig(BaseModel):
     batch_size: int = Field(default=1, ge=1, le=MAX_BATCH_SIZE)
     max_batch_wait_ms: float = Field(default=0.0, ge=0.0, le=10_000.0)
     next_stage_url: str | None = None
-    slo_seconds: float = Field(default=5.0, gt=0.0, le=3600.0)
+    slo_seconds: float = Field(default=5.0, ge=MIN_SLO_SECONDS, le=3600.0)
     plan_id: str | None = Field(default=None, description="Opaque id of the plan that set this")
+
+    @field_validator("next_stage_url")
+    @classmethod
+    def _stage_url(cls, value: str | None) -> str | None:
+        return None if value is None else check_stage_url(value)
+
+    @model_validator(mode="after")
+    def _serves_something(self) -> CascadeConfig:
+        if self.max_batch_wait_ms >= self.slo_seconds * 1000.0:
+            raise ValueError(
+                f"max_batch_wait_ms {self.max_batch_wait_ms:g} is not below the SLO of "
+                f"{self.slo_seconds:g} s: waiting for a fuller batch would miss every deadline"
+            )
+        return self
 
 
 class CascadeConfigUpdate(BaseModel):
@@ -146,15 +330,13 @@ class CascadeConfigUpdate(BaseModel):
     batch_size: int | None = Field(default=None, ge=1, le=MAX_BATCH_SIZE)
     max_batch_wait_ms: float | None = Field(default=None, ge=0.0, le=10_000.0)
     next_stage_url: str | None = None
-    slo_seconds: float | None = Field(default=None, gt=0.0, le=3600.0)
+    slo_seconds: float | None = Field(default=None, ge=MIN_SLO_SECONDS, le=3600.0)
     plan_id: str | None = None
 
     @field_validator("next_stage_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
-        if value is not None and value != "" and not value.startswith(("http://", "https://")):
-            raise ValueError("next_stage_url must start with http:// or https:// (or be empty)")
-        return value
+        return value if value in (None, "") else check_stage_url(value)
 
     def apply_to(self, config: CascadeConfig) -> CascadeConfig:
         changes = self.model_dump(exclude_unset=True)
@@ -180,6 +362,7 @@ class Outcome(StrEnum):
     DEGRADED = "degraded"  # a deferral failed or would miss the deadline: this stage's image
     DROPPED = "dropped"  # could not finish by its deadline: 503 at dequeue
     REJECTED = "rejected"  # queue full or draining: 429/503 at admission
+    ABANDONED = "abandoned"  # the client disconnected first: its queued images were dropped
     FAILED = "failed"  # the pipeline raised
 
 
@@ -202,6 +385,7 @@ class MetricName:
 LABEL_CASCADE = "cascade"
 LABEL_VARIANT = "variant"
 LABEL_OUTCOME = "outcome"
+LABEL_BATCH_SIZE = "batch_size"  # BATCH_SECONDS: the executed batch's size, so latency by size
 _BASE = (LABEL_CASCADE, LABEL_VARIANT)
 
 ARRIVALS = MetricName(
@@ -231,8 +415,8 @@ QUEUE_SECONDS = MetricName(
 BATCH_SECONDS = MetricName(
     "diffcascade_batch_latency_seconds",
     "histogram",
-    "Pipeline time of one batch (generate + gate).",
-    _BASE,
+    "Pipeline time of one batch (generate + gate), by executed batch size.",
+    (*_BASE, LABEL_BATCH_SIZE),
 )
 QUEUE_DEPTH = MetricName(
     "diffcascade_queue_depth", "gauge", "Images waiting for a batch (not yet running).", _BASE
@@ -250,6 +434,14 @@ CONFIGURED_BATCH_SIZE = MetricName(
 )
 READY = MetricName(
     "diffcascade_ready", "gauge", "1 when loaded, warmed up and not draining.", _BASE
+)
+
+#: Upper bounds (`le`) of GATE_CONFIDENCE's buckets. The operator derives f(t) on its 201-point
+#: grid from them (linear inside a bucket): every grid point up to 0.05, where light gates pile
+#: their confidences (SD-Turbo's 10th percentile is 0.0025), then 0.025 wide. On the bundled
+#: reference scores the derived curve is within 0.011 of the exact one (tested against 0.02).
+GATE_CONFIDENCE_BUCKETS: tuple[float, ...] = tuple(
+    [round(0.005 * k, 3) for k in range(1, 11)] + [round(0.05 + 0.025 * k, 3) for k in range(1, 39)]
 )
 
 ALL_METRICS = (

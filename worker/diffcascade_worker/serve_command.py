@@ -3,15 +3,22 @@
 The HTTP server comes up at once (so liveness probes pass) and the model loads and warms up
 in the background; `/readyz` turns 200 when it is done. On SIGTERM or SIGINT the worker turns
 not-ready, refuses new generations with 503, lets accepted ones finish (up to the drain
-timeout), then exits 0. A second signal exits at once.
+timeout), then exits 0. Images still unfinished at the drain timeout are refused with a 503 in
+the OpenAI error envelope, logged, and the exit code is `EXIT_DRAIN_INCOMPLETE`. A second
+signal exits at once.
+
+Without a config token the worker does not start, unless `--insecure-no-token` says so.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import resource
 import signal
+import socket
 import sys
 from pathlib import Path
 from types import FrameType
@@ -22,12 +29,27 @@ import uvicorn
 from pydantic import SecretStr, ValidationError
 
 from diffcascade_worker import settings as defaults
+from diffcascade_worker.limits import (
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_KEEP_ALIVE_S,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CONNECTIONS,
+    BodyLimit,
+    guarded_protocol,
+)
+from diffcascade_worker.protocol import EXIT_DRAIN_INCOMPLETE
 from diffcascade_worker.settings import WorkerSettings
 
 logger = logging.getLogger("diffcascade_worker")
 
 _ENV = "DIFFCASCADE_"
-_FLAG_OF = {"forward_timeout_s": "forward_timeout", "drain_timeout_s": "drain_timeout"}
+_FLAG_OF = {
+    "forward_timeout_s": "forward_timeout",
+    "drain_timeout_s": "drain_timeout",
+    "allowed_next_stages": "allowed_next_stage",
+    "header_timeout_s": "header_timeout",
+    "keep_alive_s": "keep_alive_timeout",
+}
 
 
 class DrainingServer(uvicorn.Server):
@@ -59,15 +81,67 @@ class DrainingServer(uvicorn.Server):
             self._draining = asyncio.create_task(self._drain(), name="drain")
 
     async def _drain(self) -> None:
-        self._service.begin_drain()
-        timeout = self._service.settings.drain_timeout_s
-        if not await self._service.wait_idle(timeout):
-            logger.warning("drain timeout (%.0f s) reached with requests in flight", timeout)
+        if await self._service.drain():
+            self.exit_code = EXIT_DRAIN_INCOMPLETE
         self.should_exit = True
 
     def fail(self, message: str) -> None:
         self.exit_code = 1
         self.should_exit = True
+
+
+def server_config(service: Any, *, log_level: str = "info", access_log: bool = False) -> Any:
+    """The uvicorn config of a worker: its app behind the body limit and connection guards."""
+    from diffcascade_worker.app import create_app
+
+    settings: WorkerSettings = service.settings
+    config = uvicorn.Config(
+        BodyLimit(create_app(service), max_bytes=settings.max_body_bytes),
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        access_log=access_log,
+        timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
+        timeout_keep_alive=settings.keep_alive_s,
+    )
+    config.load()
+    config.http_protocol_class = guarded_protocol(
+        config.http_protocol_class,
+        header_timeout_s=settings.header_timeout_s,
+        max_connections=settings.max_connections,
+    )
+    return config
+
+
+def _problems(error: ValidationError) -> str:
+    parts = []
+    for e in error.errors():
+        if e["loc"]:
+            flag = _FLAG_OF.get(str(e["loc"][0]), str(e["loc"][0])).replace("_", "-")
+            parts.append(f"--{flag}: {e['msg']}")
+        else:
+            parts.append(str(e["msg"]).removeprefix("Value error, "))
+    return "; ".join(parts)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads; a taken port is a one-line error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as error:
+        raise click.ClickException(
+            f"cannot listen on {host}:{port}: {os.strerror(error.errno) if error.errno else error} "
+            "(another process uses it? pick another --port)"
+        ) from None
+
+
+def _raise_file_limit() -> None:
+    """Soft file limit up to the hard one: the connection limit, not the kernel, refuses."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard != resource.RLIM_INFINITY:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _option_env(name: str) -> str:
@@ -155,10 +229,10 @@ def read_token(token: str | None, token_file: Path | None) -> str | None:
 @click.option(
     "--gate",
     "gate_path",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=click.Path(exists=True, path_type=Path),
     default=None,
     envvar=_option_env("gate"),
-    help="discriminator checkpoint",
+    help="discriminator checkpoint, or a CLIP model folder (the clip-score gate)",
 )
 @click.option(
     "--next-stage-url",
@@ -226,6 +300,53 @@ def read_token(token: str | None, token_file: Path | None) -> str | None:
     show_default=True,
     type=click.Choice(["debug", "info", "warning", "error"]),
 )
+@click.option(
+    "--allowed-next-stage",
+    "allowed_next_stages",
+    multiple=True,
+    envvar=_option_env("allowed_next_stages"),
+    help="a next-stage base URL a config push may set (repeatable; env: space-separated; "
+    "port * = any port); --next-stage-url is always allowed, nothing else is",
+)
+@click.option(
+    "--insecure-no-token",
+    is_flag=True,
+    default=False,
+    envvar=_option_env("insecure_no_token"),
+    help="start without a config token: anyone who reaches the port may change the config",
+)
+@click.option(
+    "--max-body-bytes",
+    type=int,
+    default=DEFAULT_MAX_BODY_BYTES,
+    show_default=True,
+    envvar=_option_env("max_body_bytes"),
+    help="larger request bodies get 413",
+)
+@click.option(
+    "--max-connections",
+    type=int,
+    default=DEFAULT_MAX_CONNECTIONS,
+    show_default=True,
+    envvar=_option_env("max_connections"),
+    help="open connections; beyond it the longest-idle one is closed",
+)
+@click.option(
+    "--header-timeout",
+    type=float,
+    default=DEFAULT_HEADER_TIMEOUT_S,
+    show_default=True,
+    envvar=_option_env("header_timeout"),
+    help="seconds a connection has to send its request headers",
+)
+@click.option(
+    "--keep-alive-timeout",
+    type=int,
+    default=DEFAULT_KEEP_ALIVE_S,
+    show_default=True,
+    envvar=_option_env("keep_alive_timeout"),
+    help="seconds an idle keep-alive connection stays open",
+)
 @click.option("--access-log/--no-access-log", default=False, show_default=True)
 def serve(
     *,
@@ -253,6 +374,12 @@ def serve(
     threads: int | None,
     log_level: str,
     access_log: bool,
+    allowed_next_stages: tuple[str, ...],
+    insecure_no_token: bool,
+    max_body_bytes: int,
+    max_connections: int,
+    header_timeout: float,
+    keep_alive_timeout: int,
 ) -> None:
     """Serve one model variant: images API, gate, deferral, metrics.
 
@@ -288,35 +415,45 @@ def serve(
             queue_capacity=queue_capacity,
             forward_timeout_s=forward_timeout,
             drain_timeout_s=drain_timeout,
+            allowed_next_stages=tuple(
+                url for entry in allowed_next_stages for url in entry.split()
+            ),
+            insecure_no_token=insecure_no_token,
+            max_body_bytes=max_body_bytes,
+            max_connections=max_connections,
+            header_timeout_s=header_timeout,
+            keep_alive_s=keep_alive_timeout,
         )
     except ValidationError as error:
-        problems = "; ".join(
-            f"--{_FLAG_OF.get(str(e['loc'][0]), str(e['loc'][0])).replace('_', '-')}: {e['msg']}"
-            for e in error.errors()
-            if e["loc"]
+        raise click.UsageError(_problems(error)) from None
+    if settings.token is None and not settings.insecure_no_token:
+        raise click.UsageError(
+            "no config token: give --token, --token-file or DIFFCASCADE_TOKEN "
+            "(or --insecure-no-token to let anyone change the config)"
         )
-        raise click.UsageError(problems) from None
     if settings.token is None:
-        logger.warning("no --token: the config API accepts unauthenticated changes")
+        logger.warning("--insecure-no-token: the config API accepts unauthenticated changes")
+    _raise_file_limit()
+    listening = _listen(settings.host, settings.port)  # a busy port fails here, at once
 
-    from diffcascade_worker.app import create_app
     from diffcascade_worker.service import WorkerService
 
-    service = WorkerService(settings)
-    app = create_app(service)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=log_level,
-        access_log=access_log,
-        timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
-        timeout_keep_alive=30,
+    try:
+        service = WorkerService(settings)
+    except ValueError as error:
+        raise click.UsageError(f"--next-stage-url: {error}") from None
+    server = DrainingServer(
+        server_config(service, log_level=log_level, access_log=access_log), service=service
     )
-    server = DrainingServer(config, service=service)
     service.on_fatal = server.fail
-    server.run()
-    if server.exit_code:
+    server.run(sockets=[listening])
+    if server.exit_code == EXIT_DRAIN_INCOMPLETE:
+        click.echo(
+            f"Error: the drain timeout passed with {service.refused_at_drain} accepted image(s) "
+            "unfinished; they were refused with 503",
+            err=True,
+        )
+    elif server.exit_code:
         click.echo(f"Error: {service.health().detail or 'the worker failed'}", err=True)
     # Everything accepted has been answered. Interpreter teardown of torch and friends takes
     # seconds here, which only delays the pod's exit, so leave at once.

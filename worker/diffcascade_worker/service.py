@@ -12,16 +12,18 @@ import hmac
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
 from typing import Literal
 
 from diffcascade_worker.batcher import Batcher, ItemResult, WorkItem
-from diffcascade_worker.cascade import ForwardFailed, NextStageClient
+from diffcascade_worker.cascade import ForwardFailed, NextStageClient, NextStagePolicy
 from diffcascade_worker.deferral import should_defer
 from diffcascade_worker.engine import DiffusersEngine, Engine, resolve_settings
 from diffcascade_worker.errors import (
+    ClientDisconnected,
+    ConfigRejected,
     DeadlineExceeded,
     InferenceFailed,
     InvalidInput,
@@ -32,6 +34,7 @@ from diffcascade_worker.errors import (
 from diffcascade_worker.metrics import WorkerMetrics
 from diffcascade_worker.protocol import (
     MAX_SEED,
+    SIZE_AUTO,
     CascadeConfig,
     CascadeConfigUpdate,
     GenerationRequest,
@@ -39,15 +42,23 @@ from diffcascade_worker.protocol import (
     HealthStatus,
     ImageData,
     Outcome,
+    PartialImageEvent,
 )
 from diffcascade_worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
 
 EngineLoader = Callable[[WorkerSettings], Engine]
+#: Receives a deferred query's first-stage image while the next stage works on it.
+PartialSink = Callable[[PartialImageEvent], None]
+
+#: Resolves when the client of a request has gone away (its connection closed).
+Disconnected = Callable[[], Awaitable[object]]
 
 #: Largest budget a client may ask for in the budget header (one hour, like the SLO bound).
 MAX_BUDGET_MS = 3_600_000.0
+#: After the drain timeout, how long the refused requests get to send their 503s.
+DRAIN_REFUSAL_GRACE_S = 2.0
 
 
 class State(StrEnum):
@@ -58,7 +69,7 @@ class State(StrEnum):
 
 
 def parse_budget_ms(value: str | None) -> float | None:
-    """The budget header as milliseconds; a bad value is the client's error (422)."""
+    """The budget header as milliseconds; a bad value is the client's error (400)."""
     if value is None or not value.strip():
         return None
     try:
@@ -91,6 +102,19 @@ class WorkerService:
         )
         self._clock = clock
         self._config = settings.initial_config()
+        initial = [] if settings.next_stage_url is None else [settings.next_stage_url]
+        self._next_stages = NextStagePolicy(
+            allowed=[*initial, *settings.allowed_next_stages],
+            own_port=settings.port,
+            own_names=[f"{settings.cascade}-{settings.variant}"],
+        )
+        if settings.next_stage_url is not None:
+            problem = self._next_stages.problem(settings.next_stage_url)
+            if problem is not None:
+                raise ValueError(problem)
+        self._drain_deadline: float | None = None
+        #: Accepted requests refused because the drain timeout passed (the exit code says so).
+        self.refused_at_drain = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
         self._engine: Engine | None = None
         self._batcher: Batcher | None = None
@@ -166,9 +190,36 @@ class WorkerService:
         if self._state in (State.DRAINING, State.FAILED):
             return
         self._state, self._detail = State.DRAINING, "draining: no new requests"
+        self._drain_deadline = self._clock() + self.settings.drain_timeout_s
         self.metrics.ready.set(0)
         if self._batcher is not None:
             self._batcher.close()
+
+    async def drain(self) -> int:
+        """Stop intake, wait up to the drain timeout, then refuse what is left with a 503.
+
+        Returns how many accepted images were refused. A refused image's request gets the
+        OpenAI error envelope (`not_ready`) rather than the server's plain-text 500 at exit;
+        deferrals in flight are already bounded by the drain deadline.
+        """
+        self.begin_drain()
+        timeout = self.settings.drain_timeout_s
+        if await self.wait_idle(timeout):
+            return 0
+        waiting = self._inflight
+        reason = f"the worker shut down: its drain timeout of {timeout:g} s passed first"
+        refused = self._batcher.abandon(reason) if self._batcher is not None else 0
+        await self.wait_idle(DRAIN_REFUSAL_GRACE_S)
+        self.refused_at_drain = refused
+        logger.error(
+            "drain timeout (%g s) reached with %d image(s) in flight: refused %d with 503 "
+            "not_ready, %d still unanswered",
+            timeout,
+            waiting,
+            refused,
+            self._inflight,
+        )
+        return refused + self._inflight
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """True when every accepted request has left within `timeout_s`."""
@@ -195,6 +246,15 @@ class WorkerService:
         return HealthStatus(status=status, variant=self.settings.variant, detail=self._detail)
 
     def readiness(self) -> tuple[bool, HealthStatus]:
+        """Ready when loaded, not draining, and able to serve a request within the SLO."""
+        problem = None
+        if self._state is State.READY and self._batcher is not None:
+            problem = self._batcher.cannot_serve(slo_seconds=self._config.slo_seconds)
+        if problem is not None:
+            detail = f"cannot serve: {problem}"
+            return False, HealthStatus(
+                status="not-ready", variant=self.settings.variant, detail=detail
+            )
         return self._state is State.READY, self.health()
 
     def _probe_status(self) -> Literal["ok", "not-ready", "draining"]:
@@ -222,10 +282,29 @@ class WorkerService:
             config = CascadeConfig.model_validate(update.apply_to(self._config).model_dump())
         except ValueError as error:
             raise InvalidInput(f"invalid config: {error}") from None
+        problems = self._config_problems(config)
+        if problems:
+            raise ConfigRejected("config refused: " + "; ".join(problems))
         self._config = config
         self._publish_config()
         logger.info("config now %s", config.model_dump_json())
         return config
+
+    def _config_problems(self, config: CascadeConfig) -> list[str]:
+        """What would make this worker refuse every request, or defer where it must not."""
+        problems = []
+        if config.next_stage_url is not None:
+            problem = self._next_stages.problem(config.next_stage_url)
+            if problem is not None:
+                problems.append(problem)
+        one = self._batcher.latency.expected(1) if self._batcher is not None else 0.0
+        # Only a changed SLO is checked: a push that keeps it must not fail during a stall.
+        if config.slo_seconds != self._config.slo_seconds and config.slo_seconds < one:
+            problems.append(
+                f"slo_seconds {config.slo_seconds:g} is shorter than one batch here "
+                f"(about {one:.3f} s): every request would be dropped"
+            )
+        return problems
 
     def _publish_config(self) -> None:
         self.metrics.threshold.set(self._config.threshold)
@@ -239,13 +318,20 @@ class WorkerService:
         *,
         budget_ms: float | None = None,
         request_id: str | None = None,
+        on_partial: PartialSink | None = None,
+        deferred_from: str | None = None,
+        disconnected: Disconnected | None = None,
     ) -> GenerationResponse:
+        """The images of one request; with `on_partial`, a deferred query's first-stage image
+        is handed to it as soon as it exists (the streaming route sends it as a partial).
+
+        A request another stage deferred here (`deferred_from`) is never deferred again, so a
+        loop of stages ends after one hop. When `disconnected` resolves first, the request's
+        images still queued are dropped: nobody would read them.
+        """
         arrival = self._clock()
         ready = self._state is State.READY
-        if ready and request.size is not None and request.size != self.settings.size_text:
-            raise InvalidInput(
-                f"unsupported size {request.size!r}; this worker serves {self.settings.size_text}"
-            )
+        self._check_request(request, ready=ready)
         count = request.n
         self.metrics.arrivals.inc(count)
         batcher = self._batcher
@@ -272,10 +358,79 @@ class WorkerService:
             self.metrics.completed(Outcome.REJECTED, count)
             raise
         self._enter(count)
+        # `model: <this variant>` asks for this stage alone: no deferral.
+        alone = request.model == self.settings.variant != self.settings.cascade
+        completing = self._complete(
+            items,
+            arrival=arrival,
+            request_id=request_id,
+            defer_allowed=not alone and not deferred_from,
+            on_partial=on_partial if request.partial_images else None,
+        )
         try:
-            return await self._complete(items, arrival=arrival, request_id=request_id)
+            if disconnected is None:
+                response = await completing
+            else:
+                response = await self._unless_disconnected(completing, items, disconnected)
         finally:
             self._leave(count)
+        return response.model_copy(
+            update={"size": self.settings.size_text, "safety_identifier": request.identifier}
+        )
+
+    def _check_request(self, request: GenerationRequest, *, ready: bool) -> None:
+        """What the request model cannot know: this worker's names, size and queue."""
+        settings = self.settings
+        if request.model is not None and request.model not in (settings.cascade, settings.variant):
+            raise InvalidInput(
+                f"model {request.model!r} is not served here: use {settings.cascade!r} (the "
+                f"cascade) or {settings.variant!r} (this stage alone); GET /v1/models lists them",
+                param="model",
+                code="model_not_found",
+            )
+        size = request.size
+        if ready and size not in (None, SIZE_AUTO) and size != settings.size_text:
+            raise InvalidInput(
+                f"unsupported size {size!r}; this worker serves {settings.size_text} "
+                "(or ask for 'auto')",
+                param="size",
+            )
+        if request.n > settings.queue_capacity:
+            raise InvalidInput(
+                f"n={request.n} is more than this worker's queue holds "
+                f"({settings.queue_capacity} images): ask for fewer per request",
+                param="n",
+            )
+        if request.stream and request.n != 1:
+            raise InvalidInput("stream: true serves one image per request (n=1)", param="n")
+        if request.partial_images is not None and not request.stream:
+            raise InvalidInput("partial_images needs stream: true", param="partial_images")
+
+    async def _unless_disconnected(
+        self,
+        completing: Awaitable[GenerationResponse],
+        items: list[WorkItem],
+        disconnected: Disconnected,
+    ) -> GenerationResponse:
+        work = asyncio.ensure_future(completing)
+        watch = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+        if work.done():
+            return work.result()
+        work.cancel()  # cancels the images' futures, so the batcher skips them
+        for item in items:
+            item.future.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        self.metrics.completed(Outcome.ABANDONED, len(items))
+        raise ClientDisconnected("the client disconnected before its images were done")
+
+    def _forward_deadline(self, item: WorkItem) -> float:
+        """A deferral ends by the request's deadline, and by the drain deadline when draining."""
+        drain = self._drain_deadline
+        return item.deadline if drain is None else min(item.deadline, drain)
 
     def _seeds(self, request: GenerationRequest) -> list[int]:
         first = secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed
@@ -293,7 +448,13 @@ class WorkerService:
             self._idle.set()
 
     async def _complete(
-        self, items: list[WorkItem], *, arrival: float, request_id: str | None
+        self,
+        items: list[WorkItem],
+        *,
+        arrival: float,
+        request_id: str | None,
+        defer_allowed: bool = True,
+        on_partial: PartialSink | None = None,
     ) -> GenerationResponse:
         outcomes = await asyncio.gather(*(item.future for item in items), return_exceptions=True)
         for outcome in outcomes:
@@ -308,7 +469,14 @@ class WorkerService:
                 raise error
         results = [o for o in outcomes if isinstance(o, ItemResult)]
         finishing = [
-            self._finish_image(item, result, arrival=arrival, request_id=request_id)
+            self._finish_image(
+                item,
+                result,
+                arrival=arrival,
+                request_id=request_id,
+                defer_allowed=defer_allowed,
+                on_partial=on_partial,
+            )
             for item, result in zip(items, results, strict=True)
         ]
         # One image (the common case) needs no task per image; several defer concurrently.
@@ -316,12 +484,20 @@ class WorkerService:
         return GenerationResponse(created=int(time.time()), data=list(data))
 
     async def _finish_image(
-        self, item: WorkItem, result: ItemResult, *, arrival: float, request_id: str | None
+        self,
+        item: WorkItem,
+        result: ItemResult,
+        *,
+        arrival: float,
+        request_id: str | None,
+        defer_allowed: bool = True,
+        on_partial: PartialSink | None = None,
     ) -> ImageData:
         config = self._config
         confidence = result.confidence
         defer = (
-            config.next_stage_url is not None
+            defer_allowed
+            and config.next_stage_url is not None
             and confidence is not None
             and should_defer(confidence, config.threshold)
         )
@@ -330,13 +506,26 @@ class WorkerService:
         outcome = Outcome.SERVED
         if defer:
             assert config.next_stage_url is not None
+            if on_partial is not None:
+                b64 = await self._encode(result.image)
+                on_partial(
+                    PartialImageEvent(
+                        b64_json=b64,
+                        created_at=int(time.time()),
+                        size=self.settings.size_text,
+                        served_by=served_by,
+                        seed=item.seed,
+                        confidence=confidence,
+                        partial_image_index=0,
+                    )
+                )
             try:
                 forwarded = await self._forwarder.forward(
                     next_stage_url=config.next_stage_url,
                     prompt=item.prompt,
                     seed=item.seed,
                     size=self.settings.size_text,
-                    budget_s=item.deadline - self._clock(),
+                    budget_s=self._forward_deadline(item) - self._clock(),
                     request_id=request_id,
                 )
             except ForwardFailed as error:

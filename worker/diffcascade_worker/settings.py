@@ -11,9 +11,20 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from diffcascade_worker.protocol import MAX_BATCH_SIZE, CascadeConfig
+from diffcascade_worker.limits import (
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_KEEP_ALIVE_S,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CONNECTIONS,
+)
+from diffcascade_worker.protocol import (
+    MAX_BATCH_SIZE,
+    MIN_SLO_SECONDS,
+    CascadeConfig,
+    check_stage_url,
+)
 
 DEFAULT_PORT = 8000
 DEFAULT_QUEUE_CAPACITY = 64
@@ -44,11 +55,19 @@ class WorkerSettings(BaseModel):
     threshold: float = Field(default=0.0, ge=0.0, le=1.0)
     gate: Path | None = None
     next_stage_url: str | None = None
+    #: Next-stage base URLs a config push may choose (the initial one is always allowed); a
+    #: port of `*` matches any port of that host.
+    allowed_next_stages: tuple[str, ...] = ()
     token: SecretStr | None = None
-    slo_seconds: float = Field(default=5.0, gt=0.0, le=3600.0)
+    insecure_no_token: bool = False
+    slo_seconds: float = Field(default=5.0, ge=MIN_SLO_SECONDS, le=3600.0)
     queue_capacity: int = Field(default=DEFAULT_QUEUE_CAPACITY, ge=1, le=100_000)
     forward_timeout_s: float = Field(default=30.0, gt=0.0, le=3600.0)
     drain_timeout_s: float = Field(default=30.0, ge=0.0, le=3600.0)
+    max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024, le=64 * 1024 * 1024)
+    max_connections: int = Field(default=DEFAULT_MAX_CONNECTIONS, ge=8, le=1_000_000)
+    header_timeout_s: float = Field(default=DEFAULT_HEADER_TIMEOUT_S, gt=0.0, le=600.0)
+    keep_alive_s: int = Field(default=DEFAULT_KEEP_ALIVE_S, ge=1, le=600)
 
     @field_validator("size")
     @classmethod
@@ -63,9 +82,20 @@ class WorkerSettings(BaseModel):
         if value in (None, ""):
             return None
         assert value is not None
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("next stage URL must start with http:// or https://")
-        return value
+        return check_stage_url(value)
+
+    @field_validator("allowed_next_stages")
+    @classmethod
+    def _allowed_urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(check_stage_url(url) for url in value if url)
+
+    @model_validator(mode="after")
+    def _serves_something(self) -> WorkerSettings:
+        if self.max_batch_wait_ms >= self.slo_seconds * 1000.0:
+            raise ValueError(
+                "max_batch_wait_ms must be below the SLO: every request would miss its deadline"
+            )
+        return self
 
     @field_validator("token")
     @classmethod

@@ -299,3 +299,71 @@ def read_model_defaults(model_dir: Path | str) -> dict[str, Any]:
     if data.get("deferCurve"):
         out["defer_curve"] = Path(model_dir) / str(data["deferCurve"])
     return out
+
+
+CLIP_IMAGE_SIZE = 32
+
+
+def make_tiny_clip(out_dir: Path, *, seed: int = 0) -> Path:
+    """A tiny random-weight transformers CLIPModel (the clip-score gate's weights), offline.
+
+    Saved with `save_pretrained` beside its byte-level tokenizer, so `ClipScoreGate.load` reads
+    it through the same `from_pretrained` path as openai/clip-vit-base-patch32. Random CLIP
+    similarities sit near 0, not in the 0.15-0.35 of a trained one, so the calibration written
+    beside it maps their 10th-90th percentiles (over random images and the tiny prompts) to
+    [0, 1]; the gate then gives graded confidences, as a real CLIP with the default map does.
+    """
+    from diffcascade_worker.clip_gate import ClipCalibration, ClipScoreGate, write_calibration
+    from diffcascade_worker.pipeline import quiet_progress_bars
+
+    quiet_progress_bars()
+    transformers: Any = importlib.import_module("transformers")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = make_byte_tokenizer()
+        vocab = len(tokenizer)
+        config = transformers.CLIPConfig(
+            text_config={
+                "vocab_size": vocab,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "max_position_embeddings": 77,
+                "bos_token_id": vocab - 2,
+                "eos_token_id": vocab - 1,
+                "pad_token_id": vocab - 1,
+            },
+            vision_config={
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "image_size": CLIP_IMAGE_SIZE,
+                "patch_size": 8,
+            },
+            projection_dim=16,
+        )
+        model = transformers.CLIPModel(config).eval()
+        noise = torch.rand(32, 3, TINY_SIZE, TINY_SIZE)
+        smooth = torch.nn.functional.interpolate(  # low-frequency, like the tiny SD images
+            torch.rand(32, 3, 8, 8), size=(TINY_SIZE, TINY_SIZE), mode="bilinear"
+        )
+        images = torch.cat([noise, smooth])
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    gate = ClipScoreGate(
+        model,
+        tokenizer,
+        calibration=ClipCalibration(low=-1.0, high=1.0),
+        image_size=CLIP_IMAGE_SIZE,
+        device="cpu",
+    )
+    sims = sorted(gate.similarities(images, tiny_prompts(len(images))))
+    low, high = sims[len(sims) // 10], sims[(len(sims) * 9) // 10]
+    if high <= low:
+        low, high = low - 0.05, low + 0.05
+    write_calibration(out_dir, ClipCalibration(low=round(low, 6), high=round(high, 6)))
+    return out_dir

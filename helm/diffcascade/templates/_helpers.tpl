@@ -43,12 +43,27 @@ app.kubernetes.io/part-of: diffcascade
 {{- end }}
 {{- end }}
 
+{{/* repository@digest when a digest is pinned (the tag is then ignored), else repository:tag. */}}
+{{- define "diffcascade.imageRef" -}}
+{{- $image := index . 0 }}
+{{- $appVersion := index . 1 }}
+{{- $key := index . 2 }}
+{{- with $image.digest }}
+{{- if not (regexMatch "^sha256:[a-f0-9]{64}$" .) }}
+{{- fail (printf "%s.digest must be sha256:<64 hex digits>, not %q" $key .) }}
+{{- end }}
+{{- printf "%s@%s" $image.repository . }}
+{{- else }}
+{{- printf "%s:%s" $image.repository (default $appVersion $image.tag) }}
+{{- end }}
+{{- end }}
+
 {{- define "diffcascade.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- include "diffcascade.imageRef" (list .Values.image .Chart.AppVersion "image") }}
 {{- end }}
 
 {{- define "diffcascade.workerImage" -}}
-{{- printf "%s:%s" .Values.workerImage.repository (default .Chart.AppVersion .Values.workerImage.tag) }}
+{{- include "diffcascade.imageRef" (list .Values.workerImage .Chart.AppVersion "workerImage") }}
 {{- end }}
 
 {{/* Rules every operator needs in each namespace it serves (a Role or the ClusterRole). */}}
@@ -60,14 +75,27 @@ app.kubernetes.io/part-of: diffcascade
 - apiGroups: [diffcascade.dev]
   resources: [diffusioncascades/status]
   verbs: [get, patch]
-# Children. No delete: they carry owner references, so the garbage collector removes them
-# with their cascade; the operator never deletes them itself.
+# Children. They carry owner references, so the garbage collector removes them with their
+# cascade; delete is for the per-variant children of a variant removed from a spec (prune).
 - apiGroups: [apps]
   resources: [deployments]
-  verbs: [get, list, watch, create, patch]
+  verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [""]
-  resources: [services, configmaps]
+  resources: [services]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [""]
+  resources: [configmaps]
   verbs: [get, list, watch, create, patch]
+- apiGroups: [policy]
+  resources: [poddisruptionbudgets]
+  verbs: [get, list, create, patch, delete]
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, list, create, patch, delete]
+# The profiling Job of a cascade (kube/profiling.py): created once, then read for its result.
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [get, create]
 # The config API's bearer token, one Secret per cascade (<cascade>-token). resourceNames cannot
 # restrict create, and the names are per cascade, so get/patch cannot be pinned either; no
 # list or watch, so the operator cannot enumerate secrets.

@@ -13,13 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import httpx
-from diffcascade_worker.protocol import PATH_CONFIG, PATH_METRICS, CascadeConfigUpdate
+from diffcascade_worker.protocol import PATH_CONFIG, PATH_METRICS
 
 from diffcascade_operator.kube import manifests
 from diffcascade_operator.kube.api import KubeApi
 from diffcascade_operator.metrics_source import parse_worker_metrics
-from diffcascade_operator.plan import Plan, VariantAllocation
+from diffcascade_operator.plan import Plan
 from diffcascade_operator.spec import CascadeSpec
+from diffcascade_operator.worker_config import StageUrl, config_update
 
 logger = logging.getLogger(__name__)
 
@@ -55,47 +56,6 @@ class ApplyResult:
     push_failures: tuple[str, ...]  # "pod: error"
     serving: int  # ready pods the plan should reach
     acknowledged: int  # of those, pods that hold the current plan id
-
-
-def config_update(
-    allocation: VariantAllocation,
-    *,
-    spec: CascadeSpec,
-    plan_id: str,
-    next_stage_url: str | None = None,
-) -> CascadeConfigUpdate:
-    """What one variant's pods are told. `next_stage_url` only when the plan reroutes: the
-    pods' args already name the next variant's Service."""
-    update = CascadeConfigUpdate(
-        threshold=allocation.threshold,
-        batch_size=allocation.batch_size,
-        slo_seconds=spec.slo_seconds,
-        max_batch_wait_ms=spec.control.max_batch_wait_ms,
-        plan_id=plan_id,
-    )
-    if next_stage_url is not None:
-        update.next_stage_url = next_stage_url
-    return update
-
-
-def next_stage_urls(
-    plan: Plan, *, spec: CascadeSpec, cascade: str, namespace: str, port: int, rerouted: bool
-) -> dict[str, str | None]:
-    """variant -> URL to push (None: leave the pod's own). Pushed for every stage once any
-    plan of this cascade sent a stage somewhere other than the next variant in the spec."""
-    names = [v.name for v in spec.variants]
-    default = {n: names[i + 1] if i + 1 < len(names) else None for i, n in enumerate(names)}
-    wanted = {
-        a.name: a.next_stage if a.next_stage is not None else default[a.name] for a in plan.variants
-    }
-    if not rerouted and all(wanted[n] == default[n] for n in wanted):
-        return {n: None for n in wanted}
-    return {
-        n: manifests.stage_url(cascade=cascade, namespace=namespace, variant=v, port=port)
-        if v is not None
-        else ""
-        for n, v in wanted.items()
-    }
 
 
 def _put(url: str, body: str, token: str | None, timeout: float) -> str | None:
@@ -139,21 +99,22 @@ def push_config(
     token: str | None,
     acknowledged: MutableMapping[str, str],
     timeout_s: float,
-    next_urls: Mapping[str, str | None] | None = None,
+    stage_url: StageUrl,
 ) -> tuple[int, tuple[str, ...]]:
-    """PUT the plan to serving pods that lack it; updates `acknowledged` (pod uid -> plan id)."""
+    """PUT the plan to serving pods that lack it; updates `acknowledged` (pod uid -> plan id).
+
+    The body is `worker_config.config_update`, what the one-machine actuator pushes too."""
     by_variant = {a.name: a for a in plan.variants}
     todo = [
         p
         for p in pods
         if p.serving and p.variant in by_variant and acknowledged.get(p.uid) != plan_id
     ]
-    urls = next_urls or {}
     bodies = {
-        name: config_update(
-            a, spec=spec, plan_id=plan_id, next_stage_url=urls.get(name)
-        ).model_dump_json(exclude_none=True)
-        for name, a in by_variant.items()
+        name: config_update(plan, name, spec=spec, stage_url=stage_url).model_dump_json(
+            exclude_none=True
+        )
+        for name in by_variant
     }
     if not todo:
         return 0, ()
@@ -187,7 +148,7 @@ def apply_plan(
     acknowledged: MutableMapping[str, str],
     configmap_plan_id: str | None,
     timeout_s: float,
-    next_urls: Mapping[str, str | None] | None = None,
+    port: int,
 ) -> ApplyResult:
     """Bring the cluster to `plan`. `current_replicas[v]` is None when unknown (then set)."""
     plan_id = manifests.plan_id(plan)
@@ -221,7 +182,9 @@ def apply_plan(
         token=token,
         acknowledged=acknowledged,
         timeout_s=timeout_s,
-        next_urls=next_urls,
+        stage_url=lambda variant: manifests.stage_url(
+            cascade=cascade, namespace=namespace, variant=variant, port=port
+        ),
     )
     serving = [p for p in pods if p.serving]
     live = {p.uid for p in pods}

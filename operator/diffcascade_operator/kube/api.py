@@ -32,6 +32,8 @@ class KubeApi:
         self.client = client or kubernetes.client.ApiClient()
         self.core = kubernetes.client.CoreV1Api(self.client)
         self.apps = kubernetes.client.AppsV1Api(self.client)
+        self.policy = kubernetes.client.PolicyV1Api(self.client)
+        self.networking = kubernetes.client.NetworkingV1Api(self.client)
 
     # --- children -------------------------------------------------------------------------
 
@@ -45,6 +47,10 @@ class KubeApi:
             self.core.create_namespaced_secret(ns, cast(Any, manifest))
         elif kind == "ConfigMap":
             self.core.create_namespaced_config_map(ns, cast(Any, manifest))
+        elif kind == "PodDisruptionBudget":
+            self.policy.create_namespaced_pod_disruption_budget(ns, cast(Any, manifest))
+        elif kind == "NetworkPolicy":
+            self.networking.create_namespaced_network_policy(ns, cast(Any, manifest))
         else:
             raise ValueError(f"cannot create a {kind}")
 
@@ -62,6 +68,10 @@ class KubeApi:
             self.core.patch_namespaced_secret(name, ns, manifest)
         elif kind == "ConfigMap":
             self.core.patch_namespaced_config_map(name, ns, manifest)
+        elif kind == "PodDisruptionBudget":
+            self.policy.patch_namespaced_pod_disruption_budget(name, ns, manifest)
+        elif kind == "NetworkPolicy":
+            self.networking.patch_namespaced_network_policy(name, ns, manifest)
         else:
             raise ValueError(f"cannot patch a {kind}")
 
@@ -98,7 +108,7 @@ class KubeApi:
         return str(token) if token else None
 
     def prune(self, namespace: str, cascade: str, *, owner_uid: str, keep: set[str]) -> list[str]:
-        """Delete this cascade's Deployments/Services of variants no longer in its spec.
+        """Delete this cascade's per-variant children of variants no longer in its spec.
 
         Only children whose controlling owner is `owner_uid`; labels are matched here too, so
         a server that ignores label selectors cannot widen the deletion.
@@ -112,6 +122,16 @@ class KubeApi:
                 self.apps.delete_namespaced_deployment,
             ),
             ("Service", self.core.list_namespaced_service, self.core.delete_namespaced_service),
+            (
+                "PodDisruptionBudget",
+                self.policy.list_namespaced_pod_disruption_budget,
+                self.policy.delete_namespaced_pod_disruption_budget,
+            ),
+            (
+                "NetworkPolicy",
+                self.networking.list_namespaced_network_policy,
+                self.networking.delete_namespaced_network_policy,
+            ),
         )
         for kind, list_fn, delete_fn in kinds:
             for item in list_fn(namespace, label_selector=selector).items:
@@ -141,3 +161,59 @@ class KubeApi:
 
     def patch_configmap_data(self, namespace: str, name: str, body: dict[str, Any]) -> None:
         self.core.patch_namespaced_config_map(name, namespace, body)
+
+    # --- profiling Jobs (kube.profiling) --------------------------------------------------
+
+    def _plain(self, obj: Any) -> dict[str, Any]:
+        """A client model as the JSON dict the API server sent (camelCase keys)."""
+        plain = self.client.sanitize_for_serialization(obj)  # type: ignore[no-untyped-call]
+        return cast(dict[str, Any], plain)
+
+    def read_secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
+        """A Secret's data, decoded (the storage Secret of a remote curve file); None if absent."""
+        try:
+            secret = self.core.read_namespaced_secret(name, namespace)
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        data = {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+        raw = getattr(secret, "string_data", None) or {}  # an emulator may keep stringData
+        return {**{str(k): str(v) for k, v in raw.items()}, **data}
+
+    def read_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self._plain(self.core.read_namespaced_config_map(name, namespace))
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        batch = kubernetes.client.BatchV1Api(self.client)
+        try:
+            return self._plain(batch.read_namespaced_job(name, namespace))
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def create_job(self, manifest: Manifest) -> None:
+        """Create a Job; one that exists already (a restart between create and read) is kept."""
+        batch = kubernetes.client.BatchV1Api(self.client)
+        try:
+            batch.create_namespaced_job(manifest["metadata"]["namespace"], cast(Any, manifest))
+        except kubernetes.client.ApiException as exc:
+            if exc.status != 409:
+                raise
+
+    def job_pods(self, namespace: str, job: str) -> list[dict[str, Any]]:
+        """The Job's pods (label `job-name`, set by the Job controller; matched here too)."""
+        selector = f"job-name={job}"
+        items = self.core.list_namespaced_pod(namespace, label_selector=selector).items
+        pods = [self._plain(p) for p in items]
+        return [
+            p
+            for p in pods
+            if ((p.get("metadata") or {}).get("labels") or {}).get("job-name") == job
+        ]

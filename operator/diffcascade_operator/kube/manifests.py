@@ -10,7 +10,6 @@ changes the pod template, so plan changes never roll pods.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Mapping
@@ -18,9 +17,12 @@ from typing import Any
 
 from diffcascade_worker.protocol import PATH_HEALTHZ, PATH_METRICS, PATH_READYZ
 
+from diffcascade_operator.kube.model_storage import add_storage, variant_storage
 from diffcascade_operator.kube.settings import OperatorSettings
 from diffcascade_operator.plan import Plan
 from diffcascade_operator.spec import CascadeSpec, VariantSpec
+from diffcascade_operator.worker_config import WorkerFiles, serve_args
+from diffcascade_operator.worker_config import plan_id as plan_id  # one meaning everywhere
 
 Manifest = dict[str, Any]
 
@@ -33,6 +35,10 @@ PLAN_KEY = "plan.json"
 PORT_NAME = "http"
 PRESTOP_SLEEP_S = 5  # lets endpoints drop the pod before SIGTERM starts the drain
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+# The root filesystem is read-only; these emptyDirs are where a worker may write.
+TMP_DIR = "/tmp"
+CACHE_DIR = "/var/cache/diffcascade"  # model hub, torch and compiler caches
+WORKER_UID = 10001  # the worker image's user (worker/Dockerfile)
 
 
 def deployment_name(cascade: str, variant: str) -> str:
@@ -104,31 +110,99 @@ def _gpu_resources(variant: VariantSpec) -> dict[str, Any]:
     return {k: v for k, v in resources.items() if v}
 
 
+def _with_default_requests(resources: dict[str, Any], settings: OperatorSettings) -> dict[str, Any]:
+    """Every worker asks for some CPU and memory, so the scheduler and eviction see it."""
+    out = {k: dict(v) for k, v in resources.items()}
+    requests = out.setdefault("requests", {})
+    limits = out.get("limits", {})
+    for name, default in (
+        ("cpu", settings.worker_cpu_request),
+        ("memory", settings.worker_memory_request),
+    ):
+        # A limit alone makes Kubernetes request the same amount: keep that behaviour.
+        if name not in requests and name not in limits:
+            requests[name] = default
+    return out
+
+
+def pod_security_context() -> dict[str, Any]:
+    """Pod Security "restricted": non-root, the runtime's default seccomp profile."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": WORKER_UID,
+        "runAsGroup": WORKER_UID,
+        "fsGroup": WORKER_UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def writable_env() -> list[dict[str, Any]]:
+    """Point HOME, temp files and caches at the writable volumes."""
+    return [
+        {"name": "HOME", "value": TMP_DIR},
+        {"name": "TMPDIR", "value": TMP_DIR},
+        {"name": "XDG_CACHE_HOME", "value": CACHE_DIR},
+        {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+        {"name": "TORCH_HOME", "value": f"{CACHE_DIR}/torch"},
+    ]
+
+
+def harden_pod(pod: dict[str, Any]) -> dict[str, Any]:
+    """Make a worker pod spec pass Pod Security "restricted" with a read-only root: security
+    contexts on every container (init containers too), writable emptyDirs for /tmp and the
+    caches with the env pointing there (what a container sets itself wins), and no
+    service-account token (workers never call the Kubernetes API)."""
+    pod["automountServiceAccountToken"] = False
+    pod["enableServiceLinks"] = False
+    pod["securityContext"] = {**pod_security_context(), **pod.get("securityContext", {})}
+    volumes = pod.setdefault("volumes", [])
+    names = {v["name"] for v in volumes}
+    for name in ("tmp", "cache"):
+        if name not in names:
+            volumes.append({"name": name, "emptyDir": {}})
+    for container in [*pod.get("initContainers", []), *pod.get("containers", [])]:
+        container["securityContext"] = {
+            **container_security_context(),
+            **container.get("securityContext", {}),
+        }
+        env = container.setdefault("env", [])
+        own = {e.get("name") for e in env}
+        env += [e for e in writable_env() if e["name"] not in own]
+        mounts = container.setdefault("volumeMounts", [])
+        paths = {m["mountPath"] for m in mounts}
+        for name, path in (("tmp", TMP_DIR), ("cache", CACHE_DIR)):
+            if path not in paths:
+                mounts.append({"name": name, "mountPath": path})
+    return pod
+
+
 def _worker_args(
     *, cascade: str, namespace: str, spec: CascadeSpec, index: int, port: int
 ) -> list[str]:
     variant = spec.variants[index]
-    args = [
+    paths = variant_storage(variant)  # storage URIs -> where the fetch init container puts them
+    return [
         "serve",
-        f"--model={variant.model}",
-        f"--variant={variant.name}",
-        f"--cascade={cascade}",
-        "--host=0.0.0.0",
-        f"--port={port}",
-        f"--steps={variant.steps}",
-        f"--guidance={variant.guidance_scale:g}",
-        f"--size={variant.resolution}",
-        f"--slo-seconds={spec.slo_seconds:g}",
-        f"--max-batch-wait-ms={spec.control.max_batch_wait_ms:g}",
-        f"--drain-timeout={drain_seconds(spec)}",
+        *serve_args(
+            spec,
+            variant.name,
+            cascade=cascade,
+            files=WorkerFiles(model=paths.model, gate=paths.gate),
+            stage_url=lambda name: stage_url(
+                cascade=cascade, namespace=namespace, variant=name, port=port
+            ),
+            extra={"host": "0.0.0.0", "port": str(port), "drain-timeout": str(drain_seconds(spec))},
+        ),
     ]
-    if variant.gate is not None and variant.gate.discriminator is not None:
-        args.append(f"--gate={variant.gate.discriminator.uri}")
-    if index + 1 < len(spec.variants):
-        nxt = spec.variants[index + 1].name
-        url = stage_url(cascade=cascade, namespace=namespace, variant=nxt, port=port)
-        args.append(f"--next-stage-url={url}")
-    return args
 
 
 def _probe(path: str, *, period: int, failures: int, timeout: int = 2) -> dict[str, Any]:
@@ -170,9 +244,10 @@ def deployment(
     ]
     # Startup may include downloading and loading a multi-GB pipeline.
     startup_budget = max(600.0, 4 * variant.profile.startup_seconds)
+    image = variant.image or spec.worker_image or settings.worker_image
     container: dict[str, Any] = {
         "name": "worker",
-        "image": variant.image or spec.worker_image or settings.worker_image,
+        "image": image,
         "command": ["diffcascade-worker"],
         "args": _worker_args(
             cascade=cascade, namespace=namespace, spec=spec, index=index, port=port
@@ -184,9 +259,7 @@ def deployment(
         "startupProbe": _probe(PATH_HEALTHZ, period=10, failures=math.ceil(startup_budget / 10)),
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SLEEP_S)]}}},
     }
-    resources = _gpu_resources(variant)
-    if resources:
-        container["resources"] = resources
+    container["resources"] = _with_default_requests(_gpu_resources(variant), settings)
     pod_labels = labels(cascade, variant.name)
     return {
         "apiVersion": "apps/v1",
@@ -213,10 +286,18 @@ def deployment(
                         "prometheus.io/path": PATH_METRICS,
                     },
                 },
-                "spec": {
-                    "containers": [container],
-                    "terminationGracePeriodSeconds": grace_period_seconds(spec, settings),
-                },
+                "spec": harden_pod(
+                    add_storage(
+                        {
+                            "containers": [container],
+                            "terminationGracePeriodSeconds": grace_period_seconds(spec, settings),
+                        },
+                        spec=spec,
+                        variant=variant,
+                        image=image,
+                        settings=settings,
+                    )
+                ),
             },
         },
     }
@@ -235,6 +316,72 @@ def service(*, cascade: str, namespace: str, variant: str, settings: OperatorSet
         "spec": {
             "selector": selector(cascade, variant),
             "ports": [{"name": PORT_NAME, "port": port, "targetPort": PORT_NAME}],
+        },
+    }
+
+
+def disruption_budget(*, cascade: str, namespace: str, variant: str) -> Manifest:
+    """A node drain takes one pod of a variant at a time; a pod that is not ready anyway may
+    always go, so a broken pod never blocks a drain."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {
+            "name": deployment_name(cascade, variant),
+            "namespace": namespace,
+            "labels": labels(cascade, variant),
+        },
+        "spec": {
+            "selector": {"matchLabels": selector(cascade, variant)},
+            "maxUnavailable": 1,
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
+    }
+
+
+def operator_peer(settings: OperatorSettings) -> dict[str, Any] | None:
+    """The operator's pods as a NetworkPolicy peer (None when it does not know where it runs,
+    e.g. outside the cluster)."""
+    if not settings.operator_namespace or not settings.operator_pod_labels:
+        return None
+    return {
+        "namespaceSelector": {
+            "matchLabels": {"kubernetes.io/metadata.name": settings.operator_namespace}
+        },
+        "podSelector": {"matchLabels": dict(settings.operator_pod_labels)},
+    }
+
+
+def network_policy(
+    *, cascade: str, namespace: str, spec: CascadeSpec, index: int, settings: OperatorSettings
+) -> Manifest:
+    """Who may reach a variant's port (generation and config API alike): the operator, the
+    scrapers, and the earlier stages of this cascade (a plan may skip a stage); the entry
+    stage also takes its clients (any source unless settings.client_peers names them)."""
+    variant = spec.variants[index].name
+    peers: list[dict[str, Any]] = [
+        {"podSelector": {"matchLabels": selector(cascade, earlier.name)}}
+        for earlier in spec.variants[:index]
+    ]
+    operator = operator_peer(settings)
+    if operator is not None:
+        peers.append(operator)
+    peers += [dict(p) for p in settings.scraper_peers]
+    rule: dict[str, Any] = {"ports": [{"protocol": "TCP", "port": settings.worker_port}]}
+    if index > 0 or settings.client_peers:
+        rule["from"] = peers + [dict(p) for p in settings.client_peers]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": deployment_name(cascade, variant),
+            "namespace": namespace,
+            "labels": labels(cascade, variant),
+        },
+        "spec": {
+            "podSelector": {"matchLabels": selector(cascade, variant)},
+            "policyTypes": ["Ingress"],
+            "ingress": [rule],
         },
     }
 
@@ -294,12 +441,6 @@ def configmap(*, cascade: str, namespace: str, plan: Plan, spec: CascadeSpec) ->
     }
 
 
-def plan_id(plan: Plan) -> str:
-    """A short hash of what the workers are told (replicas excluded: they are not told)."""
-    payload = [(a.name, a.batch_size, a.threshold, a.next_stage) for a in plan.variants]
-    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:12]
-
-
 def children(
     *,
     cascade: str,
@@ -319,6 +460,13 @@ def children(
         out.append(
             service(cascade=cascade, namespace=namespace, variant=variant.name, settings=settings)
         )
+        if settings.network_policy:
+            out.append(
+                network_policy(
+                    cascade=cascade, namespace=namespace, spec=spec, index=index, settings=settings
+                )
+            )
+        out.append(disruption_budget(cascade=cascade, namespace=namespace, variant=variant.name))
         out.append(
             deployment(
                 cascade=cascade,

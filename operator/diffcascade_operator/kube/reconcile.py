@@ -22,22 +22,29 @@ import kopf
 import kubernetes
 
 from diffcascade_operator import control
-from diffcascade_operator.kube import manifests
+from diffcascade_operator.kube import curve_files, manifests, profiling
 from diffcascade_operator.kube import status as st
-from diffcascade_operator.kube.actuator import ApplyResult, PodInfo, apply_plan, next_stage_urls
+from diffcascade_operator.kube.actuator import ApplyResult, PodInfo, apply_plan
 from diffcascade_operator.kube.api import KubeApi
+from diffcascade_operator.kube.policy import ForbiddenSpec, check_spec
 from diffcascade_operator.kube.settings import OperatorSettings
+from diffcascade_operator.live_profiles import (
+    LiveProfileError,
+    LiveProfileResult,
+    LiveProfileSettings,
+)
 from diffcascade_operator.metrics_source import (
     FallbackSource,
     MetricsReading,
     MetricsSource,
     PrometheusSource,
     ScrapeSource,
+    live_source_for,
 )
 from diffcascade_operator.plan import Plan, SolverStatus
 from diffcascade_operator.profiles import CascadeProfiles, ProfileError, profiles_from_spec
 from diffcascade_operator.snapshot import DemandSample, Snapshot
-from diffcascade_operator.snapshot_builder import build_snapshot, read_metrics
+from diffcascade_operator.snapshot_builder import build_snapshot, read_live_profiles, read_metrics
 from diffcascade_operator.spec import CascadeSpec, InvalidSpec, parse_spec
 
 logger = logging.getLogger(__name__)
@@ -67,18 +74,23 @@ class CascadeState:
     source_url: str | None = None
     endpoints: dict[str, list[str]] = field(default_factory=dict)
     restored: bool = False
-    rerouted: bool = False  # a plan sent some stage to other than the spec's next variant
+    profiling: profiling.ProfilingMemo = field(default_factory=profiling.ProfilingMemo)
 
 
 def new_state(settings: OperatorSettings) -> CascadeState:
     return CascadeState(history=deque(maxlen=settings.demand_history))
 
 
-def load_spec(state: CascadeState, raw: Mapping[str, Any]) -> tuple[CascadeSpec, CascadeProfiles]:
-    """Parse and profile the spec, once per distinct spec; InvalidSpec says what is wrong."""
+def load_spec(
+    state: CascadeState, raw: Mapping[str, Any], *, settings: OperatorSettings | None = None
+) -> tuple[CascadeSpec, CascadeProfiles]:
+    """Parse, policy-check (with `settings`) and profile the spec, once per distinct spec;
+    InvalidSpec (ForbiddenSpec for the policy) says what is wrong."""
     digest = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
     if digest != state.spec_hash or state.spec is None or state.profiles is None:
         spec = parse_spec(dict(raw))
+        if settings is not None:
+            check_spec(spec, settings)
         try:
             profiles = profiles_from_spec(spec)
         except (ProfileError, OSError) as exc:
@@ -95,20 +107,27 @@ def invalid_spec_status(
     error: InvalidSpec, *, status: Mapping[str, Any], now: float, generation: int | None
 ) -> dict[str, Any]:
     """Conditions for a spec that cannot be used; everything that runs is left alone."""
-    message = f"spec is invalid, nothing was changed: {error}"
+    reason = spec_error_reason(error)
+    what = "not allowed by the operator's policy" if reason == "Forbidden" else "invalid"
+    message = f"spec is {what}, nothing was changed: {error}"
     return {
         "observedGeneration": generation,
         "conditions": st.merge_conditions(
             status.get("conditions"),
             [
-                st.Condition(st.READY, "False", "InvalidSpec", message),
-                st.Condition(st.DEGRADED, "True", "InvalidSpec", message),
-                st.Condition(st.PROGRESSING, "False", "InvalidSpec", message),
+                st.Condition(st.READY, "False", reason, message),
+                st.Condition(st.DEGRADED, "True", reason, message),
+                st.Condition(st.PROGRESSING, "False", reason, message),
             ],
             now=now,
             generation=generation,
         ),
     }
+
+
+def spec_error_reason(error: InvalidSpec) -> str:
+    """The condition and Event reason of an unusable spec."""
+    return "Forbidden" if isinstance(error, ForbiddenSpec) else "InvalidSpec"
 
 
 def starting_plan(
@@ -181,11 +200,17 @@ def apply_children(
     name, namespace = meta["name"], meta["namespace"]
     generation = meta.get("generation")
     status = body.get("status") or {}
+    measuring = profiling_gate(api=api, body=body, state=state, settings=settings, now=now)
+    if measuring is not None and not measuring.done:
+        waiting = profiling.waiting_status(measuring, status=status, now=now, generation=generation)
+        return waiting, measuring.take_events()
+    raw = measuring.raw if measuring is not None else body.get("spec") or {}
     try:
-        spec, profiles = load_spec(state, body.get("spec") or {})
+        raw = curve_files.resolve_curve_uris(raw, api=api, namespace=namespace)
+        spec, profiles = load_spec(state, raw, settings=settings)
     except InvalidSpec as exc:
         return invalid_spec_status(exc, status=status, now=now, generation=generation), [
-            ("Warning", "InvalidSpec", str(exc))
+            ("Warning", spec_error_reason(exc), str(exc)[:1000])
         ]
     plan = starting_plan(state, spec=spec, profiles=profiles, status=status, now=now)
     results = ensure_children(
@@ -227,7 +252,26 @@ def apply_children(
             now=now,
             generation=generation,
         )
-    return fields, events
+    fields = profiling.with_profiling_status(fields, measuring, now=now, generation=generation)
+    return fields, [*(measuring.take_events() if measuring is not None else []), *events]
+
+
+def profiling_gate(
+    *,
+    api: KubeApi,
+    body: Mapping[str, Any],
+    state: CascadeState,
+    settings: OperatorSettings,
+    now: float,
+) -> profiling.ProfilingOutcome | None:
+    """Where `profile.auto` profiling stands (None: no variant asks for it); see kube.profiling."""
+
+    def adopt(manifest: dict[str, Any], owner: Mapping[str, Any]) -> None:
+        kopf.adopt(manifest, owner=owner)  # type: ignore[arg-type]
+
+    return profiling.gate(
+        api=api, body=body, memo=state.profiling, settings=settings, now=now, adopt=adopt
+    )
 
 
 def metrics_source(
@@ -306,8 +350,15 @@ def control_step(
     name, namespace = meta["name"], meta["namespace"]
     generation = meta.get("generation")
     status = body.get("status") or {}
+    measuring = profiling_gate(api=api, body=body, state=state, settings=settings, now=now)
+    if measuring is not None and not measuring.done:
+        waiting = profiling.waiting_status(measuring, status=status, now=now, generation=generation)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        return StepOutcome(waiting, measuring.take_events(), 0.0, elapsed_ms)
+    raw = measuring.raw if measuring is not None else body.get("spec") or {}
     try:
-        spec, profiles = load_spec(state, body.get("spec") or {})
+        raw = curve_files.resolve_curve_uris(raw, api=api, namespace=namespace)
+        spec, profiles = load_spec(state, raw, settings=settings)
     except InvalidSpec as exc:
         fields = invalid_spec_status(exc, status=status, now=now, generation=generation)
         return StepOutcome(fields, [], 0.0, (time.perf_counter() - started) * 1000)
@@ -349,9 +400,20 @@ def control_step(
         reading, note = read_metrics(source, cascade=name, variants=variants, namespace=namespace)
     metrics_error = note if reading is None else None
     fallback_reason = note if reading is not None else None
+    live, live_note = live_step(
+        source,
+        reading,
+        profiles=profiles,
+        cascade=name,
+        namespace=namespace,
+        plan=previous,
+        variants=variants,
+        settings=settings,
+    )
+    events.extend(drift_events(live, live_note, status=status))
     snapshot = build_snapshot(
         spec=spec,
-        profiles=profiles,
+        profiles=live.profiles,
         now=now,
         history=state.history,
         reading=reading,
@@ -361,15 +423,6 @@ def control_step(
     plan = decide(snapshot, state.plan)  # None until a plan was decided or restored
     decide_ms = (time.perf_counter() - decide_started) * 1000
 
-    next_urls = next_stage_urls(
-        plan,
-        spec=spec,
-        cascade=name,
-        namespace=namespace,
-        port=settings.worker_port,
-        rerouted=state.rerouted,
-    )
-    state.rerouted = state.rerouted or any(u is not None for u in next_urls.values())
     apply_error: str | None = None
     result: ApplyResult | None = None
     try:
@@ -385,7 +438,7 @@ def control_step(
             acknowledged=state.acknowledged,
             configmap_plan_id=state.configmap_plan_id,
             timeout_s=settings.push_timeout_s,
-            next_urls=next_urls,
+            port=settings.worker_port,
         )
         state.configmap_plan_id = manifests.plan_id(plan)
     except kubernetes.client.ApiException as exc:
@@ -415,10 +468,66 @@ def control_step(
         generation=generation,
         now=now,
         history=state.history,
+        live=live,
+        live_note=live_note,
     )
+    fields = profiling.with_profiling_status(fields, measuring, now=now, generation=generation)
+    if measuring is not None:
+        events[:0] = measuring.take_events()
     operator_ms = (time.perf_counter() - started) * 1000 - decide_ms
     RECENT_STEPS.append((operator_ms, decide_ms))
     return StepOutcome(fields, events, decide_ms, operator_ms)
+
+
+def live_settings(settings: OperatorSettings) -> LiveProfileSettings:
+    """The operator's live-profile settings; the defaults (and a warning) when they are unusable."""
+    try:
+        return LiveProfileSettings(
+            window_s=settings.live_window_s,
+            min_samples=settings.live_min_samples,
+            drift_distance=settings.drift_distance,
+            drift_min_samples=settings.drift_min_samples,
+        )
+    except LiveProfileError as exc:
+        logger.warning("DIFFCASCADE_LIVE_*/DRIFT_* settings ignored: %s", exc)
+        return LiveProfileSettings()
+
+
+def live_step(
+    source: MetricsSource | None,
+    reading: MetricsReading | None,
+    *,
+    profiles: CascadeProfiles,
+    cascade: str,
+    namespace: str,
+    variants: Sequence[str],
+    plan: Plan | None,
+    settings: OperatorSettings,
+) -> tuple[LiveProfileResult, str | None]:
+    """The live profiles to plan with; histograms are read from the source that just answered
+    (no second wait on a Prometheus that is down), none when no source did."""
+    return read_live_profiles(
+        live_source_for(source, reading),
+        profiles=profiles,
+        cascade=cascade,
+        variants=variants,
+        plan=plan,
+        settings=live_settings(settings),
+        namespace=namespace,
+    )
+
+
+def drift_events(
+    live: LiveProfileResult, note: str | None, *, status: Mapping[str, Any]
+) -> list[Event]:
+    """An Event when ProfileDrift turns True, and one when it turns back to False."""
+    before = st.condition_status(status.get("conditions"), st.PROFILE_DRIFT)
+    cond = st.profile_drift_condition(live, note=note)
+    if cond.status == "True" and before != "True":
+        return [("Warning", "ProfileDrift", cond.message[:1000])]
+    if cond.status == "False" and before == "True":
+        return [("Normal", "ProfileRecovered", cond.message[:1000])]
+    return []
 
 
 def step_status(
@@ -434,8 +543,12 @@ def step_status(
     generation: int | None,
     now: float,
     history: Sequence[DemandSample],
+    live: LiveProfileResult | None = None,
+    live_note: str | None = None,
 ) -> dict[str, Any]:
     conds: list[st.Condition] = []
+    if live is not None:
+        conds.append(st.profile_drift_condition(live, note=live_note))
     if reading is not None:
         message = f"{reading.demand_qps:.2f} qps"
         if fallback_reason:
@@ -548,7 +661,9 @@ def step_status(
     if last is not None:
         demand["measuredQps"] = round(last.qps, 3)
         demand["at"] = st.iso(last.at)
+    extra: dict[str, Any] = {"profiles": st.profiles_doc(live)} if live is not None else {}
     return {
+        **extra,
         "observedGeneration": generation,
         "demand": demand,
         "allocation": st.allocation_doc(plan, ready=ready, plan_id=plan_id),

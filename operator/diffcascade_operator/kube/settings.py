@@ -6,15 +6,36 @@ both from `diffcascade operator` and from `kopf run`/KopfRunner.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+from diffcascade_operator.snapshot_builder import DEMAND_HISTORY
 
 ENV_PREFIX = "DIFFCASCADE_"
 
 
 def _flag(value: str) -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _words(value: str | None) -> tuple[str, ...]:
+    """A space- or comma-separated list."""
+    return tuple(w for w in (value or "").replace(",", " ").split() if w)
+
+
+def _json(key: str, value: str | None, kind: type) -> Any:
+    if value is None:
+        return None
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{ENV_PREFIX}{key} is not JSON: {exc}") from None
+    if not isinstance(parsed, kind):
+        raise ValueError(f"{ENV_PREFIX}{key} must be a JSON {kind.__name__}")
+    return parsed
 
 
 @dataclass(frozen=True)
@@ -28,8 +49,34 @@ class OperatorSettings:
     worker_image: str = "ghcr.io/diffcascade/worker:0.1.0"
     worker_port: int = 8000
     push_timeout_s: float = 2.0  # per config PUT to a pod
-    demand_history: int = 120  # demand samples kept per cascade
+    demand_history: int = DEMAND_HISTORY  # demand samples kept per cascade
     drain_margin_s: float = 30.0  # added to 2 x SLO for terminationGracePeriodSeconds
+    # Live profiles (issue 9): the histograms' sliding window and the ProfileDrift rule (see
+    # live_profiles.LiveProfileSettings for what each means).
+    live_window_s: float = 120.0
+    live_min_samples: int = 30
+    drift_distance: float = 0.1
+    drift_min_samples: int = 200
+    # Image registries (or registry/path prefixes) a cascade's image fields may name; empty:
+    # any. The operator's own worker_image is always allowed: the admin chose it.
+    allowed_image_registries: tuple[str, ...] = ()
+    # Secrets a cascade's env and storage may read (e.g. a model hub token); None: any (no
+    # chart), the chart's default: none, since the operator, not the author, creates the pods.
+    allowed_env_secrets: tuple[str, ...] | None = None
+    # Requests a worker container gets for what its variant's resources leave unset.
+    worker_cpu_request: str = "1"
+    worker_memory_request: str = "4Gi"
+    # A NetworkPolicy per variant: only the operator, earlier stages (the entry stage: the
+    # clients), and the scrapers may reach a worker's port.
+    network_policy: bool = True
+    operator_namespace: str | None = None  # where the operator's pods run (its peer)
+    # (The dict-valued fields stay out of the hash, so settings remain hashable.)
+    operator_pod_labels: dict[str, str] = field(default_factory=dict, hash=False)
+    # NetworkPolicyPeers of Prometheus, and of who may call the entry stage (empty: any).
+    scraper_peers: tuple[dict[str, Any], ...] = field(default=(), hash=False)
+    client_peers: tuple[dict[str, Any], ...] = field(default=(), hash=False)
+    # Model cache PVC for cascades without spec.storage.cacheClaimName; None: an emptyDir.
+    model_cache_claim: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
@@ -53,4 +100,27 @@ class OperatorSettings:
             push_timeout_s=float(get("PUSH_TIMEOUT_SECONDS") or base.push_timeout_s),
             demand_history=int(get("DEMAND_HISTORY") or base.demand_history),
             drain_margin_s=float(get("DRAIN_MARGIN_SECONDS") or base.drain_margin_s),
+            live_window_s=float(get("LIVE_WINDOW_SECONDS") or base.live_window_s),
+            live_min_samples=int(get("LIVE_MIN_SAMPLES") or base.live_min_samples),
+            drift_distance=float(get("DRIFT_DISTANCE") or base.drift_distance),
+            drift_min_samples=int(get("DRIFT_MIN_SAMPLES") or base.drift_min_samples),
+            allowed_image_registries=_words(get("ALLOWED_IMAGE_REGISTRIES")),
+            allowed_env_secrets=(
+                _words(env[ENV_PREFIX + "ALLOWED_ENV_SECRETS"])
+                if ENV_PREFIX + "ALLOWED_ENV_SECRETS" in env
+                else None
+            ),
+            worker_cpu_request=get("WORKER_CPU_REQUEST") or base.worker_cpu_request,
+            worker_memory_request=get("WORKER_MEMORY_REQUEST") or base.worker_memory_request,
+            network_policy=_flag(get("NETWORK_POLICY") or "true"),
+            operator_namespace=get("OPERATOR_NAMESPACE"),
+            operator_pod_labels={
+                str(k): str(v)
+                for k, v in (
+                    _json("OPERATOR_POD_LABELS", get("OPERATOR_POD_LABELS"), dict) or {}
+                ).items()
+            },
+            scraper_peers=tuple(_json("SCRAPER_PEERS", get("SCRAPER_PEERS"), list) or ()),
+            client_peers=tuple(_json("CLIENT_PEERS", get("CLIENT_PEERS"), list) or ()),
+            model_cache_claim=get("MODEL_CACHE_CLAIM"),
         )

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from diffcascade_operator.live_profiles import LiveProfileResult, VariantLiveSummary
 from diffcascade_operator.plan import Plan, SolverOutcome, SolverStatus, VariantAllocation
 
 ConditionStatus = Literal["True", "False", "Unknown"]
@@ -22,6 +23,7 @@ DEGRADED = "Degraded"
 METRICS_AVAILABLE = "MetricsAvailable"
 ALLOCATION_SOLVED = "AllocationSolved"
 THRESHOLD_APPLIED = "ThresholdApplied"
+PROFILE_DRIFT = "ProfileDrift"
 CONDITION_TYPES = (
     READY,
     PROGRESSING,
@@ -29,6 +31,7 @@ CONDITION_TYPES = (
     METRICS_AVAILABLE,
     ALLOCATION_SOLVED,
     THRESHOLD_APPLIED,
+    PROFILE_DRIFT,
 )
 
 
@@ -170,6 +173,93 @@ def plan_from_status(status: Mapping[str, Any] | None) -> Plan | None:
         )
     except (KeyError, TypeError, ValueError):
         return None
+
+
+# --- live profiles (issue 9) -------------------------------------------------------------------
+
+
+def profile_drift_condition(result: LiveProfileResult, *, note: str | None = None) -> Condition:
+    """ProfileDrift: True when a gated stage's live f(t) departs from its spec profile by more
+    than the stated distance (judged only with enough samples in the window)."""
+    window = f"{result.window_s:.0f} s window"
+    judged = [s for s in result.summaries if s.drift is not None]
+    if result.drift is True:
+        worst = max(
+            (s for s in judged if s.drift), key=lambda s: s.max_distance or 0.0, default=None
+        )
+        assert worst is not None
+        return Condition(
+            PROFILE_DRIFT,
+            "True",
+            "CurveDrifted",
+            f"{worst.variant}: live f(t) departs from the profile by {worst.max_distance:.3f} "
+            f"> {result.drift_distance:.3f} over the {window} ({worst.samples} samples); "
+            f"planning with the blended curve (live weight {worst.weight:.2f})",
+        )
+    if result.drift is False:
+        distance = result.max_distance or 0.0
+        return Condition(
+            PROFILE_DRIFT,
+            "False",
+            "WithinProfile",
+            f"max |f_live - f_profile| {distance:.3f} <= {result.drift_distance:.3f} over the "
+            f"{window} ({result.samples} samples)",
+        )
+    if result.source is None:
+        return Condition(
+            PROFILE_DRIFT,
+            "Unknown",
+            "NoObservations",
+            f"no histograms: {note or 'no source'}"[:1000],
+        )
+    distance_text = "" if result.max_distance is None else f", distance {result.max_distance:.3f}"
+    return Condition(
+        PROFILE_DRIFT,
+        "Unknown",
+        "NotEnoughSamples",
+        f"{result.samples} gate samples in the {window}{distance_text}; drift is judged from "
+        f"{result.drift_min_samples}",
+    )
+
+
+def _put(doc: dict[str, Any], key: str, value: float | None, digits: int = 4) -> None:
+    # Absent (not null) when unknown: a merge patch treats null as "delete".
+    if value is not None:
+        doc[key] = round(value, digits)
+
+
+def _variant_profile_doc(summary: VariantLiveSummary) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "name": summary.variant,
+        "samples": summary.samples,
+        "weight": round(summary.weight, 4),
+        "batches": summary.batches,
+        "latencySource": summary.latency_source,
+        "batchLatencyMs": {str(b): round(ms, 1) for b, ms in sorted(summary.latency_ms.items())},
+    }
+    _put(doc, "threshold", summary.threshold)
+    _put(doc, "fLive", summary.f_live)
+    _put(doc, "fProfile", summary.f_profile)
+    _put(doc, "fPlanned", summary.f_planned)
+    _put(doc, "maxDistance", summary.max_distance)
+    if summary.drift is not None:
+        doc["drift"] = summary.drift
+    return doc
+
+
+def profiles_doc(result: LiveProfileResult) -> dict[str, Any]:
+    """`status.profiles`: the live curve's summary (samples, f at the threshold, max distance)."""
+    doc: dict[str, Any] = {
+        "source": result.source or "None",
+        "windowSeconds": round(result.window_s, 1),
+        "samples": result.samples,
+        "driftDistance": result.drift_distance,
+        "variants": [_variant_profile_doc(s) for s in result.summaries],
+    }
+    _put(doc, "maxDistance", result.max_distance)
+    if result.drift is not None:
+        doc["drift"] = result.drift
+    return doc
 
 
 def diff_patch(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 import click
-from diffcascade_worker.protocol import parse_size
+import httpx
+from diffcascade_worker.protocol import PATH_GENERATIONS, parse_size
 from rich.console import Console
 
 from diffcascade_operator.loadgen.client import generations_url
@@ -19,6 +20,22 @@ from diffcascade_operator.loadgen.schedule import (
     poisson_schedule,
     trace_schedule,
 )
+from diffcascade_operator.local.router import PATH_PLAN
+
+DEFAULT_SLO_SECONDS = 5.0
+
+
+def cascade_slo(url: str) -> tuple[float, str]:
+    """The SLO a local run (`diffcascade up`) serves with, from its plan URL; else the default."""
+    base = generations_url(url).removesuffix(PATH_GENERATIONS)
+    try:
+        answer = httpx.get(f"{base}{PATH_PLAN}", timeout=3.0, trust_env=False)
+        slo = answer.json().get("slo_seconds") if answer.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, AttributeError):
+        slo = None
+    if isinstance(slo, int | float) and slo > 0:
+        return float(slo), "the cascade's"
+    return DEFAULT_SLO_SECONDS, "default: no cascade SLO at this URL"
 
 
 def build_schedule(
@@ -60,7 +77,11 @@ def build_schedule(
     type=click.Path(path_type=Path, dir_okay=False),
     help="Write the JSON report here; plots and a per-request CSV go beside it.",
 )
-@click.option("--slo-seconds", default=5.0, show_default=True, type=click.FloatRange(min=0.001))
+@click.option(
+    "--slo-seconds",
+    type=click.FloatRange(min=0.001),
+    help="Latency SLO [default: the cascade's, read from a local run's URL; else 5]",
+)
 @click.option(
     "--timeout",
     "timeout_s",
@@ -87,7 +108,7 @@ def load(
     prompts: Path | None,
     url: str,
     report_path: Path | None,
-    slo_seconds: float,
+    slo_seconds: float | None,
     timeout_s: float,
     max_inflight: int,
     size: str | None,
@@ -113,6 +134,9 @@ def load(
     except PromptsError as exc:
         raise click.UsageError(str(exc)) from None
     console = Console(stderr=True)
+    if slo_seconds is None:
+        slo_seconds, source = cascade_slo(url)
+        console.print(f"SLO {slo_seconds:g} s ({source}; --slo-seconds overrides)")
     outcome = asyncio.run(
         replay(
             url=url,

@@ -54,6 +54,7 @@ class LoadResult:
     records: tuple[RequestRecord, ...]
     started_at: float  # wall clock (epoch seconds)
     wall_s: float
+    interrupted: bool = False  # stopped early: only the arrivals sent so far are recorded
 
 
 def generations_url(url: str) -> str:
@@ -75,8 +76,14 @@ async def run_load(
     save_images: Path | None = None,
     save_count: int = 0,
     on_record: Callable[[RequestRecord], None] | None = None,
+    stop: asyncio.Event | None = None,
 ) -> LoadResult:
-    """Replay `schedule` against `url`; ends at most ~2 x timeout_s after the last arrival."""
+    """Replay `schedule` against `url`; ends at most ~2 x timeout_s after the last arrival.
+
+    Setting `stop` ends it early: nothing more is sent, requests in flight are cancelled, and
+    the result covers what was sent (`interrupted`).
+    """
+    stop = stop or asyncio.Event()
     endpoint = generations_url(url)
     if save_images is not None:
         await asyncio.to_thread(save_images.mkdir, parents=True, exist_ok=True)
@@ -115,11 +122,16 @@ async def run_load(
                 slots.release()
 
         tasks: list[asyncio.Task[None]] = []
+        sent: set[int] = set()
         send_deadline = schedule.duration_s + timeout_s
         for index, arrival in enumerate(schedule.arrivals):
             delay = start + arrival.at_s - loop.time()
             if delay > 0:
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
+            if stop.is_set():
+                break
+            sent.add(index)
             try:
                 async with asyncio.timeout(max(0.0, start + send_deadline - loop.time())):
                     await slots.acquire()
@@ -128,19 +140,32 @@ async def run_load(
                 continue
             tasks.append(asyncio.create_task(send(index, arrival)))
         if tasks:
-            # Each request carries its own timeout; this is a backstop.
-            _, pending = await asyncio.wait(tasks, timeout=timeout_s + 5.0)
+            # Each request carries its own timeout; this is a backstop (and `stop` cuts it).
+            all_done = asyncio.ensure_future(asyncio.wait(tasks))
+            stopping = asyncio.ensure_future(stop.wait())
+            await asyncio.wait(
+                {all_done, stopping}, timeout=timeout_s + 5.0, return_when=asyncio.FIRST_COMPLETED
+            )
+            all_done.cancel()
+            stopping.cancel()
+            pending = [task for task in tasks if not task.done()]
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         wall_s = loop.time() - start
+    interrupted = stop.is_set()
     seen = {r.index for r in records}
     for index, arrival in enumerate(schedule.arrivals):
-        if index not in seen:
+        if index not in seen and (index in sent or not interrupted):
             finish(_failed(index, arrival, wall_s, "cancelled"))
     records.sort(key=lambda r: r.index)
     return LoadResult(
-        url=url, schedule=schedule, records=tuple(records), started_at=started_at, wall_s=wall_s
+        url=url,
+        schedule=schedule,
+        records=tuple(records),
+        started_at=started_at,
+        wall_s=wall_s,
+        interrupted=interrupted,
     )
 
 

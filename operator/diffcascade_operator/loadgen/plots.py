@@ -5,8 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from diffcascade_operator.loadgen.client import RequestRecord
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def _buckets(records: Sequence[RequestRecord], width_s: float) -> list[list[RequestRecord]]:
@@ -66,6 +70,19 @@ def plot_latency(
 def plot_deferral(
     records: Sequence[RequestRecord], *, path: Path, bucket_s: float = 5.0, title: str = ""
 ) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = deferral_figure(records, bucket_s=bucket_s, title=title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def deferral_figure(
+    records: Sequence[RequestRecord], *, bucket_s: float = 5.0, title: str = ""
+) -> Figure:
+    """Deferred share (left axis) and offered QPS (right axis, from 0) per bucket."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,12 +108,19 @@ def plot_deferral(
     twin = ax.twinx()
     twin.step(starts, offered, where="post", color="tab:gray", linestyle=":", label="offered QPS")
     twin.set_ylabel("offered QPS")
+    twin.set_ylim(0, max(offered, default=0.0) * 1.05 or 1.0)  # rates start at 0
     lines = ax.get_legend_handles_labels()
     more = twin.get_legend_handles_labels()
-    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left", fontsize=8)
-    ax.set_title(title or f"Deferral over time ({bucket_s:g} s buckets)")
+    # Above the axes, not over them: a legend inside would hide the steps it describes.
+    ax.legend(
+        lines[0] + more[0],
+        lines[1] + more[1],
+        loc="lower left",
+        bbox_to_anchor=(0.0, 1.01),
+        ncol=2,
+        fontsize=8,
+        frameon=False,
+    )
+    ax.set_title(title or f"Deferral over time ({bucket_s:g} s buckets)", loc="right")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig

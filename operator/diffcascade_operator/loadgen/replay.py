@@ -5,6 +5,7 @@ Shared by `diffcascade load` and `diffcascade demo` (which runs it inside its ow
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,9 @@ async def replay(
     save_images: Path | None = None,
     save_count: int = 0,
     console: Console | None = None,
+    stop: asyncio.Event | None = None,
 ) -> ReplayOutcome:
+    """Send, then write the report, CSV and plots; `stop` ends it early with a partial report."""
     console = console or Console(stderr=True)
     counts = {"ok": 0, "errors": 0, "deferred": 0}
     with Progress(
@@ -78,6 +81,7 @@ async def replay(
             save_images=save_images,
             save_count=save_count,
             on_record=on_record,
+            stop=stop,
         )
     report = summarize(result, slo_seconds=slo_seconds)
     plots: tuple[Path, ...] = ()
@@ -90,12 +94,9 @@ async def replay(
             plot_latency(result.records, slo_seconds=slo_seconds, path=folder / "latency.png"),
             plot_deferral(result.records, path=folder / "deferral.png"),
         )
-        report["files"] = {
-            "requests": str(records_path),
-            "plots": [str(p) for p in plots],
-            "images": str(save_images) if save_images is not None else None,
-        }
         write_records(result.records, records_path)
+        images = await asyncio.to_thread(_pngs, save_images) if save_images is not None else []
+        report["files"] = listed_files(folder, [report_path, records_path, *plots, *images])
         write_report(report, report_path)
     return ReplayOutcome(
         report=report,
@@ -104,6 +105,21 @@ async def replay(
         plots=plots,
         records_path=records_path,
     )
+
+
+def _pngs(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.png"))
+
+
+def listed_files(folder: Path, paths: Sequence[Path]) -> list[str]:
+    """Every file a run wrote, relative to its report's folder when inside it."""
+    listed = []
+    for path in paths:
+        try:
+            listed.append(str(path.relative_to(folder)))
+        except ValueError:
+            listed.append(str(path))
+    return sorted(set(listed))
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
@@ -115,7 +131,13 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
 
     errors = ", ".join(f"{k}={v}" for k, v in report["errors"].items()) or "none"
     share = report["light_share"]
+    head = (
+        [f"interrupted after {report['wall_s']:.0f} s: the report covers the requests sent"]
+        if report.get("interrupted")
+        else []
+    )
     return [
+        *head,
         f"requests {report['total']}  succeeded {report['succeeded']}  late {report['late']}  "
         f"errors {report['error_total']} ({errors})",
         f"SLO {report['slo_seconds']:g}s  violation ratio "

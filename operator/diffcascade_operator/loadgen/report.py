@@ -48,6 +48,7 @@ def summarize(result: LoadResult, *, slo_seconds: float) -> dict[str, Any]:
         "scheduled_duration_s": rounded(result.schedule.duration_s, 3),
         "wall_s": rounded(result.wall_s, 3),
         "started_at": result.started_at,
+        "interrupted": result.interrupted,
         "slo_seconds": slo_seconds,
         "total": total,
         "succeeded": len(ok),

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from diffcascade_worker.protocol import PATH_CONFIG, PATH_READYZ, CascadeConfigUpdate
+from diffcascade_worker.protocol import PATH_CONFIG, PATH_READYZ
 
 from diffcascade_operator.local.router import Router
 from diffcascade_operator.local.supervisor import Supervisor, Worker, WorkerState
-from diffcascade_operator.plan import Plan, VariantAllocation
+from diffcascade_operator.plan import Plan
 from diffcascade_operator.spec import CascadeSpec, VariantSpec
+from diffcascade_operator.worker_config import WorkerFiles, config_body, serve_args
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,6 @@ class LocalActuator:
         self.router = router
         self.base_dir = base_dir
         self.plan: Plan | None = None
-        self.plan_id = "initial"
         self._headers = {"Authorization": f"Bearer {token}"}
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(5.0), trust_env=False)
         self._lock = asyncio.Lock()
@@ -91,71 +91,29 @@ class LocalActuator:
     def _variant(self, name: str) -> VariantSpec:
         return next(v for v in self.spec.variants if v.name == name)
 
-    def _next_stage_url(self, name: str) -> str | None:
-        """Where `name` defers to: the plan's `next_stage`, or the next variant before any plan."""
-        allocation = self._allocation(name)
-        if allocation is not None:
-            return self.router.stage_url(allocation.next_stage) if allocation.next_stage else None
-        names = [v.name for v in self.spec.variants]
-        index = names.index(name)
-        return self.router.stage_url(names[index + 1]) if index + 1 < len(names) else None
-
-    def _allocation(self, name: str) -> VariantAllocation | None:
-        if self.plan is None:
-            return None
-        return next((a for a in self.plan.variants if a.name == name), None)
-
     def desired_config(self, name: str) -> dict[str, Any]:
-        """The config document every ready worker of `name` should hold."""
-        allocation = self._allocation(name)
-        update = CascadeConfigUpdate(
-            batch_size=allocation.batch_size if allocation else 1,
-            max_batch_wait_ms=self.spec.control.max_batch_wait_ms,
-            next_stage_url=self._next_stage_url(name) or "",
-            slo_seconds=self.spec.slo_seconds,
-            plan_id=self.plan_id,
-        )
-        if allocation is not None and allocation.threshold is not None:
-            update = update.model_copy(update={"threshold": allocation.threshold})
-        return update.model_dump(exclude_none=True)
+        """The config document every ready worker of `name` should hold (the body the
+        Kubernetes actuator pushes too: `worker_config.config_body`)."""
+        return config_body(self.plan, name, spec=self.spec, stage_url=self.router.stage_url)
 
     def _serve_args(self, variant: VariantSpec) -> list[str]:
-        allocation = self._allocation(variant.name)
-        args = [
-            "--model",
-            resolve_local_path(variant.model, base_dir=self.base_dir),
-            "--steps",
-            str(variant.steps),
-            "--guidance",
-            f"{variant.guidance_scale:g}",
-            "--size",
-            str(variant.resolution),
-            "--batch-size",
-            str(allocation.batch_size if allocation else 1),
-            "--max-batch-wait-ms",
-            f"{self.spec.control.max_batch_wait_ms:g}",
-            "--slo-seconds",
-            f"{self.spec.slo_seconds:g}",
-            "--threads",
-            "1",
-            "--log-level",
-            "warning",
-        ]
-        if allocation is not None and allocation.threshold is not None:
-            args += ["--threshold", f"{allocation.threshold:g}"]
         gate = variant.gate.discriminator if variant.gate else None
-        if gate is not None:
-            args += ["--gate", resolve_local_path(gate.uri, base_dir=self.base_dir)]
-        next_url = self._next_stage_url(variant.name)
-        if next_url is not None:
-            args += ["--next-stage-url", next_url]
-        return args
+        files = WorkerFiles(
+            model=resolve_local_path(variant.model, base_dir=self.base_dir),
+            gate=resolve_local_path(gate.uri, base_dir=self.base_dir) if gate else None,
+        )
+        return serve_args(
+            self.spec,
+            variant.name,
+            cascade=self.supervisor.cascade,
+            files=files,
+            stage_url=self.router.stage_url,
+            extra={"threads": "1", "log-level": "warning"},
+        )
 
     async def apply(self, plan: Plan) -> None:
         """Scale every variant to the plan and push its config to every ready worker."""
         async with self._lock:
-            if not plan.same_allocation(self.plan):
-                self.plan_id = f"plan-{int(plan.decided_at * 1000)}"
             self.plan = plan
             for allocation in plan.variants:
                 self._scale(allocation.name, allocation.replicas)

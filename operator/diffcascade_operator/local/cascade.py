@@ -19,6 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from diffcascade_operator.kube.status import profile_drift_condition, profiles_doc
+from diffcascade_operator.live_profiles import LiveProfileResult, LiveProfileSettings
 from diffcascade_operator.local.actuator import LocalActuator
 from diffcascade_operator.local.prometheus import LocalPrometheus, prometheus_binary
 from diffcascade_operator.local.router import Router
@@ -30,11 +32,12 @@ from diffcascade_operator.metrics_source import (
     MetricsSource,
     PrometheusSource,
     ScrapeSource,
+    live_source_for,
 )
 from diffcascade_operator.plan import Plan
 from diffcascade_operator.profiles import CascadeProfiles
 from diffcascade_operator.snapshot import DemandSample
-from diffcascade_operator.snapshot_builder import build_snapshot, read_metrics
+from diffcascade_operator.snapshot_builder import build_snapshot, read_live_profiles, read_metrics
 from diffcascade_operator.spec import CascadeSpec
 
 logger = logging.getLogger(__name__)
@@ -79,7 +82,7 @@ class LocalCascade:
         self.on_update = on_update
         self.variants = [v.name for v in spec.variants]
         token = secrets.token_urlsafe(24)
-        self.router = Router(variants=self.variants, plan=self.state)
+        self.router = Router(variants=self.variants, plan=self.state, cascade=name)
         self.supervisor = Supervisor(
             cascade=name,
             log_dir=run_dir / "logs",
@@ -110,6 +113,9 @@ class LocalCascade:
         self.ticks = 0
         self.last_reading: MetricsReading | None = None
         self.metrics_error: str | None = None
+        self.live_settings = LiveProfileSettings()
+        self.live: LiveProfileResult | None = None
+        self.live_note: str | None = None
         self.started_at = time.time()
         self._demand: deque[DemandSample] = deque()
         self._tasks: list[asyncio.Task[None]] = []
@@ -258,9 +264,19 @@ class LocalCascade:
             self.last_reading = reading
         while self._demand and now - self._demand[0].at > _DEMAND_WINDOW_S:
             self._demand.popleft()
+        live, self.live_note = await asyncio.to_thread(
+            read_live_profiles,
+            live_source_for(self.source, reading),
+            profiles=self.profiles,
+            cascade=self.name,
+            variants=self.variants,
+            plan=self.plan,
+            settings=self.live_settings,
+        )
+        self.live = live
         snapshot = build_snapshot(
             spec=self.spec,
-            profiles=self.profiles,
+            profiles=live.profiles,
             now=now,
             history=self._demand,
             reading=reading,
@@ -328,6 +344,7 @@ class LocalCascade:
             }
         return {
             "cascade": self.name,
+            "slo_seconds": self.spec.slo_seconds,  # `diffcascade load` takes its SLO from here
             "running": running and not self._stopped,
             "pid": os.getpid(),
             "entry_url": self.router.url,
@@ -341,8 +358,19 @@ class LocalCascade:
                 "prometheus": self.prometheus.url if self.prometheus else None,
             },
             "plan": plan_to_dict(self.plan) if self.plan else None,
+            "profiles": self._profiles_state(),
             "replicas": replicas,
             "history": list(self.history),
+        }
+
+    def _profiles_state(self) -> dict[str, Any] | None:
+        """The document a cluster writes to status.profiles, plus the ProfileDrift condition."""
+        if self.live is None:
+            return None
+        cond = profile_drift_condition(self.live, note=self.live_note)
+        return {
+            **profiles_doc(self.live),
+            "condition": {"status": cond.status, "reason": cond.reason, "message": cond.message},
         }
 
 

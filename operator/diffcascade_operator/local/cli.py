@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
+import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import click
 import httpx
 from rich.console import Console
 
 from diffcascade_operator.local.runner import (
+    EXIT_INTERRUPTED,
+    Interrupted,
     LocalRunError,
     default_cascade_file,
+    load_cascade_file,
     prepare,
     run_cascade,
 )
@@ -32,6 +37,30 @@ def _cascade_file(file: Path | None) -> Path:
             "no FILE given and examples/tiny-cpu.yaml not found from here; give a cascade FILE"
         )
     return found
+
+
+def claim_run_dir(preferred: Path, *, explicit: bool) -> tuple[Path, IO[str]]:
+    """A run folder no other `up` holds: `preferred`, else `preferred-2`, `-3`, ...
+
+    Held by an advisory lock on `.lock` for as long as the returned handle stays open (the
+    process's life), so two runs never write the same state file and logs.
+    """
+    for attempt in range(1, 100):
+        folder = preferred if attempt == 1 else preferred.with_name(f"{preferred.name}-{attempt}")
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = (folder / ".lock").open("a", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            if explicit:
+                raise click.ClickException(
+                    f"run folder {folder} is in use by another `diffcascade up`; "
+                    "give another --run-dir"
+                ) from None
+            continue
+        return folder, handle
+    raise click.ClickException(f"every run folder {preferred}[-N] is in use")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -81,24 +110,28 @@ def up(
     them and sets the threshold. One entry URL serves the OpenAI-style images API.
     """
     from diffcascade_operator.local.cascade import LocalCascade
+    from diffcascade_operator.local.demo import build_missing_tiny_models
 
     _setup_logging(verbose)
     path = _cascade_file(file)
     if not path.is_file():
         raise click.UsageError(f"cascade file {path} does not exist")
     base_dir = Path.cwd()
+    console = Console()
     try:
+        _, declared = load_cascade_file(path)
+        build_missing_tiny_models(declared, base_dir=base_dir, console=console)
         name, spec, profiles = prepare(path, base_dir=base_dir)
     except LocalRunError as exc:
         raise click.ClickException(str(exc)) from None
-    console = Console()
     view = LiveView(console, live=live)
+    folder, _lock = claim_run_dir(run_dir or DEFAULT_RUNS_DIR / name, explicit=run_dir is not None)
     try:
         cascade = LocalCascade(
             name=name,
             spec=spec,
             profiles=profiles,
-            run_dir=run_dir or DEFAULT_RUNS_DIR / name,
+            run_dir=folder,
             base_dir=base_dir,
             host=host,
             port=port,
@@ -116,12 +149,15 @@ def up(
         click.echo(f"  state: {cascade.state_path}   logs: {cascade.supervisor.log_dir}")
         view.start()
 
+    code = 0
     try:
         asyncio.run(
             run_cascade(
                 cascade, ready_timeout_s=ready_timeout, on_ready=on_ready, duration_s=duration
             )
         )
+    except Interrupted:
+        code = EXIT_INTERRUPTED  # the same as `demo` stopped by Ctrl-C
     except OSError as exc:
         raise click.ClickException(
             f"cannot start the router on {host}:{port}: {exc} (another port: --port N, any: 0)"
@@ -131,13 +167,16 @@ def up(
     finally:
         view.stop()
     click.echo(f"diffcascade: cascade {name} stopped; no worker left running")
+    if code:
+        raise SystemExit(code)
 
 
 def _local_states(runs_dir: Path, name: str | None) -> list[Path]:
+    """State files of local runs, newest first (of NAME's runs: NAME, NAME-2, ... folders)."""
+    found = runs_dir.glob(f"*/{STATE_FILE}")
     if name is not None:
-        path = runs_dir / name / STATE_FILE
-        return [path] if path.is_file() else []
-    return sorted(runs_dir.glob(f"*/{STATE_FILE}"), key=lambda p: p.stat().st_mtime, reverse=True)
+        found = (p for p in found if re.fullmatch(rf"{re.escape(name)}(-\d+)?", p.parent.name))
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
 def _fresh_local_state(path: Path) -> dict[str, Any]:
@@ -185,6 +224,11 @@ def status(
 ) -> None:
     """Print the current plan of a local run (`up`) or of a cascade on a cluster."""
     console = Console()
+    if (cluster or namespace is not None) and name is None and state_file is None:
+        raise click.UsageError(
+            "--cluster/--namespace read one cascade: give its NAME "
+            "(`kubectl get dcas -A` lists them)"
+        )
     if state_file is None and not cluster and namespace is None:
         found = _local_states(runs_dir, name)
         if found:
@@ -212,7 +256,8 @@ def status(
         render_cluster_status,
     )
 
-    assert name is not None
+    if name is None:
+        raise click.UsageError("give the cascade's NAME")
     try:
         obj = read_cascade(name, namespace or "default", context=context)
     except ClusterStatusError as exc:

@@ -32,7 +32,11 @@ def read_cascade(name: str, namespace: str, *, context: str | None = None) -> di
         try:
             config.load_incluster_config()  # type: ignore[no-untyped-call]
         except ConfigException as exc:
-            raise ClusterStatusError(f"no Kubernetes configuration found: {exc}") from None
+            raise ClusterStatusError(
+                f"no Kubernetes configuration found ({exc}): point KUBECONFIG at one (or pass "
+                "--context); for a run on this machine, start `diffcascade up` and run "
+                "`diffcascade status` without --cluster/--namespace"
+            ) from None
     api = client.CustomObjectsApi()
     try:
         obj = api.get_namespaced_custom_object(
@@ -41,11 +45,14 @@ def read_cascade(name: str, namespace: str, *, context: str | None = None) -> di
     except ApiException as exc:
         if exc.status == 404:
             raise ClusterStatusError(
-                f"no DiffusionCascade {name!r} in namespace {namespace!r}"
+                f"no DiffusionCascade {name!r} in namespace {namespace!r} "
+                "(`kubectl get dcas -A` lists them)"
             ) from None
         raise ClusterStatusError(f"reading {namespace}/{name}: {exc.status} {exc.reason}") from None
     except Exception as exc:  # connection refused, DNS, TLS: urllib3's errors
-        raise ClusterStatusError(f"cannot reach the cluster: {exc}") from None
+        raise ClusterStatusError(
+            f"cannot reach the cluster: {exc} (check `kubectl cluster-info`, or --context)"
+        ) from None
     if not isinstance(obj, dict):
         raise ClusterStatusError(f"unexpected answer for {namespace}/{name}: {type(obj).__name__}")
     return obj
@@ -53,6 +60,30 @@ def read_cascade(name: str, namespace: str, *, context: str | None = None) -> di
 
 def _num(value: Any, fmt: str = ".2f") -> str:
     return "-" if value is None else format(value, fmt)
+
+
+def profiles_lines(doc: dict[str, Any] | None) -> list[str]:
+    """`status.profiles` (or a local run's `profiles`) as one line per gated stage."""
+    if not doc:
+        return []
+    lines = []
+    drifted = doc.get("drift")
+    verdict = "DRIFT" if drifted else ("within profile" if drifted is False else "not judged")
+    for v in doc.get("variants") or []:
+        latency = f"latency {v.get('latencySource', '-')} ({v.get('batches', 0)} batches)"
+        if v.get("fProfile") is None and v.get("maxDistance") is None:
+            lines.append(f"{v.get('name')}: {latency}")
+            continue
+        lines.append(
+            f"{v.get('name')}: {v.get('samples', 0)} samples in "
+            f"{_num(doc.get('windowSeconds'), '.0f')} s ({doc.get('source', '-')}); "
+            f"f({_num(v.get('threshold'), '.3f')}) live "
+            f"{_num(v.get('fLive'))} profile {_num(v.get('fProfile'))} planned "
+            f"{_num(v.get('fPlanned'))} (live weight {_num(v.get('weight'))}); max distance "
+            f"{_num(v.get('maxDistance'), '.3f')} vs {_num(doc.get('driftDistance'), '.2f')}: "
+            f"{verdict}; {latency}"
+        )
+    return lines
 
 
 def render_cluster_status(obj: dict[str, Any]) -> RenderableType:
@@ -86,6 +117,8 @@ def render_cluster_status(obj: dict[str, Any]) -> RenderableType:
         f"decided {alloc.get('decidedAt', '-')}",
     )
     grid.add_row("reason", str(alloc.get("reason", "-")))
+    for line in profiles_lines(status.get("profiles")):
+        grid.add_row("profiles", line)
     table = Table(show_edge=False, header_style="bold")
     for column in ("variant", "ready/desired", "batch", "threshold"):
         table.add_column(column, justify="left" if column == "variant" else "right")

@@ -22,11 +22,25 @@ from typing import Any
 from rich.console import Console
 
 from diffcascade_operator.loadgen.prompts import load_prompts
-from diffcascade_operator.loadgen.replay import ReplayOutcome, replay, summary_lines
+from diffcascade_operator.loadgen.replay import (
+    ReplayOutcome,
+    listed_files,
+    replay,
+    summary_lines,
+)
+from diffcascade_operator.loadgen.report import write_report
 from diffcascade_operator.loadgen.schedule import trace_schedule
+from diffcascade_operator.local.actuator import missing_models
 from diffcascade_operator.local.plan_plot import plot_plan
-from diffcascade_operator.local.runner import LocalRunError, prepare, run_cascade
-from diffcascade_operator.local.view import LiveView
+from diffcascade_operator.local.runner import (
+    EXIT_INTERRUPTED,
+    Interrupted,
+    LocalRunError,
+    prepare,
+    run_cascade,
+)
+from diffcascade_operator.local.view import LiveView, demand_text
+from diffcascade_operator.spec import CascadeSpec
 
 MODELS = {"heavy": Path(".models") / "tiny-heavy", "light": Path(".models") / "tiny-light"}
 
@@ -75,6 +89,15 @@ def ensure_tiny_models(base_dir: Path, console: Console) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def build_missing_tiny_models(spec: CascadeSpec, *, base_dir: Path, console: Console) -> None:
+    """`up` on a cascade over the tiny models (the default example) builds them, as `demo` does;
+    any other missing model is left for `prepare` to report."""
+    tiny = {str((base_dir / rel).resolve()) for rel in MODELS.values()}
+    missing = missing_models(spec, base_dir=base_dir)
+    if missing and all(any(m.path.startswith(t) for t in tiny) for m in missing):
+        ensure_tiny_models(base_dir, console)
+
+
 def run_demo(
     *,
     out_dir: Path | None,
@@ -117,6 +140,8 @@ def run_demo(
             f"(trace {schedule.name}, {len(prompts)} DiffusionDB prompts)"
         )
 
+    stop = asyncio.Event()  # set by the first Ctrl-C: the replay ends with a partial report
+
     async def body(url: str) -> ReplayOutcome:
         return await replay(
             url=url,
@@ -129,15 +154,22 @@ def run_demo(
             save_images=out / "images",
             save_count=save_count,
             console=console,
+            stop=stop,
         )
 
     console.print(f"starting cascade {name} ({', '.join(cascade.variants)}); outputs in {out}")
-    outcome: ReplayOutcome | None = asyncio.run(
-        run_cascade(cascade, ready_timeout_s=300.0, on_ready=on_ready, body=body)
-    )
+    code = 0
+    try:
+        outcome: ReplayOutcome | None = asyncio.run(
+            run_cascade(
+                cascade, ready_timeout_s=300.0, on_ready=on_ready, body=body, body_stop=stop
+            )
+        )
+    except Interrupted as stopped:
+        outcome, code = stopped.result, EXIT_INTERRUPTED
     if outcome is None:
         console.print("interrupted: shut down cleanly, no worker left running")
-        return 130
+        return EXIT_INTERRUPTED
     plan_png = plot_plan(
         list(cascade.history),
         started_at=outcome.report["started_at"],
@@ -146,20 +178,38 @@ def run_demo(
     )
     if plan_png is not None:
         outcome = replace(outcome, plots=(*outcome.plots, plan_png))
+    _list_every_file(outcome, out)
     _print_summary(console, outcome, cascade.history, started)
+    if code:
+        console.print("interrupted: partial report written, no worker left running")
+        return code
     return 0 if outcome.report["succeeded"] else 1
+
+
+def _list_every_file(outcome: ReplayOutcome, out: Path) -> None:
+    """report.json names every file of the run: the replay's, plan.png, state and logs."""
+    if outcome.report_path is None:
+        return
+    written = [p for p in out.rglob("*") if p.is_file()]
+    outcome.report["files"] = listed_files(out, [outcome.report_path, *written])
+    write_report(outcome.report, outcome.report_path)
 
 
 def _print_summary(console: Console, outcome: ReplayOutcome, history: Any, started: float) -> None:
     console.rule("report")
     for line in summary_lines(outcome.report):
         console.print(line, highlight=False)
-    console.print("plan changes (demand -> threshold, replicas):", highlight=False)
+    console.print("plan changes:", highlight=False)
     for change in history:
-        replicas = " ".join(f"{k}={v}" for k, v in change["replicas"].items())
+        batches = change.get("batch_sizes") or {}
+        replicas = " ".join(
+            f"{k}={v}" + (f" b{batches[k]}" if batches.get(k) else "")
+            for k, v in change["replicas"].items()
+        )
+        demand = demand_text(change["demand_qps"], change.get("measured_qps"))
         console.print(
-            f"  {change['demand_qps']:6.2f} qps -> t={change['threshold']:.3f} "
-            f"(defer {change['defer_fraction']:.0%}), {replicas}",
+            f"  {demand}: t={change['threshold']:.3f} defer {change['defer_fraction']:.0%} "
+            f"{replicas}",
             highlight=False,
         )
     folder = outcome.report_path.parent if outcome.report_path else None

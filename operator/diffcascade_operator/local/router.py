@@ -1,9 +1,11 @@
 """The one entry URL of a local cascade: a small proxy in front of each stage's replicas.
 
-`POST /v1/images/generations` goes to the first stage; `POST /stages/<variant>/v1/images/
-generations` to a later one, which is the next-stage URL the workers defer to, so replicas can
-come and go without reconfiguring the stage before. Each request goes to the ready replica with
-the fewest outstanding requests.
+`POST /v1/images/generations` goes to the first stage (or, with `model: <variant>`, to that
+stage alone); `POST /stages/<variant>/v1/images/generations` to a later one, which is the
+next-stage URL the workers defer to, so replicas can come and go without reconfiguring the
+stage before. Each request goes to the ready replica with the fewest outstanding requests.
+Streamed answers (`stream: true`, server-sent events) are relayed event by event.
+`GET /v1/models` lists the cascade and its variants.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import socket
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import AsyncIterator, Callable, Generator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,13 +28,18 @@ from diffcascade_worker.protocol import (
     HEADER_RETRY_AFTER,
     PATH_GENERATIONS,
     PATH_HEALTHZ,
+    PATH_MODELS,
     PATH_READYZ,
     ErrorDetail,
     ErrorResponse,
+    ModelCard,
+    ModelList,
 )
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 PATH_PLAN = "/v1/cascade/plan"
@@ -89,9 +97,46 @@ class _QuietServer(uvicorn.Server):
 
 
 def _error(status: int, message: str, *, code: str, retry_after: int | None = None) -> Response:
-    body = ErrorResponse(error=ErrorDetail(message=message, type="router_error", code=code))
+    """OpenAI's error envelope, so SDK clients raise the matching exception class."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = ErrorResponse(error=ErrorDetail(message=message, type=kind, code=code))
     headers = {HEADER_RETRY_AFTER: str(retry_after)} if retry_after is not None else None
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+async def _http_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return _error(exc.status_code, str(exc.detail), code="unknown_url")
+
+
+def _requested_model(body: bytes) -> str | None:
+    """The request's `model`, if it is a JSON object naming one (the worker validates the rest)."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return None
+    model = parsed.get("model") if isinstance(parsed, dict) else None
+    return model if isinstance(model, str) else None
+
+
+async def _relay(
+    upstream: httpx.Response, variant: str, release: Callable[[], None]
+) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in upstream.aiter_raw():
+            yield chunk
+    except httpx.HTTPError as exc:  # the stage went away mid-stream: end with an error event
+        detail = ErrorDetail(message=f"stage {variant}: {exc}", type="server_error", code=None)
+        yield f"event: error\ndata: {ErrorResponse(error=detail).model_dump_json()}\n\n".encode()
+    finally:
+        release()
+
+
+async def _close(upstream: httpx.Response, release: Callable[[], None]) -> None:
+    try:
+        await upstream.aclose()
+    finally:
+        release()
 
 
 class Router:
@@ -103,8 +148,10 @@ class Router:
         variants: Iterable[str],
         plan: Callable[[], dict[str, Any]],
         forward_timeout_s: float = 120.0,
+        cascade: str | None = None,
     ) -> None:
         self.variants = list(variants)
+        self.cascade = cascade
         self.pools = {v: ReplicaPool() for v in self.variants}
         self._plan = plan
         self._timeout = httpx.Timeout(forward_timeout_s, connect=5.0)
@@ -118,8 +165,9 @@ class Router:
             Route(PATH_READYZ, self._readyz, methods=["GET"]),
             Route(PATH_HEALTHZ, self._healthz, methods=["GET"]),
             Route(PATH_PLAN, self._plan_route, methods=["GET"]),
+            Route(PATH_MODELS, self._models, methods=["GET"]),
         ]
-        self.app = Starlette(routes=routes)
+        self.app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
 
     @property
     def entry_variant(self) -> str:
@@ -170,7 +218,10 @@ class Router:
             await self._client.aclose()
 
     async def _entry(self, request: Request) -> Response:
-        return await self._forward(self.entry_variant, request)
+        body = await request.body()
+        model = _requested_model(body)
+        variant = model if model in self.pools else self.entry_variant
+        return await self._forward(variant, request)
 
     async def _stage(self, request: Request) -> Response:
         variant = request.path_params["variant"]
@@ -190,23 +241,56 @@ class Router:
                 break
             tried.append(replica.url)
             replica.outstanding += 1
+            released = False
+
+            def release(replica: _Replica = replica) -> None:
+                nonlocal released
+                if not released:
+                    released = True
+                    replica.outstanding -= 1
+
             try:
-                upstream = await self._client.post(
-                    replica.url + PATH_GENERATIONS, content=body, headers=headers
+                upstream = await self._client.send(
+                    self._client.build_request(
+                        "POST", replica.url + PATH_GENERATIONS, content=body, headers=headers
+                    ),
+                    stream=True,
                 )
             except (httpx.ConnectError, httpx.RemoteProtocolError):
+                release()
                 continue
             except httpx.TimeoutException:
+                release()
                 return _error(504, f"stage {variant} did not answer in time", code="timeout")
             except httpx.HTTPError as exc:
+                release()
                 return _error(502, f"stage {variant}: {exc}", code="bad_gateway")
-            finally:
-                replica.outstanding -= 1
             returned = {
                 k: v for k in _RETURNED_HEADERS if (v := upstream.headers.get(k)) is not None
             }
-            return Response(upstream.content, status_code=upstream.status_code, headers=returned)
+            if upstream.headers.get("content-type", "").startswith("text/event-stream"):
+                # Relay events as they come: the light partial must not wait for the heavy.
+                return StreamingResponse(
+                    _relay(upstream, variant, release),
+                    status_code=upstream.status_code,
+                    headers={**returned, "Cache-Control": "no-cache"},
+                    background=BackgroundTask(_close, upstream, release),
+                )
+            try:
+                content = await upstream.aread()
+            except httpx.HTTPError as exc:
+                return _error(502, f"stage {variant}: {exc}", code="bad_gateway")
+            finally:
+                await upstream.aclose()
+                release()
+            return Response(content, status_code=upstream.status_code, headers=returned)
         return _error(503, f"no ready replica of stage {variant}", code="no_replica", retry_after=1)
+
+    async def _models(self, request: Request) -> Response:
+        cards = [ModelCard(id=v, kind="variant") for v in self.variants]
+        if self.cascade is not None:
+            cards.insert(0, ModelCard(id=self.cascade, kind="cascade"))
+        return JSONResponse(ModelList(data=cards).model_dump())
 
     async def _readyz(self, request: Request) -> Response:
         ready = self.ready()

@@ -24,9 +24,23 @@ from diffcascade_operator.spec import CascadeSpec, InvalidSpec, load_manifest
 DEFAULT_EXAMPLE = Path("examples") / "tiny-cpu.yaml"
 
 
+#: Exit code of `up` and `demo` stopped by Ctrl-C or SIGTERM (128 + SIGINT, as shells report).
+EXIT_INTERRUPTED = 130
+#: How long a body (the demo's replay) gets to wind down after the first signal.
+BODY_STOP_S = 15.0
+
+
 class LocalRunError(ValueError):
     """A cascade that cannot be run locally (bad file, missing models, workers that crash);
     the message says why and what to do."""
+
+
+class Interrupted(Exception):
+    """Stopped by a signal after a clean shutdown; `result` is what the body wound down to."""
+
+    def __init__(self, result: Any = None) -> None:
+        super().__init__("interrupted")
+        self.result = result
 
 
 def default_cascade_file() -> Path | None:
@@ -80,10 +94,13 @@ async def run_cascade(
     on_ready: Callable[[str], None],
     body: Callable[[str], Awaitable[Any]] | None = None,
     duration_s: float | None = None,
+    body_stop: asyncio.Event | None = None,
 ) -> Any:
     """Start, wait until ready, run `body(url)` (or wait for a signal / duration), stop.
 
-    Returns body's result; None when stopped by a signal or the duration.
+    Returns body's result; None when the duration ran out. A signal raises `Interrupted` once
+    everything is stopped; with `body_stop`, the first signal sets it and the body gets
+    `BODY_STOP_S` to return what it has (a partial report), which `Interrupted` carries.
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -104,11 +121,15 @@ async def run_cascade(
         main = asyncio.create_task(_main(cascade, ready_timeout_s, on_ready, body, duration_s))
         stopper = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({main, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if main in done:
+        interrupted = main not in done
+        if interrupted and body_stop is not None:
+            body_stop.set()
+            await asyncio.wait({main}, timeout=BODY_STOP_S)
+        if main.done() and not (interrupted and main.exception() is not None):
             result = main.result()
         else:
             main.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, LocalRunError):
                 await main
         stopper.cancel()
     finally:
@@ -116,6 +137,8 @@ async def run_cascade(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         atexit.unregister(cascade.shutdown_now)
+    if interrupted:
+        raise Interrupted(result)
     return result
 
 

@@ -11,6 +11,7 @@ children are started from the event loop's thread only. `shutdown()` is idempote
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -21,6 +22,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import IO, Any
+
+from diffcascade_worker.protocol import EXIT_DRAIN_INCOMPLETE
+
+logger = logging.getLogger(__name__)
 
 # argv: PARENT_PID PROGRAM ARGS...: ask for SIGTERM when the parent dies, make sure it has not
 # died already, then become PROGRAM.
@@ -153,7 +158,8 @@ class Supervisor:
         self._closed = False
 
     def launch(self, variant: str, args: list[str]) -> Worker:
-        """Start one worker of `variant`; `args` are its `serve` options besides host/port."""
+        """Start one worker of `variant`; `args` are its `serve` options besides host, port and
+        drain (`worker_config.serve_args`, which names the variant and the cascade)."""
         if self._closed:
             raise RuntimeError("the supervisor is shut down")
         self._serial += 1
@@ -162,10 +168,6 @@ class Supervisor:
         argv = [
             *worker_command(),
             "serve",
-            "--variant",
-            variant,
-            "--cascade",
-            self.cascade,
             "--host",
             self.host,
             "--port",
@@ -206,9 +208,17 @@ class Supervisor:
         for worker in self.workers:
             if worker.state is WorkerState.EXITED:
                 continue
-            if worker.process.poll() is not None:
+            code = worker.process.poll()
+            if code is not None:
                 if worker.alive:
                     died.append(worker)
+                elif code == EXIT_DRAIN_INCOMPLETE:
+                    logger.warning(
+                        "%s: drain timeout (%g s) passed with requests unfinished; see %s",
+                        worker.name,
+                        self.drain_timeout_s,
+                        worker.log_path,
+                    )
                 worker.state = WorkerState.EXITED
             elif (
                 worker.state is WorkerState.DRAINING

@@ -6,6 +6,7 @@ plain line is printed per plan change, so logs stay readable.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -13,6 +14,8 @@ from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
+
+from diffcascade_operator.local.cluster_status import profiles_lines
 
 
 def _num(value: Any, fmt: str = ".2f", missing: str = "-") -> str:
@@ -35,8 +38,8 @@ def render_state(state: dict[str, Any]) -> RenderableType:
     summary.add_column()
     summary.add_row(
         "demand",
-        f"{_num(metrics.get('demand_qps'))} qps measured ({metrics.get('source') or 'no metrics'})"
-        f", planned for {_num(plan.get('demand_qps'))} qps",
+        f"{demand_text(plan.get('demand_qps'), metrics.get('demand_qps'))}"
+        f"  ({metrics.get('source') or 'no metrics'})",
     )
     summary.add_row(
         "threshold",
@@ -47,7 +50,11 @@ def render_state(state: dict[str, Any]) -> RenderableType:
     summary.add_row(
         "solver", f"{solver.get('status', '-')} in {_num(solver.get('solve_ms'), '.0f')} ms"
     )
-    summary.add_row("reason", str(plan.get("reason") or "-"))
+    solved = re.compile(r"\w+, \d+ ms$")  # the solver row says it
+    notes = [p for p in reason_tail(plan.get("reason")).split("; ") if not solved.fullmatch(p)]
+    summary.add_row("reason", "; ".join(notes) or "-")
+    for line in profiles_lines(state.get("profiles")):
+        summary.add_row("profiles", line)
     if metrics.get("error"):
         summary.add_row("metrics", Text(str(metrics["error"])[:160], style="yellow"))
     table = Table(show_edge=False, header_style="bold")
@@ -67,18 +74,35 @@ def render_state(state: dict[str, Any]) -> RenderableType:
     return Group(head, summary, table)
 
 
+def demand_text(planned: Any, measured: Any) -> str:
+    """`planned 13.8 qps (measured 8.4)`: the plan is sized for the projection, not the rate."""
+    return f"planned {_num(planned, '.1f')} qps (measured {_num(measured, '.1f')})"
+
+
+#: The part of a plan's reason that repeats its numbers: `[demand 8.1 qps → ]t=0.1 f=0.4 ...`.
+_SUMMARY = re.compile(r"(demand \S+ qps.*→ )?t=\S+ f=\S+ ")
+
+
+def reason_tail(reason: Any) -> str:
+    """A plan's reason without the summary whose numbers the line already shows."""
+    parts = [p for p in str(reason or "-").split("; ") if not _SUMMARY.match(p)]
+    tail = "; ".join(parts) or "-"
+    return re.sub(r"solved (\w+) in (\d+) ms$", r"\1, \2 ms", tail)
+
+
 def plan_line(state: dict[str, Any]) -> str:
-    """One line about the current plan (for logs and pipes)."""
+    """One line about the current plan (for logs and pipes); each number once."""
     plan = state.get("plan") or {}
+    metrics = state.get("metrics") or {}
     replicas = " ".join(
-        f"{name}={info.get('ready', 0)}/{info.get('desired')}"
+        f"{name}={info.get('ready', 0)}/{_num(info.get('desired'), 'd')}"
         for name, info in (state.get("replicas") or {}).items()
     )
+    demand = demand_text(plan.get("demand_qps"), metrics.get("demand_qps"))
     return (
-        f"{time.strftime('%H:%M:%S')} plan: demand {_num(plan.get('demand_qps'))} qps, "
-        f"threshold {_num(plan.get('threshold'), '.3f')} "
-        f"(defer {_num(plan.get('defer_fraction'), '.0%')}), replicas {replicas}, "
-        f"FID {_num(plan.get('predicted_fid'))}: {plan.get('reason', '-')}"
+        f"{time.strftime('%H:%M:%S')} {demand}: t={_num(plan.get('threshold'), '.3f')} "
+        f"defer {_num(plan.get('defer_fraction'), '.0%')} {replicas} "
+        f"FID {_num(plan.get('predicted_fid'), '.1f')}; {reason_tail(plan.get('reason'))}"
     )
 
 

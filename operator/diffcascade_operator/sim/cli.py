@@ -56,11 +56,13 @@ from diffcascade_operator.sim.traces import TraceError, load_trace
     help="How a stage spreads queries over its replicas.",
 )
 @click.option(
-    "--drop-factor",
-    type=click.FloatRange(min=0, min_open=True),
-    default=1.5,
+    "--scrape-interval",
+    "scrape_interval_s",
+    type=click.FloatRange(min=0.1, max=60.0),
+    default=1.0,
     show_default=True,
-    help="Drop a query at dequeue when it cannot finish by this many SLOs (the paper's 1.5).",
+    help="Seconds between the simulated Prometheus's scrapes of the workers (the controller "
+    "reads irate over the last two, as the operator does).",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random routing.")
 @click.option(
@@ -80,7 +82,7 @@ def simulate(
     slo_seconds: float | None,
     startup_seconds: float | None,
     dispatch: str,
-    drop_factor: float,
+    scrape_interval_s: float,
     seed: int,
     out_dir: Path | None,
     no_png: bool,
@@ -103,7 +105,7 @@ def simulate(
             policy_name=policy,
             startup_s=startup_seconds,
             dispatch=Dispatch(dispatch),
-            drop_factor=drop_factor,
+            scrape_interval_s=scrape_interval_s,
             seed=seed,
         )
     except (PolicyError, ProfileError) as exc:

@@ -2,22 +2,29 @@
 
 Each replica is a worker with its own FIFO queue, fed by a stage-level dispatcher (least
 loaded by default, like a queue-aware load balancer; round-robin as an option, closer to a
-Kubernetes Service). Workers follow the real worker's rules:
+Kubernetes Service). Workers follow the real worker's rules, from the worker's own code:
 
-- batching: when idle, take up to `b` queued queries at once (no waiting to fill a batch);
-- drop at dequeue: a query whose elapsed time plus the batch's profiled latency exceeds
-  `drop_factor` x SLO is dropped instead of run;
-- gate: after a light batch, a query is deferred when its prompt's reference confidence is
-  below the threshold (a threshold >= 1 defers every query); the next stage generates
-  from scratch;
+- batching: when idle, take up to `b` queued queries at once; with `maxBatchWaitMs` set, an
+  idle worker holding fewer than `b` waits until the oldest has waited that long (the
+  batcher's rule), then runs what it has;
+- drop at dequeue: `deadline.should_drop` with the query's remaining budget (its SLO from
+  arrival; a deferral keeps the original deadline, as the forwarded budget header does) and
+  the profiled latency of the batch as taken;
+- gate: after a batch, a query is deferred when `deferral.should_defer(confidence,
+  threshold)`, to the stage the plan names as `next_stage` (the next variant before any plan
+  names one); the next stage generates from scratch;
 - degrade (when the policy enables it, like the real worker's failed forward): a deferral
-  that finds no ready replica in the next stage, or that the next stage finds at dequeue
-  cannot finish by the SLO, is answered with the deferring stage's image at that moment.
+  that finds no ready replica in its next stage, or that the next stage drops at dequeue, is
+  answered with the deferring stage's image at that moment.
 
-Replica changes come from the policy at each controller tick: new replicas become ready
-after their stage's `startup_s` (the paper assumed none); removed replicas finish their
-running batch (drain) and their queued queries go back through the dispatcher. The replicas
-of the first plan are ready at t = 0.
+The controller sees the cluster as the operator does: a simulated Prometheus scrapes the
+workers' counters and gauges every `scrape_interval_s`, and at every control tick one
+`MetricsReading` (irate of the arrival counters, queue depth gauges) goes through the same
+`snapshot_builder.build_snapshot` the operator and `diffcascade up` use, with the same
+bounded demand history. Replica changes come from the policy at each tick: new replicas
+become ready after their stage's `startup_s` (the paper assumed none); removed replicas
+finish their running batch (drain) and their queued queries go back through the
+dispatcher. The replicas of the first plan are ready at t = 0.
 """
 
 from __future__ import annotations
@@ -32,10 +39,24 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
+from diffcascade_worker.deadline import should_drop
+from diffcascade_worker.deferral import should_defer
+
+from diffcascade_operator.live_profiles import (
+    HistogramRecorder,
+    LiveObservations,
+    LiveProfileResult,
+    LiveProfileSettings,
+    LiveTracker,
+    live_profiles,
+)
+from diffcascade_operator.metrics_source import MetricsReading
 from diffcascade_operator.plan import Plan
 from diffcascade_operator.profiles import CascadeProfiles
 from diffcascade_operator.sim.model import Directive, Routing, StageModel
-from diffcascade_operator.snapshot import DemandSample, Snapshot, StageSample
+from diffcascade_operator.sim.prometheus import SimulatedPrometheus
+from diffcascade_operator.snapshot import DemandSample, Snapshot
+from diffcascade_operator.snapshot_builder import DEMAND_HISTORY, build_snapshot, plan_thresholds
 from diffcascade_operator.spec import CascadeSpec
 
 NOT_SERVED = -1
@@ -55,15 +76,22 @@ class Policy(Protocol):
     def decide(self, snapshot: Snapshot, previous: Plan | None) -> Directive: ...
 
 
+class Observer(Protocol):
+    """A policy that also watches every scrape (the DiffServe artifact's 1-s controller tick)."""
+
+    def observe(self, reading: MetricsReading) -> None: ...
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     slo_s: float
     interval_s: float = 5.0
-    drop_factor: float = 1.5  # drop at dequeue past drop_factor x SLO (the paper's 1.5)
     dispatch: Dispatch = Dispatch.LEAST_LOADED
-    rate_window_s: float = 5.0  # demand samples: arrivals over this window (Prometheus rate())
-    sample_period_s: float = 1.0  # one demand sample per period
-    demand_history_s: float = 60.0  # how many seconds of samples a snapshot carries
+    scrape_interval_s: float = 1.0  # the simulated Prometheus's scrape interval
+    demand_history: int = DEMAND_HISTORY  # demand samples kept, as the operator keeps them
+    max_batch_wait_s: float = 0.0  # spec.control.maxBatchWaitMs, applied by every worker
+    #: Live profiles as the operator derives them (for policies that plan with them).
+    live: LiveProfileSettings = field(default_factory=LiveProfileSettings)
     seed: int = 0  # coin flips of query-agnostic routing
 
 
@@ -76,6 +104,10 @@ class DecisionRecord:
     cpu_ms: float  # the policy call's CPU time in this process (steadier on a busy machine)
     solve_ms: float  # what the plan reports for its solver
     solved: bool  # the plan came from a solver run (not held, initial or fixed)
+    snapshot: Snapshot | None = None  # what the policy was given
+    reading: MetricsReading | None = None  # what the simulated Prometheus answered
+    live: LiveObservations | None = None  # the histogram increases over the live window
+    profiles: LiveProfileResult | None = None  # what the policy planned with (live policies)
 
 
 @dataclass(frozen=True)
@@ -108,10 +140,24 @@ class SimResult:
 
 
 class _Worker:
-    __slots__ = ("busy", "busy_until", "created", "draining", "queue", "ready_at", "removed_at")
+    __slots__ = (
+        "busy",
+        "busy_until",
+        "created",
+        "draining",
+        "key",
+        "queue",
+        "ready_at",
+        "recorder",
+        "removed_at",
+        "wake_at",
+    )
 
-    def __init__(self, now: float, ready_at: float) -> None:
+    def __init__(self, now: float, ready_at: float, key: str) -> None:
+        self.key = key  # the worker's identity for its metrics series
+        self.recorder = HistogramRecorder()  # what its /metrics exports for live profiles
         self.queue: deque[int] = deque()
+        self.wake_at = math.nan  # a pending batch-wait wake-up
         self.busy = False
         self.busy_until = 0.0
         self.created = now
@@ -129,6 +175,7 @@ class _Stage:
         "backlog",
         "batch_size",
         "model",
+        "next_index",
         "retired",
         "rr",
         "threshold",
@@ -142,6 +189,7 @@ class _Stage:
         self.backlog: deque[int] = deque()  # queries with no ready worker to go to
         self.batch_size = 1
         self.threshold = 0.0
+        self.next_index: int | None = None  # where this stage's deferrals go
         self.rr = 0
         self.arrivals: list[int] = []  # arrivals per whole second
 
@@ -149,8 +197,9 @@ class _Stage:
         return [w for w in self.workers if not w.draining and w.ready_at <= now]
 
 
-# event kinds, ordered so that at equal times completions free workers before arrivals
-_DONE, _READY, _ARRIVAL, _TICK, _SAMPLE = range(5)
+# event kinds, ordered so that at equal times completions free workers before arrivals, and
+# a scrape at a tick's instant is seen by that tick
+_DONE, _READY, _ARRIVAL, _WAKE, _SCRAPE, _TICK, _SAMPLE = range(7)
 
 
 class Simulation:
@@ -184,6 +233,11 @@ class Simulation:
         self.deferred = [False] * n
         self.degraded = [False] * n
         self.dropped = [math.nan] * n
+        self.enqueued = [0.0] * n  # when the query joined its current worker's queue
+        self.origin = [0] * n  # the stage that deferred it (its own stage until deferred)
+        self.entered = [-1] * n  # the stage it entered the cascade at
+        self.current = [-1] * n  # the stage it is at now
+        self.inflight = [0] * len(stages)  # per stage: admitted, not answered (the gauge)
         self.heap: list[tuple[float, int, int, object]] = []
         self.seq = 0
         self.now = 0.0
@@ -194,6 +248,15 @@ class Simulation:
         self.decisions: list[DecisionRecord] = []
         self.timeline: list[TimelineRow] = []
         self.entry_arrivals: list[int] = []
+        self.prometheus = SimulatedPrometheus(
+            stages=[st.model.name for st in self.stages], retention=8
+        )
+        self.history: deque[DemandSample] = deque(maxlen=config.demand_history)
+        self.readings: list[MetricsReading | None] = []  # what each tick read, in order
+        self.live_tracker = LiveTracker(config.live.window_s, source="Prometheus")
+        self._live: LiveObservations | None = None
+        self._live_result: LiveProfileResult | None = None
+        self.workers_made = 0
 
     # --- event plumbing --------------------------------------------------------------------
 
@@ -211,11 +274,12 @@ class Simulation:
         for k in range(1, ticks + 1):
             self._push(k * self.cfg.interval_s, _TICK, None)
         self._push(0.0, _SAMPLE, 0)
+        self._push(0.0, _SCRAPE, 0)
         last_work = 0.0
         while self.heap:
             at, kind, _, payload = heapq.heappop(self.heap)
             self.now = at
-            if kind != _SAMPLE:
+            if kind not in (_SAMPLE, _SCRAPE, _WAKE):
                 last_work = at
             if kind == _ARRIVAL:
                 assert isinstance(payload, int)
@@ -227,6 +291,15 @@ class Simulation:
             elif kind == _READY:
                 assert isinstance(payload, tuple)
                 self._worker_ready(payload[0], payload[1])
+            elif kind == _WAKE:
+                assert isinstance(payload, tuple)
+                self._wake(payload[0], payload[1])
+            elif kind == _SCRAPE:
+                assert isinstance(payload, int)
+                self._scrape()
+                nxt = payload + 1
+                if nxt * self.cfg.scrape_interval_s <= ticks * self.cfg.interval_s:
+                    self._push(nxt * self.cfg.scrape_interval_s, _SCRAPE, nxt)
             elif kind == _TICK:
                 self._control(at)
             else:
@@ -289,38 +362,64 @@ class Simulation:
     def _dispatch(self, index: int, qid: int, worker: _Worker | None = None) -> None:
         stage = self.stages[index]
         self._count(stage.arrivals, self.now)
+        self.prometheus.arrived(index)
+        self.inflight[index] += 1
+        if self.entered[qid] < 0:
+            self.entered[qid] = index
+        self.current[qid] = index
         target = worker or self._pick(stage)
         if target is None:
             stage.backlog.append(qid)
             return
-        target.queue.append(qid)
-        if not target.busy:
-            self._start_batch(index, target)
+        self._enqueue(index, target, qid)
+
+    def _enqueue(self, index: int, worker: _Worker, qid: int) -> None:
+        self.enqueued[qid] = self.now
+        worker.queue.append(qid)
+        if not worker.busy:
+            self._start_batch(index, worker)
+
+    def _wake(self, index: int, worker: _Worker) -> None:
+        if worker.wake_at == self.now:
+            worker.wake_at = math.nan
+            if not worker.busy and worker in self.stages[index].workers:
+                self._start_batch(index, worker)
 
     def _start_batch(self, index: int, worker: _Worker) -> None:
         """Take up to b queued queries; drop (or degrade) those that cannot finish in time.
 
-        Like the real worker: the check uses the latency of the batch as taken, and the
-        survivors run as one batch without refilling it.
+        Like the real worker's batcher: an idle worker with fewer than b queued waits for a
+        fuller batch until the oldest has waited `max_batch_wait_s`; the deadline check
+        (`deadline.should_drop`) uses the latency of the batch as taken, and the survivors
+        run as one batch without refilling it.
         """
         stage = self.stages[index]
         queue = worker.queue
-        limit = self.cfg.drop_factor * self.cfg.slo_s
-        degrade = self.policy.degrade and index > 0
+        wait = self.cfg.max_batch_wait_s
+        if wait > 0 and queue and len(queue) < max(1, stage.batch_size) and not worker.draining:
+            due = self.enqueued[queue[0]] + wait
+            if due > self.now:
+                if worker.wake_at != due:
+                    worker.wake_at = due
+                    self._push(due, _WAKE, (index, worker))
+                return
+        degrade = self.policy.degrade
+        slo = self.cfg.slo_s
         while queue:
             taken = [queue.popleft() for _ in range(min(max(1, stage.batch_size), len(queue)))]
             expected = stage.model.latency(len(taken))
             batch: list[int] = []
             for qid in taken:
-                elapsed = self.now - self.arrival[qid] + expected
-                if degrade and self.deferred[qid] and elapsed > self.cfg.slo_s:
-                    # the forwarded budget ran out: the deferring stage answers with its image
-                    self.degraded[qid] = True
-                    self._serve(qid, index - 1)
-                elif elapsed > limit:
-                    self._drop(qid, self.now)
-                else:
+                remaining = self.arrival[qid] + slo - self.now
+                if not should_drop(remaining_s=remaining, expected_batch_s=expected):
                     batch.append(qid)
+                elif degrade and self.deferred[qid]:
+                    # the next stage refuses it (503), or the deferring stage's forward timed
+                    # out at the deadline first: that stage answers with its image
+                    self.degraded[qid] = True
+                    self._serve(qid, self.origin[qid], at=min(self.now, self.arrival[qid] + slo))
+                else:
+                    self._drop(qid, self.now)
             if batch:
                 worker.busy = True
                 worker.busy_until = self.now + stage.model.latency(len(batch))
@@ -329,19 +428,26 @@ class Simulation:
 
     def _batch_done(self, index: int, worker: _Worker, batch: list[int]) -> None:
         worker.busy = False
-        last = index == len(self.stages) - 1
+        conf = self.conf[index]
+        worker.recorder.observe_batch(
+            size=len(batch),
+            seconds=self.stages[index].model.latency(len(batch)),
+            confidences=[conf[self.prompt[q] % len(conf)] for q in batch] if conf else (),
+        )
+        target_index = self.stages[index].next_index
         for qid in batch:
-            if last or not self._defers(index, qid):
+            if target_index is None or not self._defers(index, qid):
                 self._serve(qid, index)
                 continue
             self.deferred[qid] = True
-            target = self._pick(self.stages[index + 1])
+            self.origin[qid] = index
+            target = self._pick(self.stages[target_index])
             if target is None and self.policy.degrade:
                 # no ready replica to forward to: the forward fails, this stage's image returns
                 self.degraded[qid] = True
                 self._serve(qid, index)
             else:
-                self._dispatch(index + 1, qid, target)
+                self._dispatch(target_index, qid, target)
         if worker.draining:
             self._retire(self.stages[index], worker)
         elif worker.queue:
@@ -351,19 +457,25 @@ class Simulation:
         if self.routing == Routing.RANDOM:
             return self.rng.random() < self.defer_p
         threshold = self.stages[index].threshold
-        if threshold >= 1.0:
-            return True
         conf = self.conf[index]
         if conf is None:
-            return False
-        return conf[self.prompt[qid] % len(conf)] < threshold
+            return threshold >= 1.0
+        return should_defer(conf[self.prompt[qid] % len(conf)], threshold)
 
-    def _serve(self, qid: int, index: int) -> None:
-        self.finish[qid] = self.now
+    def _serve(self, qid: int, index: int, *, at: float | None = None) -> None:
+        self.finish[qid] = self.now if at is None else at
         self.served_by[qid] = index
+        self._close(qid)
 
     def _drop(self, qid: int, at: float) -> None:
         self.dropped[qid] = at
+        self._close(qid)
+
+    def _close(self, qid: int) -> None:
+        """The query left the cascade: the stages holding it no longer count it in flight."""
+        self.inflight[self.entered[qid]] -= 1
+        if self.current[qid] != self.entered[qid]:
+            self.inflight[self.current[qid]] -= 1
 
     # --- replicas --------------------------------------------------------------------------
 
@@ -383,15 +495,14 @@ class Simulation:
         stage = self.stages[index]
         target = self._pick(stage)
         if target is None:
-            if self.policy.degrade and index > 0 and self.deferred[qid]:
+            if self.policy.degrade and self.deferred[qid]:
                 self.degraded[qid] = True
-                self._serve(qid, index - 1)
+                deadline = self.arrival[qid] + self.cfg.slo_s
+                self._serve(qid, self.origin[qid], at=min(self.now, deadline))
             else:
                 stage.backlog.append(qid)
             return
-        target.queue.append(qid)
-        if not target.busy:
-            self._start_batch(index, target)
+        self._enqueue(index, target, qid)
 
     def _retire(self, stage: _Stage, worker: _Worker) -> None:
         worker.removed_at = self.now
@@ -404,7 +515,8 @@ class Simulation:
         if desired > len(active):
             delay = 0.0 if initial else stage.model.startup_s
             for _ in range(desired - len(active)):
-                worker = _Worker(self.now, self.now + delay)
+                self.workers_made += 1
+                worker = _Worker(self.now, self.now + delay, str(self.workers_made))
                 stage.workers.append(worker)
                 if delay > 0:
                     self._push(worker.ready_at, _READY, (index, worker))
@@ -432,12 +544,17 @@ class Simulation:
         self.routing = directive.routing
         self.defer_p = directive.defer_probability
         by_name = {v.name: v for v in plan.variants}
-        # batch sizes and thresholds change in place (no reload), before replicas move
-        for stage in self.stages:
+        names = [stage.model.name for stage in self.stages]
+        # batch sizes, thresholds and routes change in place (no reload), before replicas move
+        for index, stage in enumerate(self.stages):
             alloc = by_name.get(stage.model.name)
             if alloc is not None:
                 stage.batch_size = max(1, alloc.batch_size)
                 stage.threshold = alloc.threshold if alloc.threshold is not None else 0.0
+                if alloc.next_stage is not None and alloc.next_stage in names:
+                    stage.next_index = names.index(alloc.next_stage)
+                else:
+                    stage.next_index = index + 1 if index + 1 < len(names) else None
         for index, stage in enumerate(self.stages):
             alloc = by_name.get(stage.model.name)
             self._scale(index, alloc.replicas if alloc is not None else 0, initial)
@@ -465,51 +582,61 @@ class Simulation:
                 cpu_ms=cpu_ms,
                 solve_ms=plan.solver.solve_ms,
                 solved=directive.solved,
+                snapshot=snapshot,
+                reading=self.readings[-1],
+                live=self._live,
+                profiles=self._live_result,
             )
         )
         self._apply(directive, initial=self.plan is None)
 
     def snapshot(self, now: float) -> Snapshot:
-        """What the controller would read from Prometheus at `now`."""
-        cfg = self.cfg
-        samples: list[DemandSample] = []
-        at = now
-        oldest = max(cfg.sample_period_s, now - cfg.demand_history_s + cfg.sample_period_s)
-        points: list[float] = []
-        while at >= oldest - 1e-9 and at > 0:
-            points.append(at)
-            at -= cfg.sample_period_s
-        for point in reversed(points):
-            samples.append(DemandSample(at=point, qps=self._rate(self.entry_arrivals, point)))
-        # Queue depth as the workers report it: a stage's backlog (queries that found no ready
-        # replica) sits in no worker, so no metric shows it.
-        stages = {
-            s.model.name: StageSample(
-                queue_depth=float(sum(len(w.queue) for w in s.workers)),
-                arrival_qps=self._rate(s.arrivals, now) if now > 0 else 0.0,
+        """What the operator's control step would build at `now`: one reading of the simulated
+        Prometheus through the shared snapshot builder, into the bounded demand history, with
+        the live profiles derived from the workers' histograms when the policy plans with them
+        (the operator's path: `read_live_profiles`, then `build_snapshot`)."""
+        reading = self.prometheus.read(now)
+        self.readings.append(reading)
+        self._live, self._live_result = None, None
+        profiles = self.profiles
+        if getattr(self.policy, "live_profiles", False):
+            totals = {
+                (s.model.name, w.key): w.recorder.totals()
+                for s in self.stages
+                for w in (*s.workers,)
+            }
+            observed = self.live_tracker.observe(
+                now=now, variants=[s.model.name for s in self.stages], totals=totals
             )
-            for s in self.stages
-        }
-        ready = {s.model.name: len(s.ready(now)) for s in self.stages}
-        return Snapshot(
+            self._live = observed if reading is not None else None
+            self._live_result = live_profiles(
+                self.profiles,
+                self._live,
+                thresholds=plan_thresholds(self.plan),
+                settings=self.cfg.live,
+            )
+            profiles = self._live_result.profiles
+        return build_snapshot(
             spec=self.spec,
-            profiles=self.profiles,
+            profiles=profiles,
             now=now,
-            demand=tuple(samples),
-            stages=stages,
-            ready_replicas=ready,
-            metrics_available=True,
+            history=self.history,
+            reading=reading,
+            ready_replicas={s.model.name: len(s.ready(now)) for s in self.stages},
         )
 
-    def _rate(self, buckets: list[int], at: float) -> float:
-        """Arrivals per second over the window ending at `at` (whole seconds only)."""
-        end = round(at)
-        window = max(1, round(self.cfg.rate_window_s))
-        start = max(0, end - window)
-        if end <= start:
-            return 0.0
-        total = sum(buckets[start : min(end, len(buckets))])
-        return total / (end - start)
+    def _scrape(self) -> None:
+        """Every worker's /metrics as Prometheus would scrape it at this instant."""
+        self.prometheus.scrape(
+            self.now,
+            queue_depth=[sum(len(w.queue) for w in s.workers) for s in self.stages],
+            inflight=list(self.inflight),
+        )
+        observe = getattr(self.policy, "observe", None)
+        if observe is not None:
+            reading = self.prometheus.read(self.now)
+            if reading is not None:
+                observe(reading)
 
     def _sample(self, second: int) -> None:
         now = float(second)

@@ -47,7 +47,7 @@ class Summary:
     decisions: int
     startup_seconds: float
     dispatch: str
-    drop_factor: float
+    scrape_interval_s: float
     sim_seconds: float
     wall_s: float
 
@@ -104,7 +104,7 @@ def summarize(
     gpus: int,
     startup_s: float,
     dispatch: str,
-    drop_factor: float = 1.5,
+    scrape_interval_s: float = 1.0,
     wall_s: float | None = None,
 ) -> Summary:
     slo = result.slo_s
@@ -151,7 +151,7 @@ def summarize(
         decisions=len(result.decisions),
         startup_seconds=startup_s,
         dispatch=dispatch,
-        drop_factor=drop_factor,
+        scrape_interval_s=scrape_interval_s,
         sim_seconds=result.end_s,
         wall_s=result.wall_s if wall_s is None else wall_s,
     )

@@ -1,8 +1,14 @@
 """The policies a simulation can run: ours, the paper's, and the paper's baselines.
 
-- `diffcascade`: `decide()` with the scenario's objective (MinExpectedFID), degraded answers on.
-- `diffserve`: `decide()` with MaxThreshold and the paper's estimator settings (headroom 1.05,
-  no trend term, no scale-down stabilisation); no degraded answers (paper behaviour).
+- `diffcascade`: the shipped controller: `decide()` with the scenario's objective
+  (MinExpectedFID), degraded answers on, planning with live profiles re-learnt from the
+  simulated workers' histograms as the operator does.
+- `diffcascade-static`: an ablation, the same with the offline profiles only.
+- `diffserve`: the DiffServe artifact's controller as its code runs it (`sim/diffserve.py`:
+  1.2 x in-flight demand, every GPU in a role, hold on infeasible, no degraded answers).
+- `max-threshold`: an ablation, our `decide()` with the paper's objective (MaxThreshold) and
+  estimator settings (headroom 1.05, no trend term, no scale-down stabilisation), no degraded
+  answers: what `diffserve` was before it followed the artifact, so each effect shows alone.
 - `clipper-light` / `clipper-heavy`: every GPU on the light / heavy model, the batch with the
   best throughput whose latency fits the SLO; nothing deferred / every query straight to heavy.
 - `proteus`: query-agnostic: the same controller plans with a random-split deferral curve
@@ -19,13 +25,23 @@ from collections.abc import Callable
 from typing import Any
 
 from diffcascade_operator.plan import Plan, SolverOutcome, SolverStatus, VariantAllocation
-from diffcascade_operator.profiles import CascadeProfiles, DeferCurve, QualityCurve
+from diffcascade_operator.profiles import THRESHOLD_GRID, CascadeProfiles, DeferCurve, QualityCurve
+from diffcascade_operator.sim.diffserve import DiffServeArtifactPolicy
 from diffcascade_operator.sim.model import Directive, Routing, StageModel, random_mix_quality
 from diffcascade_operator.sim.scenarios import override
 from diffcascade_operator.snapshot import Snapshot
 from diffcascade_operator.spec import CascadeSpec, Objective
 
-POLICIES = ("diffcascade", "diffserve", "clipper-light", "clipper-heavy", "proteus", "static")
+POLICIES = (
+    "diffcascade",
+    "diffcascade-static",
+    "diffserve",
+    "max-threshold",
+    "clipper-light",
+    "clipper-heavy",
+    "proteus",
+    "static",
+)
 
 #: DiffServe artifact `static_alloc` for 16 GPUs: threshold, light GPUs, heavy GPUs, batches.
 STATIC_16: dict[str, tuple[float, int, int, int, int]] = {
@@ -55,9 +71,11 @@ class DecidePolicy:
         profiles: CascadeProfiles | None = None,
         routing: Routing = Routing.GATE,
         quality: QualityCurve | None = None,
+        live_profiles: bool = False,
     ) -> None:
         self.name = name
         self.degrade = degrade
+        self.live_profiles = live_profiles  # the engine derives live profiles for this policy
         self.spec = spec
         self.decider = decider
         self.profiles = profiles  # replaces the snapshot's profiles when set
@@ -183,11 +201,11 @@ def make_policy(
     profiles: CascadeProfiles,
     stages: tuple[StageModel, ...],
     decider: Decider | None = None,
-) -> DecidePolicy | FixedPolicy:
+) -> DecidePolicy | FixedPolicy | DiffServeArtifactPolicy:
     """Build a policy by name; `decider` defaults to `diffcascade_operator.control.decide`."""
     if name not in POLICIES:
         raise PolicyError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
-    if len(spec.variants) != 2 and name != "diffcascade":
+    if len(spec.variants) != 2 and name not in ("diffcascade", "diffcascade-static"):
         raise PolicyError(f"policy {name} needs a two-stage cascade (light -> heavy)")
     quality = profiles.quality
     light, heavy = spec.variants[0].name, spec.variants[-1].name
@@ -229,9 +247,18 @@ def make_policy(
         from diffcascade_operator.control import decide
 
         decider = decide
-    if name == "diffcascade":
-        return DecidePolicy(name=name, spec=spec, decider=decider, degrade=True, quality=quality)
+    if name in ("diffcascade", "diffcascade-static"):
+        return DecidePolicy(
+            name=name,
+            spec=spec,
+            decider=decider,
+            degrade=True,
+            quality=quality,
+            live_profiles=name == "diffcascade",
+        )
     if name == "diffserve":
+        return DiffServeArtifactPolicy(spec=spec, profiles=profiles)
+    if name == "max-threshold":
         paper_spec = override(
             spec,
             objective=Objective.MAX_THRESHOLD.value,
@@ -247,10 +274,11 @@ def make_policy(
         )
     # proteus: the controller plans a query-agnostic split; quality of a random mix
     mix = random_mix_quality(quality) if quality is not None else None
-    grid = tuple(i / 200 for i in range(201))
     agnostic = CascadeProfiles(
         variants=tuple(
-            dataclasses.replace(v, defer_curve=DeferCurve(thresholds=grid, fractions=grid))
+            dataclasses.replace(
+                v, defer_curve=DeferCurve(thresholds=THRESHOLD_GRID, fractions=THRESHOLD_GRID)
+            )
             if v.defer_curve is not None
             else v
             for v in profiles.variants

@@ -14,6 +14,7 @@ from diffcascade_operator.profiles import (
     profiles_from_spec,
     reference_confidences,
 )
+from diffcascade_operator.sim.diffserve import DiffServeArtifactPolicy
 from diffcascade_operator.sim.engine import Dispatch, EngineConfig, SimResult, Simulation
 from diffcascade_operator.sim.metrics import Summary, summarize
 from diffcascade_operator.sim.model import StageModel, confidences_from_curve
@@ -91,9 +92,8 @@ def simulate(
     dispatch: Dispatch = Dispatch.LEAST_LOADED,
     seed: int = 0,
     decider: Decider | None = None,
-    rate_window_s: float = 5.0,
-    drop_factor: float = 1.5,
-    policy: DecidePolicy | FixedPolicy | None = None,
+    scrape_interval_s: float = 1.0,
+    policy: DecidePolicy | FixedPolicy | DiffServeArtifactPolicy | None = None,
 ) -> Run:
     """Replay `trace` against `scenario` under a policy (ProfileError / PolicyError if unusable).
 
@@ -111,8 +111,8 @@ def simulate(
         slo_s=spec.slo_seconds,
         interval_s=spec.control.interval_seconds,
         dispatch=dispatch,
-        rate_window_s=rate_window_s,
-        drop_factor=drop_factor,
+        scrape_interval_s=scrape_interval_s,
+        max_batch_wait_s=spec.control.max_batch_wait_ms / 1000.0,
         seed=seed,
     )
     sim = Simulation(
@@ -135,7 +135,7 @@ def simulate(
         gpus=spec.gpu_budget,
         startup_s=max((s.startup_s for s in stages), default=0.0),
         dispatch=dispatch.value,
-        drop_factor=drop_factor,
+        scrape_interval_s=scrape_interval_s,
         wall_s=time.perf_counter() - started,
     )
     return Run(result=result, summary=summary, profiles=profiles, quality=policy.quality)

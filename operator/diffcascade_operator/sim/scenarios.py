@@ -24,7 +24,7 @@ class ScenarioError(ValueError):
 class Scenario:
     name: str
     spec: CascadeSpec
-    base_dir: Path  # relative paths in the spec (gate curves) resolve from here
+    base_dir: Path  # relative paths in the spec (gate curves) resolve from here: the cwd
 
 
 def bundled_scenarios() -> list[str]:
@@ -62,7 +62,8 @@ def load_scenario(
         spec = override(spec, gpus=gpus, slo_seconds=slo_seconds)
     except InvalidSpec as exc:
         raise ScenarioError(f"scenario {path}: {exc}") from None
-    return Scenario(name=name, spec=spec, base_dir=path.resolve().parent)
+    # Relative paths resolve from the working directory, as in `up`, `demo` and the operator.
+    return Scenario(name=name, spec=spec, base_dir=Path.cwd())
 
 
 def override(

@@ -5,20 +5,15 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
-from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import pytest
-from diffcascade_operator.kube import manifests
-from diffcascade_operator.kube.actuator import PodInfo, apply_plan, deletion_costs, next_stage_urls
+from diffcascade_operator.kube.actuator import PodInfo, apply_plan, deletion_costs
 from diffcascade_operator.kube.api import KubeApi
 from diffcascade_operator.kube.manifests import DELETION_COST, plan_id
-from diffcascade_operator.plan import VariantAllocation
-from diffcascade_operator.spec import parse_spec
 from kmock_k8s import ThreadedKMock
-from kube_env import Cluster, cascade_manifest
+from kube_env import Cluster
 from test_kube_manifests import _children, _plan, _spec
 
 
@@ -93,6 +88,7 @@ def test_scale_down_marks_the_idlest_pod_cheapest_and_config_is_pushed_once(
             acknowledged=acknowledged,
             configmap_plan_id=None,
             timeout_s=2.0,
+            port=8000,
         )
 
     result = apply({"light": 2, "heavy": 1})
@@ -123,36 +119,3 @@ def test_scale_down_marks_the_idlest_pod_cheapest_and_config_is_pushed_once(
 
 def test_unanswering_pods_cost_least_and_fail_the_push() -> None:
     assert deletion_costs({"a": 2.0, "b": 0.0, "c": None}) == {"a": "200", "b": "0", "c": "-1"}
-
-
-def test_next_stage_is_pushed_only_once_a_plan_reroutes() -> None:
-    raw = cascade_manifest("c", models={"light": Path("/l"), "heavy": Path("/h")})["spec"]
-    curve = {"thresholds": [0, 1], "deferFractions": [0, 1]}
-    middle = {**raw["variants"][1], "name": "mid", "gate": {"deferCurve": curve}}
-    raw["variants"].insert(1, middle)
-    raw["variants"][0]["gate"]["deferCurve"] = curve
-    raw["gpuBudget"] = 4
-    spec = parse_spec(raw)
-    chained = replace(
-        _plan(1, 1, 0.1),
-        variants=(
-            VariantAllocation("light", 1, 1, 0.1, "mid"),
-            VariantAllocation("mid", 1, 1, 0.0, None),
-            VariantAllocation("heavy", 1, 1, None, None),
-        ),
-    )
-    skipping = replace(
-        chained,
-        variants=(
-            VariantAllocation("light", 1, 1, 0.1, "heavy"),
-            VariantAllocation("mid", 0, 1, 0.0, None),
-            VariantAllocation("heavy", 1, 1, None, None),
-        ),
-    )
-    where = {"spec": spec, "cascade": "c", "namespace": "ns", "port": 8000}
-    assert set(next_stage_urls(chained, **where, rerouted=False).values()) == {None}
-    pushed = next_stage_urls(skipping, **where, rerouted=False)
-    assert pushed["light"] == "http://c-heavy.ns.svc:8000"
-    back = next_stage_urls(chained, **where, rerouted=True)
-    assert back["light"] == "http://c-mid.ns.svc:8000" and back["heavy"] == ""
-    assert manifests.plan_id(chained) != manifests.plan_id(skipping)

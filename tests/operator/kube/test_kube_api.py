@@ -55,5 +55,10 @@ def test_pruning_removes_only_dropped_variants_owned_by_this_cascade(k8s: Thread
     removed = api.prune(ns, "c", owner_uid="owner-uid", keep={"light"})
 
     names = {d.metadata.name for d in cluster.apps.list_namespaced_deployment(ns).items}
-    assert sorted(removed) == ["Deployment/c-heavy", "Service/c-heavy"]
+    assert sorted(removed) == [
+        "Deployment/c-heavy",
+        "NetworkPolicy/c-heavy",
+        "PodDisruptionBudget/c-heavy",
+        "Service/c-heavy",
+    ]
     assert names == {"c-light", "c-heavy-manual"}

@@ -77,7 +77,7 @@ def test_worker_pods_get_gpus_probes_drain_and_a_grace_period_above_two_slos() -
     assert container["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
     assert pod["terminationGracePeriodSeconds"] > 2 * 5  # sloSeconds = 5
     assert "--drain-timeout=10" in container["args"]
-    env = {e["name"]: e["valueFrom"] for e in container["env"]}
+    env = {e["name"]: e["valueFrom"] for e in container["env"] if "valueFrom" in e}
     assert env["DIFFCASCADE_TOKEN"]["secretKeyRef"]["name"] == "c-token"
     assert env["DIFFCASCADE_THRESHOLD"]["configMapKeyRef"] == {
         "name": "c-plan",

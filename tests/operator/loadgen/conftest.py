@@ -21,7 +21,10 @@ def light_worker(
     light = tiny_models["light"]
     worker = supervisor.launch(
         "light",
-        ["--model", str(light), "--threads", "1", "--slo-seconds", "10", "--log-level", "warning"],
+        [
+            *("--variant", "light", "--cascade", "loadtest", "--model", str(light)),
+            *("--threads", "1", "--slo-seconds", "10", "--log-level", "warning"),
+        ],
     )
     try:
         deadline = time.monotonic() + 120

@@ -145,6 +145,9 @@ def test_load_against_a_real_worker_writes_report_plots_and_images(
     saved = sorted(images.glob("*.png"))
     assert 1 <= len(saved) <= 3
     assert saved[0].read_bytes()[:4] == b"\x89PNG"
+    listed = set(doc["files"])  # every file the run wrote: relative beside the report
+    assert {"report.json", "latency.png", "deferral.png", "report-requests.csv"} <= listed
+    assert {str(p) for p in saved} <= listed  # the images, elsewhere: their full path
 
 
 @pytest.mark.slow

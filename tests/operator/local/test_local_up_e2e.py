@@ -23,6 +23,7 @@ import yaml
 from click.testing import CliRunner
 from diffcascade_operator.loadgen.cli import load
 from diffcascade_operator.local.cli import status
+from diffcascade_operator.local.runner import EXIT_INTERRUPTED
 from local_support import cascade_doc
 
 pytestmark = pytest.mark.slow
@@ -168,9 +169,12 @@ def test_up_scales_on_a_load_step_and_ctrl_c_leaves_nothing(
         shown = CliRunner().invoke(status, ["--runs-dir", str(runs)])
         assert shown.exit_code == 0, shown.output
         assert "e2e" in shown.output and "heavy" in shown.output and "threshold" in shown.output
+        # ... and the live profiles it planned with (the gate's samples in the window).
+        live = read_state(state_path)["profiles"]
+        assert live["variants"][0]["samples"] > 0 and "profiles" in shown.output, live
     finally:
         code = up.interrupt()
-    assert code == 0, up.output
+    assert code == EXIT_INTERRUPTED, up.output  # as `demo` stopped by Ctrl-C
     assert "stopped" in up.output
     assert len(up.seen) >= 3  # two heavy workers and a light one at least
     assert wait_until_gone(up.seen) == []
@@ -203,7 +207,7 @@ def test_ctrl_c_while_workers_start_leaves_nothing(cascade_file: Path, tmp_path:
         assert READY.search(up.output) is None  # still starting
     finally:
         code = up.interrupt()
-    assert code == 0, up.output
+    assert code == EXIT_INTERRUPTED, up.output  # as `demo` stopped by Ctrl-C
     assert wait_until_gone(up.seen) == []
 
 

@@ -98,6 +98,7 @@ def run(
     confidences: Sequence[float] | None = None,
     slo: float = 5.0,
     interval: float = 5.0,
+    max_batch_wait_s: float = 0.0,
 ) -> SimResult:
     spec = two_stage_spec(slo=slo)
     confs: list[Sequence[float] | None] = [confidences] + [None] * (len(stages) - 1)
@@ -109,6 +110,6 @@ def run(
         prompts=prompts if prompts is not None else [0] * len(arrivals),
         confidences=confs,
         policy=policy,
-        config=EngineConfig(slo_s=slo, interval_s=interval),
+        config=EngineConfig(slo_s=slo, interval_s=interval, max_batch_wait_s=max_batch_wait_s),
     )
     return sim.run()

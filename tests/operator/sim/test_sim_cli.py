@@ -152,8 +152,8 @@ def test_scenario_file_path_and_overrides_are_used(short_trace: Path, tmp_path: 
         "3",
         "--dispatch",
         "round-robin",
-        "--drop-factor",
-        "1",
+        "--scrape-interval",
+        "2",
         "--json",
         "--no-png",
         "--out",
@@ -163,7 +163,7 @@ def test_scenario_file_path_and_overrides_are_used(short_trace: Path, tmp_path: 
     summary = json.loads(out)
     assert (summary["scenario"], summary["gpus"], summary["slo_seconds"]) == ("sdxs-sdv15", 6, 7.0)
     assert (summary["startup_seconds"], summary["dispatch"]) == (3.0, "round-robin")
-    assert summary["drop_factor"] == 1.0
+    assert summary["scrape_interval_s"] == 2.0
     assert summary["served"] + summary["dropped"] == summary["requests"]
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
+from deadline_cases import SHARED
 from diffcascade_operator.sim.engine import NOT_SERVED
 from diffcascade_operator.sim.model import StageModel
 from sim_helpers import Scripted, plan, run
@@ -38,16 +40,16 @@ def test_unprofiled_batch_size_uses_the_interpolated_latency() -> None:
     assert math.isclose(result.finish_s[-1], 0.1 + 0.2)
 
 
-def test_query_that_cannot_finish_by_one_and_a_half_slo_is_dropped_at_dequeue() -> None:
-    # SLO 1 s, drop limit 1.5 s, one 1-s slot. q0 runs 0 -> 1. At t=1: q1 (arrived 0.4) has
-    # waited 0.6 + 1.0 run = 1.6 > 1.5 -> dropped; q2 (arrived 0.6): 0.4 + 1.0 = 1.4 -> runs
-    # 1 -> 2 and is late (1.4 s > 1 s).
+def test_query_that_cannot_finish_by_its_deadline_is_dropped_at_dequeue() -> None:
+    # SLO 2 s, one 1-s slot (the worker's rule: drop when the batch would end past the
+    # deadline). q0 runs 0 -> 1. At t=1 q1 (arrived 0.4) has 1.4 s left >= 1 s: runs 1 -> 2.
+    # At t=2 q2 (arrived 0.6) has 0.6 s left < 1 s: dropped.
     stages = (light({1: 1000.0}), heavy())
     policy = Scripted([plan([1, 0], [1, 1], 0.0, NAMES)])
-    result = run(stages=stages, arrivals=[0.0, 0.4, 0.6], policy=policy, slo=1.0)
-    assert result.served_by[1] == NOT_SERVED
-    assert result.dropped_s[1] == 1.0
-    assert result.finish_s[2] == 2.0
+    result = run(stages=stages, arrivals=[0.0, 0.4, 0.6], policy=policy, slo=2.0)
+    assert result.finish_s[:2] == [1.0, 2.0]
+    assert result.served_by[2] == NOT_SERVED
+    assert result.dropped_s[2] == 2.0
     from diffcascade_operator.sim.metrics import summarize
 
     summary = summarize(
@@ -60,20 +62,52 @@ def test_query_that_cannot_finish_by_one_and_a_half_slo_is_dropped_at_dequeue() 
         startup_s=0.0,
         dispatch="least-loaded",
     )
-    assert (summary.late, summary.dropped, summary.served) == (1, 1, 2)
-    assert math.isclose(summary.slo_violation_ratio, 2 / 3)
+    assert (summary.late, summary.dropped, summary.served) == (0, 1, 2)
+    assert math.isclose(summary.slo_violation_ratio, 1 / 3)
+
+
+@pytest.mark.parametrize(("remaining", "expected", "dropped"), SHARED)
+def test_simulated_worker_drops_by_the_workers_rule_on_the_shared_cases(
+    remaining: float, expected: float, dropped: bool
+) -> None:
+    # q0 occupies the only replica for `expected` s; q1, queued at t=0, is dequeued at
+    # t=expected with SLO - expected = `remaining` s left, into a batch of `expected` s.
+    stages = (light({1: expected * 1000.0}), heavy())
+    policy = Scripted([plan([1, 0], [1, 1], 0.0, NAMES)])
+    result = run(stages=stages, arrivals=[0.0, 0.0], policy=policy, slo=remaining + expected)
+    assert (result.served_by[1] == NOT_SERVED) is dropped
 
 
 def test_drop_check_uses_the_batch_as_taken_and_does_not_refill_it() -> None:
-    # b=2, 1-s batches, SLO 1 s (drop limit 1.5 s). At t=1 the worker takes q1 and q2: q1
-    # (elapsed 0.8 + 1) is dropped, q2 (0.3 + 1) runs alone. q3 is not pulled in to refill
-    # the batch; at t=2 it has waited 1.1 s + 1 s > 1.5 s and is dropped too.
+    # b=2, 1-s batches, SLO 1.6 s. q0 runs alone 0 -> 1. At t=1 the worker takes q1 and q2:
+    # q1 (0.8 s left) is dropped, q2 (1.3 s left) runs alone. q3 is not pulled in to refill
+    # the batch; at t=2 it has 0.5 s left for a 1-s batch and is dropped too.
     stages = (light({1: 1000.0, 2: 1000.0}), heavy())
     policy = Scripted([plan([1, 0], [2, 1], 0.0, NAMES)])
-    result = run(stages=stages, arrivals=[0.0, 0.2, 0.7, 0.9], policy=policy, slo=1.0)
+    result = run(stages=stages, arrivals=[0.0, 0.2, 0.7, 0.9], policy=policy, slo=1.6)
     assert list(result.served_by) == [0, NOT_SERVED, 0, NOT_SERVED]
     assert result.finish_s[2] == 2.0
     assert result.dropped_s[3] == 2.0
+
+
+def test_max_batch_wait_holds_an_idle_worker_for_a_fuller_batch() -> None:
+    # b=4, wait 0.5 s: q0 (t=0) waits for company; q1, q2 join; at 0.5 s the batch of three
+    # runs (0.5 -> 0.675, 175 ms between the profiled 2 and 4). Without the wait each query
+    # finds the worker idle and runs alone.
+    stages = (light({1: 100.0, 2: 150.0, 4: 200.0}), heavy())
+    policy = Scripted([plan([1, 0], [4, 1], 0.0, NAMES)])
+    waited = run(stages=stages, arrivals=[0.0, 0.1, 0.2], policy=policy, max_batch_wait_s=0.5)
+    assert waited.finish_s == pytest.approx([0.675, 0.675, 0.675])
+    policy = Scripted([plan([1, 0], [4, 1], 0.0, NAMES)])
+    eager = run(stages=stages, arrivals=[0.0, 0.1, 0.2], policy=policy)
+    assert eager.finish_s == pytest.approx([0.1, 0.2, 0.3])
+
+
+def test_max_batch_wait_ends_early_once_the_batch_is_full() -> None:
+    stages = (light({1: 100.0, 2: 150.0}), heavy())
+    policy = Scripted([plan([1, 0], [2, 1], 0.0, NAMES)])
+    result = run(stages=stages, arrivals=[0.0, 0.1], policy=policy, max_batch_wait_s=1.0)
+    assert result.finish_s == pytest.approx([0.25, 0.25])
 
 
 def test_gate_defers_prompts_whose_confidence_is_below_the_threshold() -> None:
@@ -140,9 +174,11 @@ def test_removed_replica_drains_its_batch_and_its_queue_moves_to_the_others() ->
 
 
 def test_degrade_returns_the_light_image_when_the_deferral_would_miss_the_deadline() -> None:
-    # SLO 1 s: light done at 0.1, heavy would finish at 1.1 > 1.0.
+    # SLO 1 s: light done at 0.1; at the heavy stage's dequeue 0.9 s are left for a 1-s batch,
+    # so the heavy worker refuses it. With degraded answers the light image returns at 0.1;
+    # without them the query is dropped there.
     stages = (light(), heavy())
-    for degrade, served_by, finish in ((True, 0, 0.1), (False, 1, 1.1)):
+    for degrade, served_by in ((True, 0), (False, NOT_SERVED)):
         policy = Scripted([plan([1, 1], [1, 1], 0.5, NAMES)], degrade=degrade)
         result = run(
             stages=stages,
@@ -155,7 +191,7 @@ def test_degrade_returns_the_light_image_when_the_deferral_would_miss_the_deadli
         assert result.served_by[0] == served_by
         assert result.degraded[0] is degrade
         assert result.deferred[0] is True
-        assert math.isclose(result.finish_s[0], finish)
+        assert math.isclose(result.finish_s[0] if degrade else result.dropped_s[0], 0.1)
 
 
 def test_degrade_keeps_deferrals_that_can_still_make_the_deadline() -> None:
@@ -191,3 +227,33 @@ def test_snapshot_reports_entry_demand_queues_and_ready_replicas() -> None:
     assert at_ten.demand[-1].qps == 2.0
     assert at_ten.ready_replicas == {"light": 1, "heavy": 0}
     assert at_ten.stages["light"].queue_depth > 0
+
+
+def test_deferrals_follow_the_plans_next_stage_past_an_unused_middle_variant() -> None:
+    # light -> heavy over light/middle/heavy with no middle replica: deferred queries go to
+    # heavy as the plan routes them (they used to queue at the empty middle stage forever).
+    names = ("light", "middle", "heavy")
+    stages = (
+        light(),
+        StageModel(name="middle", batch_latency_ms={1: 500.0}),
+        heavy(),
+    )
+    routed = plan([1, 0, 1], [1, 1, 1], 0.5, names)
+    routed = replace(
+        routed,
+        variants=(
+            replace(routed.variants[0], next_stage="heavy"),
+            replace(routed.variants[1], threshold=0.0),
+            routed.variants[2],
+        ),
+    )
+    result = run(
+        stages=stages,
+        arrivals=[0.0, 2.0],
+        prompts=[0, 1],
+        confidences=[0.9, 0.1],
+        policy=Scripted([routed]),
+    )
+    assert list(result.served_by) == [0, 2]
+    assert list(result.deferred) == [False, True]
+    assert math.isclose(result.finish_s[1], 2.0 + 0.1 + 1.0)

@@ -1,0 +1,105 @@
+"""One builder of what a worker is told, used by the Kubernetes and the local actuator."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from diffcascade_operator.control import initial_plan
+from diffcascade_operator.plan import VariantAllocation
+from diffcascade_operator.profiles import profiles_from_spec
+from diffcascade_operator.spec import parse_spec
+from diffcascade_operator.worker_config import (
+    WorkerFiles,
+    allowed_next_stages,
+    config_body,
+    next_stage,
+    plan_id,
+    serve_args,
+)
+
+CURVE = {"thresholds": [0, 1], "deferFractions": [0, 1]}
+
+
+def three_stage() -> Any:
+    variants = [
+        {
+            "name": name,
+            "model": f"m-{name}",
+            "profile": {"batchLatencyMs": {"1": 100 * (k + 1)}},
+            **({"gate": {"deferCurve": CURVE}} if k < 2 else {}),
+        }
+        for k, name in enumerate(("light", "mid", "heavy"))
+    ]
+    return parse_spec({"sloSeconds": 5, "gpuBudget": 4, "variants": variants})
+
+
+def url(name: str) -> str:
+    return f"http://{name}"
+
+
+def test_next_stage_follows_the_plan_and_defaults_to_the_next_variant() -> None:
+    spec = three_stage()
+    plan = initial_plan(spec, profiles_from_spec(spec), 0.0)
+    skipping = replace(
+        plan,
+        variants=(
+            VariantAllocation("light", 1, 1, 0.3, "heavy"),
+            VariantAllocation("mid", 0, 1, 0.0, None),
+            VariantAllocation("heavy", 1, 1, None, None),
+        ),
+    )
+    assert next_stage(None, spec, "light") == "mid"
+    assert next_stage(skipping, spec, "light") == "heavy"
+    assert next_stage(skipping, spec, "mid") == "heavy"
+    assert next_stage(skipping, spec, "heavy") is None
+    assert allowed_next_stages(spec, "light") == ["mid", "heavy"]
+    assert config_body(skipping, "light", spec=spec, stage_url=url)["next_stage_url"] == (
+        "http://heavy"
+    )
+    assert config_body(skipping, "heavy", spec=spec, stage_url=url)["next_stage_url"] == ""
+    assert plan_id(skipping) != plan_id(plan)
+
+
+def test_config_carries_the_plans_threshold_batch_and_one_plan_id() -> None:
+    spec = three_stage()
+    plan = initial_plan(spec, profiles_from_spec(spec), 0.0)
+    body = config_body(plan, "light", spec=spec, stage_url=url)
+    light = plan.variants[0]
+    assert body["threshold"] == light.threshold and body["batch_size"] == light.batch_size
+    assert body["slo_seconds"] == 5.0 and body["plan_id"] == plan_id(plan)
+    assert "threshold" not in config_body(plan, "heavy", spec=spec, stage_url=url)
+    assert config_body(None, "light", spec=spec, stage_url=url)["plan_id"] == "initial"
+    # replicas are not told to workers: the id ignores them
+    more = replace(plan, variants=tuple(replace(v, replicas=v.replicas + 3) for v in plan.variants))
+    assert plan_id(more) == plan_id(plan)
+
+
+def test_serve_args_name_the_spec_values_the_next_stage_and_the_allowed_ones() -> None:
+    spec = three_stage()
+    args = serve_args(
+        spec,
+        "light",
+        cascade="c",
+        files=WorkerFiles(model="/cache/light", gate="/cache/gate.pt"),
+        stage_url=url,
+        extra={"port": "8000"},
+    )
+    assert args[:3] == ["--model=/cache/light", "--variant=light", "--cascade=c"]
+    assert "--gate=/cache/gate.pt" in args and "--slo-seconds=5" in args
+    assert "--next-stage-url=http://mid" in args
+    assert "--allowed-next-stage=http://heavy" in args and args[-1] == "--port=8000"
+    heavy = serve_args(spec, "heavy", cascade="c", files=WorkerFiles("m"), stage_url=url)
+    assert not any(a.startswith(("--next-stage-url", "--allowed-next-stage")) for a in heavy)
+
+
+def test_a_two_stage_config_leaves_the_next_stage_of_the_serve_arguments_alone() -> None:
+    spec = three_stage()
+    raw = spec.model_dump(by_alias=True, exclude_none=True, mode="json")
+    raw["variants"] = [raw["variants"][0], raw["variants"][2]]
+    pair = parse_spec(raw)
+    plan = initial_plan(pair, profiles_from_spec(pair), 0.0)
+    assert "next_stage_url" not in config_body(plan, "light", spec=pair, stage_url=url)
+    assert "--next-stage-url=http://heavy" in serve_args(
+        pair, "light", cascade="c", files=WorkerFiles("m"), stage_url=url
+    )
