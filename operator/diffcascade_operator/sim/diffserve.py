@@ -38,13 +38,8 @@ import math
 from collections import deque
 from dataclasses import replace
 
-from diffcascade_operator.allocator import (
-    Allocation,
-    CascadeProblem,
-    ReplicaBounds,
-    pair_problem,
-    solve,
-)
+from diffcascade_operator.allocator import Allocation, CascadeProblem, pair_problem, solve
+from diffcascade_operator.control import replica_bounds
 from diffcascade_operator.metrics_source import MetricsReading
 from diffcascade_operator.plan import Plan, SolverOutcome, SolverStatus, VariantAllocation
 from diffcascade_operator.profiles import CascadeProfiles, VariantProfile
@@ -206,7 +201,6 @@ class DiffServeArtifactPolicy:
         )
 
     def _solve(self, demand: float, queue_s: dict[str, float]) -> Allocation:
-        bounds = {v.name: ReplicaBounds(v.min_replicas, v.max_replicas) for v in self.spec.variants}
         problem = CascadeProblem(
             variants=self.profiles.variants,
             demand_qps=demand,
@@ -216,7 +210,7 @@ class DiffServeArtifactPolicy:
             quality=self.profiles.quality,
             queue_s=queue_s,
             backlog={},
-            bounds=bounds,
+            bounds=replica_bounds(self.spec),
             previous={},
         )
         return solve(pair_problem(problem, self.light, self.heavy))
