@@ -13,6 +13,11 @@ records, polling every 50 ms:
 Reaction = max(replicas, threshold) - seen. Target: within one control interval + 2 s. The
 PromQL rate window (`--window`) sets how fast the demand estimate follows the step.
 
+Live profiles are held off (the operator plans with the spec's tables): after a few trials the
+measured latency of the tiny workers would replace the spec's table, and a 4-qps step would no
+longer need a second light replica, so there would be nothing to react to. This measures the
+demand path alone; `--live` keeps live profiles on.
+
     python -m bench.operator_reaction [--trials 3] [--interval 2] [--window 4] [--models DIR]
 
 Prints a table and writes bench/results/operator_reaction.json.
@@ -117,6 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--qps", type=float, default=4.0)
+    parser.add_argument("--live", action="store_true", help="keep live profiles on")
     parser.add_argument("--interval", type=float, default=2.0, help="control interval, s")
     parser.add_argument("--window", type=float, default=4.0, help="PromQL rate window, s")
     parser.add_argument(
@@ -138,6 +144,9 @@ def main() -> None:
         cluster.create_cascade(NS, manifest)
         env = operator_env(prometheus_url=bench.prometheus.url, tick=0.25)
         env["DIFFCASCADE_METRICS_WINDOW_SECONDS"] = str(args.window)
+        if not args.live:
+            env["DIFFCASCADE_LIVE_MIN_SAMPLES"] = str(10**9)
+            env["DIFFCASCADE_LIVE_MIN_BATCHES"] = str(10**9)
         with operator(env):
             wait_for(lambda: cluster.replicas(NS, f"{CASCADE}-light"), what="Deployments")
             cluster.register_pods(NS, CASCADE, bench.workers)
@@ -163,6 +172,7 @@ def main() -> None:
             "control_interval_s": args.interval,
             "rate_window_s": args.window,
             "scrape_interval_s": 1.0,
+            "live_profiles": args.live,
             "timer_tick_s": 0.25,
             "step_qps": args.qps,
             "ewma_alpha": args.ewma_alpha if args.ewma_alpha is not None else "spec default",

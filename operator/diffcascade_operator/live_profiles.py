@@ -344,6 +344,13 @@ class LiveProfileSettings:
     drift_distance: float = 0.1  # ProfileDrift is True above this max |f_live - f_profile|
     drift_min_samples: int = 200  # fewer: drift is not judged (condition Unknown)
     min_batches: int = 20  # batches of one size before its measured latency counts
+    #: Seconds between histogram reads: a 120-s window moves little in a few control steps,
+    #: and the read is the costliest query of a step (capped at a quarter of the window).
+    refresh_s: float = 15.0
+
+    @property
+    def read_every_s(self) -> float:
+        return min(self.refresh_s, self.window_s / 4)
 
     def __post_init__(self) -> None:
         if not self.window_s > 0 or self.prior_samples < 0 or self.drift_distance < 0:

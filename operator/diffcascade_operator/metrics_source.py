@@ -45,6 +45,10 @@ from diffcascade_operator.snapshot import StageSample
 
 SourceName = Literal["Prometheus", "DirectScrape"]
 
+#: The label that tells the parts of the one live-profile query apart, and its values.
+_STAT = "diffcascade_stat"
+_LIVE_TAGS = ("bucket", "count", "sum")
+
 
 class MetricsUnavailable(RuntimeError):
     """No usable reading: the source cannot be reached or has no data for the cascade."""
@@ -208,6 +212,15 @@ class PrometheusSource:
             f"sum by ({by_size}) (increase({batch}_sum{{{sel}}}[{window}]))",
         )
 
+    def live_query(self, *, cascade: str, window_s: float, namespace: str | None = None) -> str:
+        """The three `live_queries` as one instant query (one round trip a control step): each
+        part tagged with a `stat` label, joined with `or` (their label sets differ)."""
+        parts = self.live_queries(cascade=cascade, window_s=window_s, namespace=namespace)
+        return " or ".join(
+            f'label_replace({q}, "{_STAT}", "{tag}", "", "")'
+            for q, tag in zip(parts, _LIVE_TAGS, strict=True)
+        )
+
     def _rows(self, promql: str) -> list[tuple[dict[str, str], float]]:
         try:
             result: list[dict[str, Any]] = self._client.custom_query(promql)
@@ -230,25 +243,22 @@ class PrometheusSource:
         namespace: str | None = None,
     ) -> LiveObservations:
         """Histogram increases over `window_s`, by variant (empty ones when nothing ran)."""
-        conf_q, count_q, sum_q = self.live_queries(
-            cascade=cascade, window_s=window_s, namespace=namespace
-        )
+        rows = self._rows(self.live_query(cascade=cascade, window_s=window_s, namespace=namespace))
         buckets: dict[str, dict[float, float]] = {v: {} for v in variants}
-        for labels, value in self._rows(conf_q):
-            variant, le = labels.get(LABEL_VARIANT), labels.get("le")
-            if variant in buckets and le is not None:
+        batches: dict[str, dict[int, tuple[float, float]]] = {v: {} for v in variants}
+        for labels, value in rows:
+            variant, tag = labels.get(LABEL_VARIANT), labels.get(_STAT)
+            if variant not in buckets:
+                continue
+            if tag == _LIVE_TAGS[0]:
                 try:
-                    buckets[variant][float(le)] = value
+                    buckets[variant][float(labels.get("le", ""))] = value
                 except ValueError:
                     continue
-        batches: dict[str, dict[int, tuple[float, float]]] = {v: {} for v in variants}
-        for index, promql in enumerate((count_q, sum_q)):
-            for labels, value in self._rows(promql):
-                variant, size = labels.get(LABEL_VARIANT), _batch_size(labels)
-                if variant in batches and size is not None:
-                    pair = list(batches[variant].get(size, (0.0, 0.0)))
-                    pair[index] = value
-                    batches[variant][size] = (pair[0], pair[1])
+            elif tag in _LIVE_TAGS[1:] and (size := _batch_size(labels)) is not None:
+                pair = list(batches[variant].get(size, (0.0, 0.0)))
+                pair[_LIVE_TAGS.index(tag) - 1] = value
+                batches[variant][size] = (pair[0], pair[1])
         return LiveObservations(
             variants={v: _totals(buckets[v], batches[v]) for v in variants},
             window_s=window_s,

@@ -7,7 +7,9 @@ record the demand and build the `Snapshot` the same way.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, MutableSequence, Sequence
+from dataclasses import dataclass
 
 from diffcascade_operator.live_profiles import (
     LiveObservations,
@@ -78,6 +80,18 @@ def plan_thresholds(plan: Plan | None) -> dict[str, float]:
     return {a.name: a.threshold for a in plan.variants if a.threshold is not None}
 
 
+@dataclass
+class LiveCache:
+    """The last histogram read of one cascade's loop, reused until `read_every_s` passed."""
+
+    observed: LiveObservations | None = None
+    note: str | None = None
+    at: float = -math.inf
+
+    def due(self, now: float, settings: LiveProfileSettings) -> bool:
+        return now - self.at >= settings.read_every_s - 1e-9
+
+
 def read_live_profiles(
     source: object | None,
     *,
@@ -87,13 +101,21 @@ def read_live_profiles(
     plan: Plan | None,
     settings: LiveProfileSettings,
     namespace: str | None = None,
+    cache: LiveCache | None = None,
+    now: float = 0.0,
 ) -> tuple[LiveProfileResult, str | None]:
-    """(blended profiles and their summary, note): the note says why nothing was observed."""
+    """(blended profiles and their summary, note): the note says why nothing was observed.
+
+    With a `cache`, the histograms are read at most every `settings.read_every_s` (the same
+    rule the simulator applies); in between the last read is blended again with the
+    thresholds now in force."""
     observed: LiveObservations | None = None
     note: str | None = None
     read = getattr(source, "read_live", None)
     if read is None:
         note = "no metrics source with histograms"
+    elif cache is not None and not cache.due(now, settings):
+        observed, note = cache.observed, cache.note
     else:
         try:
             observed = read(
@@ -101,5 +123,7 @@ def read_live_profiles(
             )
         except MetricsUnavailable as exc:
             note = str(exc)
+        if cache is not None:
+            cache.observed, cache.note, cache.at = observed, note, now
     result = live_profiles(profiles, observed, thresholds=plan_thresholds(plan), settings=settings)
     return result, note

@@ -11,6 +11,7 @@ from diffcascade_operator.metrics_source import FallbackSource, MetricsReading, 
 from diffcascade_operator.profiles import profiles_from_spec
 from diffcascade_operator.snapshot import DemandSample, StageSample
 from diffcascade_operator.snapshot_builder import build_snapshot, read_metrics
+from diffcascade_operator.spec import CascadeSpec, parse_spec
 from test_control import HEAVY, LIGHT, make_spec
 
 
@@ -92,4 +93,56 @@ def test_read_metrics_says_why_a_fallback_answered_and_why_nothing_did() -> None
     assert read_metrics(neither, cascade="c", variants=variants) == (
         None,
         "Prometheus refused; fallback: no worker answered",
+    )
+
+
+def test_live_histograms_are_read_at_most_every_read_every_s_and_reblended_between() -> None:
+    from diffcascade_operator.live_profiles import LiveObservations, LiveProfileSettings
+    from diffcascade_operator.profiles import profiles_from_spec
+    from diffcascade_operator.snapshot_builder import LiveCache, read_live_profiles
+
+    class Counting:
+        reads = 0
+
+        def read_live(self, **_: object) -> LiveObservations:
+            Counting.reads += 1
+            return LiveObservations(variants={}, window_s=120.0, source="Prometheus", at=0.0)
+
+    spec = _spec_for_live()
+    profiles = profiles_from_spec(spec)
+    settings = LiveProfileSettings()  # 120-s window: a read every 15 s
+    cache = LiveCache()
+    for now in (0.0, 5.0, 10.0, 15.0, 20.0, 30.0):
+        result, _ = read_live_profiles(
+            Counting(),
+            profiles=profiles,
+            cascade="c",
+            variants=[v.name for v in spec.variants],
+            plan=None,
+            settings=settings,
+            cache=cache,
+            now=now,
+        )
+        assert result.source == "Prometheus"  # between reads the last one is used
+    assert Counting.reads == 3  # at 0, 15 and 30 s
+    assert LiveProfileSettings(window_s=20.0).read_every_s == 5.0
+
+
+def _spec_for_live() -> CascadeSpec:
+
+    curve = {"thresholds": [0, 1], "deferFractions": [0, 1]}
+    return parse_spec(
+        {
+            "sloSeconds": 5,
+            "gpuBudget": 2,
+            "variants": [
+                {
+                    "name": "l",
+                    "model": "l",
+                    "profile": {"batchLatencyMs": {"1": 10}},
+                    "gate": {"deferCurve": curve},
+                },
+                {"name": "h", "model": "h", "profile": {"batchLatencyMs": {"1": 100}}},
+            ],
+        }
     )

@@ -44,7 +44,12 @@ from diffcascade_operator.metrics_source import (
 from diffcascade_operator.plan import Plan, SolverStatus
 from diffcascade_operator.profiles import CascadeProfiles, ProfileError, profiles_from_spec
 from diffcascade_operator.snapshot import DemandSample, Snapshot
-from diffcascade_operator.snapshot_builder import build_snapshot, read_live_profiles, read_metrics
+from diffcascade_operator.snapshot_builder import (
+    LiveCache,
+    build_snapshot,
+    read_live_profiles,
+    read_metrics,
+)
 from diffcascade_operator.spec import CascadeSpec, InvalidSpec, parse_spec
 
 logger = logging.getLogger(__name__)
@@ -73,6 +78,7 @@ class CascadeState:
     source: MetricsSource | None = None
     source_url: str | None = None
     endpoints: dict[str, list[str]] = field(default_factory=dict)
+    live_cache: LiveCache = field(default_factory=LiveCache)  # the last histogram read
     restored: bool = False
     profiling: profiling.ProfilingMemo = field(default_factory=profiling.ProfilingMemo)
 
@@ -409,6 +415,8 @@ def control_step(
         plan=previous,
         variants=variants,
         settings=settings,
+        cache=state.live_cache,
+        now=now,
     )
     events.extend(drift_events(live, live_note, status=status))
     snapshot = build_snapshot(
@@ -485,6 +493,7 @@ def live_settings(settings: OperatorSettings) -> LiveProfileSettings:
         return LiveProfileSettings(
             window_s=settings.live_window_s,
             min_samples=settings.live_min_samples,
+            min_batches=settings.live_min_batches,
             drift_distance=settings.drift_distance,
             drift_min_samples=settings.drift_min_samples,
         )
@@ -503,6 +512,8 @@ def live_step(
     variants: Sequence[str],
     plan: Plan | None,
     settings: OperatorSettings,
+    cache: LiveCache | None = None,
+    now: float = 0.0,
 ) -> tuple[LiveProfileResult, str | None]:
     """The live profiles to plan with; histograms are read from the source that just answered
     (no second wait on a Prometheus that is down), none when no source did."""
@@ -514,6 +525,8 @@ def live_step(
         plan=plan,
         settings=live_settings(settings),
         namespace=namespace,
+        cache=cache,
+        now=now,
     )
 
 

@@ -55,6 +55,9 @@ class OperatorSettings:
     # live_profiles.LiveProfileSettings for what each means).
     live_window_s: float = 120.0
     live_min_samples: int = 30
+    live_min_batches: int = (
+        20  # batches of one size before its measured latency replaces the spec's
+    )
     drift_distance: float = 0.1
     drift_min_samples: int = 200
     # Image registries (or registry/path prefixes) a cascade's image fields may name; empty:
@@ -102,6 +105,7 @@ class OperatorSettings:
             drain_margin_s=float(get("DRAIN_MARGIN_SECONDS") or base.drain_margin_s),
             live_window_s=float(get("LIVE_WINDOW_SECONDS") or base.live_window_s),
             live_min_samples=int(get("LIVE_MIN_SAMPLES") or base.live_min_samples),
+            live_min_batches=int(get("LIVE_MIN_BATCHES") or base.live_min_batches),
             drift_distance=float(get("DRIFT_DISTANCE") or base.drift_distance),
             drift_min_samples=int(get("DRIFT_MIN_SAMPLES") or base.drift_min_samples),
             allowed_image_registries=_words(get("ALLOWED_IMAGE_REGISTRIES")),

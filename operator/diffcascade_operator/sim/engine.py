@@ -56,7 +56,12 @@ from diffcascade_operator.profiles import CascadeProfiles
 from diffcascade_operator.sim.model import Directive, Routing, StageModel
 from diffcascade_operator.sim.prometheus import SimulatedPrometheus
 from diffcascade_operator.snapshot import DemandSample, Snapshot
-from diffcascade_operator.snapshot_builder import DEMAND_HISTORY, build_snapshot, plan_thresholds
+from diffcascade_operator.snapshot_builder import (
+    DEMAND_HISTORY,
+    LiveCache,
+    build_snapshot,
+    plan_thresholds,
+)
 from diffcascade_operator.spec import CascadeSpec
 
 NOT_SERVED = -1
@@ -254,7 +259,8 @@ class Simulation:
         self.history: deque[DemandSample] = deque(maxlen=config.demand_history)
         self.readings: list[MetricsReading | None] = []  # what each tick read, in order
         self.live_tracker = LiveTracker(config.live.window_s, source="Prometheus")
-        self._live: LiveObservations | None = None
+        self._live: LiveObservations | None = None  # a fresh histogram read at this tick
+        self.live_cache = LiveCache()
         self._live_result: LiveProfileResult | None = None
         self.workers_made = 0
 
@@ -600,18 +606,22 @@ class Simulation:
         self._live, self._live_result = None, None
         profiles = self.profiles
         if getattr(self.policy, "live_profiles", False):
-            totals = {
-                (s.model.name, w.key): w.recorder.totals()
-                for s in self.stages
-                for w in (*s.workers,)
-            }
-            observed = self.live_tracker.observe(
-                now=now, variants=[s.model.name for s in self.stages], totals=totals
-            )
-            self._live = observed if reading is not None else None
+            if reading is not None and self.live_cache.due(now, self.cfg.live):
+                # the operator's rule: the histograms are read every `read_every_s`
+                totals = {
+                    (s.model.name, w.key): w.recorder.totals()
+                    for s in self.stages
+                    for w in s.workers
+                }
+                observed = self.live_tracker.observe(
+                    now=now, variants=[s.model.name for s in self.stages], totals=totals
+                )
+                self.live_cache.observed, self.live_cache.at = observed, now
+                self._live = observed
+            observed_now = self.live_cache.observed if reading is not None else None
             self._live_result = live_profiles(
                 self.profiles,
-                self._live,
+                observed_now,
                 thresholds=plan_thresholds(self.plan),
                 settings=self.cfg.live,
             )

@@ -63,7 +63,6 @@ class Replay:
     ) -> MetricsReading:
         reading = next(self._readings)
         if reading is None:
-            next(self._live)  # the operator reads no histograms without a reading
             raise MetricsUnavailable("no rate yet (fewer than two scrapes)")
         return reading
 
@@ -116,7 +115,8 @@ def test_a_ramp_gives_the_same_plans_through_the_simulator_and_the_operator() ->
     }
     settings = OperatorSettings()
     state = reconcile.new_state(settings)
-    replay = Replay(readings, [d.live for d in decisions])
+    fresh = [d.live for d in decisions if d.live is not None]  # histogram reads, as the sim did
+    replay = Replay(readings, fresh)
     state.source, state.source_url = replay, scenario.spec.control.prometheus_url
     api = RecordingApi()
     port = closed_port()
@@ -145,6 +145,7 @@ def test_a_ramp_gives_the_same_plans_through_the_simulator_and_the_operator() ->
         if not same_decision(state.plan, decision.plan):
             mismatches.append((index, decision.at, state.plan.reason, decision.plan.reason))
     assert mismatches == []
-    assert replay.live_reads >= len(decisions) - 1  # the live-profile path ran at every tick
+    # the operator read the histograms exactly when the simulator did (every read_every_s)
+    assert replay.live_reads == len(fresh) > len(decisions) // 4
     # the series did move the controller: more than one distinct decision was taken
     assert len({d.plan.threshold for d in decisions}) > 1
