@@ -267,9 +267,15 @@ def main(argv: list[str] | None = None) -> int:
     report = (
         "# Simulator: every policy on the paper's cascades and traces\n\n"
         f"Command: `{command}` ({total:.0f} s for {len(rows)} runs on {platform.machine()}, "
-        f"Python {platform.python_version()}). Replica start-up "
-        f"{args.startup_seconds if args.startup_seconds is not None else 'from the scenario'}"
-        " s.\n\n## Targets\n\n" + checks + body
+        f"Python {platform.python_version()}). Replica start-up: "
+        + (
+            f"{args.startup_seconds:g} s"
+            if args.startup_seconds is not None
+            else "each scenario's profile (0 s in the bundled ones)"
+        )
+        + ".\n\n## Targets\n\n"
+        + checks
+        + body
     )
     results = BENCH / "results"
     results.mkdir(exist_ok=True)
