@@ -162,16 +162,12 @@ class PrometheusSource:
         )
 
     def _query(self, promql: str) -> dict[str, float]:
-        try:
-            result: list[dict[str, Any]] = self._client.custom_query(promql)
-        except Exception as exc:  # requests' and the client's errors alike
-            raise MetricsUnavailable(f"Prometheus at {self.url}: {exc}") from exc
-        values: dict[str, float] = {}
-        for row in result:
-            variant = row.get("metric", {}).get(LABEL_VARIANT)
-            if variant is not None:
-                values[variant] = _finite(float(row["value"][1]))
-        return values
+        """One value per variant (`_rows`, keyed by the variant label)."""
+        return {
+            labels[LABEL_VARIANT]: value
+            for labels, value in self._rows(promql)
+            if LABEL_VARIANT in labels
+        }
 
     def read(
         self, *, cascade: str, variants: Sequence[str], namespace: str | None = None
@@ -224,7 +220,7 @@ class PrometheusSource:
     def _rows(self, promql: str) -> list[tuple[dict[str, str], float]]:
         try:
             result: list[dict[str, Any]] = self._client.custom_query(promql)
-        except Exception as exc:
+        except Exception as exc:  # requests' and the client's errors alike
             raise MetricsUnavailable(f"Prometheus at {self.url}: {exc}") from exc
         rows = []
         for row in result:
@@ -363,12 +359,10 @@ class ScrapeSource:
 
     def scrape(self, url: str, *, cascade: str | None = None) -> WorkerSample | None:
         """One worker's sample, or None when it does not answer."""
-        try:
-            response = self._client.get(f"{url.rstrip('/')}/metrics", timeout=self._timeout_s)
-            response.raise_for_status()
-        except httpx.HTTPError:
-            return None
-        return parse_worker_metrics(response.text, cascade=cascade, at=self._clock())
+        text = self._scrape_text(url)
+        return (
+            None if text is None else parse_worker_metrics(text, cascade=cascade, at=self._clock())
+        )
 
     def _scrape_all(self, urls: Sequence[str], cascade: str) -> dict[str, WorkerSample]:
         samples = self._pool.map(lambda u: (u, self.scrape(u, cascade=cascade)), urls)
@@ -419,6 +413,7 @@ class ScrapeSource:
         )
 
     def _scrape_text(self, url: str) -> str | None:
+        """A worker's /metrics page, or None when it does not answer."""
         try:
             response = self._client.get(f"{url.rstrip('/')}/metrics", timeout=self._timeout_s)
             response.raise_for_status()

@@ -8,7 +8,6 @@ a profiled point is always reproduced exactly.
 
 from __future__ import annotations
 
-import bisect
 import csv
 import itertools
 import json
@@ -30,6 +29,7 @@ from diffcascade_worker.deferral import (
     DeferCurveError,
     curve_from_confidences,
     curve_from_document,
+    interpolate,
     validate_curve,
 )
 
@@ -79,19 +79,6 @@ _QUALITY_NAMES = ("c1", "c2", "c3")  # sd-turbo->sd-v1.5, sdxs->sd-v1.5, sdxl-li
 # --- interpolation -----------------------------------------------------------------------------
 
 
-def _interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
-    """Piecewise-linear y(x), clamped to the end values outside the range."""
-    if x <= xs[0]:
-        return ys[0]
-    if x >= xs[-1]:
-        return ys[-1]
-    i = bisect.bisect_right(xs, x)
-    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
-    if x1 == x0:
-        return y1
-    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-
-
 def defer_fraction(curve: DeferCurve, t: float) -> float:
     """f(t) by the contract's one reading (`DeferCurve.at`: piecewise linear, 0 at t <= 0,
     1 at t >= 1)."""
@@ -100,7 +87,7 @@ def defer_fraction(curve: DeferCurve, t: float) -> float:
 
 def fid_at(quality: QualityCurve, light_share: float) -> float:
     """FID at a light share, piecewise linear between profiled points (not the quadratic fit)."""
-    return _interpolate(quality.light_shares, quality.fids, light_share)
+    return interpolate(quality.light_shares, quality.fids, light_share)
 
 
 def batch_latency_ms(table: Mapping[int, float], batch_size: int) -> float:
@@ -118,7 +105,7 @@ def batch_latency_ms(table: Mapping[int, float], batch_size: int) -> float:
         return float(table[sizes[0]])
     if batch_size > sizes[-1]:
         return float(table[sizes[-1]]) * batch_size / sizes[-1]
-    return _interpolate([float(s) for s in sizes], [table[s] for s in sizes], float(batch_size))
+    return interpolate([float(s) for s in sizes], [table[s] for s in sizes], float(batch_size))
 
 
 def candidate_batches(table: Mapping[int, float], max_batch_size: int) -> dict[int, float]:

@@ -38,6 +38,20 @@ def should_defer(confidence: float, threshold: float) -> bool:
     return confidence < threshold
 
 
+def interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
+    """Piecewise-linear y(x) through increasing xs, clamped to the end values outside them
+    (exact on the points). The planner reads every profiled curve this way."""
+    if x <= xs[0]:
+        return ys[0]
+    if x >= xs[-1]:
+        return ys[-1]
+    i = bisect.bisect_right(xs, x)
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    if x1 == x0:
+        return y1
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
 class DeferCurveError(ValueError):
     """A deferral curve that breaks the contract; the message says where and which rule."""
 
@@ -59,14 +73,7 @@ class DeferCurve:
             return 0.0
         if threshold >= 1.0:
             return 1.0
-        ts, fs = self.thresholds, self.fractions
-        if threshold <= ts[0]:
-            return fs[0]
-        if threshold >= ts[-1]:
-            return fs[-1]
-        i = bisect.bisect_right(ts, threshold)
-        t0, t1, f0, f1 = ts[i - 1], ts[i], fs[i - 1], fs[i]
-        return f0 + (f1 - f0) * (threshold - t0) / (t1 - t0)
+        return interpolate(self.thresholds, self.fractions, threshold)
 
     def on_grid(self) -> DeferCurve:
         """The same curve sampled on `THRESHOLD_GRID`."""
@@ -144,6 +151,7 @@ __all__ = [
     "DeferCurveError",
     "curve_from_confidences",
     "curve_from_document",
+    "interpolate",
     "should_defer",
     "validate_curve",
 ]

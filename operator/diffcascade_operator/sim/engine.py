@@ -48,7 +48,6 @@ from diffcascade_operator.live_profiles import (
     LiveProfileResult,
     LiveProfileSettings,
     LiveTracker,
-    live_profiles,
 )
 from diffcascade_operator.metrics_source import MetricsReading
 from diffcascade_operator.plan import Plan
@@ -60,7 +59,7 @@ from diffcascade_operator.snapshot_builder import (
     DEMAND_HISTORY,
     LiveCache,
     build_snapshot,
-    plan_thresholds,
+    read_live_profiles,
 )
 from diffcascade_operator.spec import CascadeSpec
 
@@ -176,7 +175,6 @@ class _Worker:
 
 class _Stage:
     __slots__ = (
-        "arrivals",
         "backlog",
         "batch_size",
         "model",
@@ -196,7 +194,6 @@ class _Stage:
         self.threshold = 0.0
         self.next_index: int | None = None  # where this stage's deferrals go
         self.rr = 0
-        self.arrivals: list[int] = []  # arrivals per whole second
 
     def ready(self, now: float) -> list[_Worker]:
         return [w for w in self.workers if not w.draining and w.ready_at <= now]
@@ -252,12 +249,9 @@ class Simulation:
         self.rng = random.Random(config.seed)
         self.decisions: list[DecisionRecord] = []
         self.timeline: list[TimelineRow] = []
-        self.entry_arrivals: list[int] = []
-        self.prometheus = SimulatedPrometheus(
-            stages=[st.model.name for st in self.stages], retention=8
-        )
+        self.prometheus = SimulatedPrometheus(stages=[st.model.name for st in self.stages])
         self.history: deque[DemandSample] = deque(maxlen=config.demand_history)
-        self.readings: list[MetricsReading | None] = []  # what each tick read, in order
+        self._reading: MetricsReading | None = None  # what this tick read
         self.live_tracker = LiveTracker(config.live.window_s, source="Prometheus")
         self._live: LiveObservations | None = None  # a fresh histogram read at this tick
         self.live_cache = LiveCache()
@@ -289,7 +283,6 @@ class Simulation:
                 last_work = at
             if kind == _ARRIVAL:
                 assert isinstance(payload, int)
-                self._count(self.entry_arrivals, at)
                 self._enter(payload)
             elif kind == _DONE:
                 assert isinstance(payload, tuple)
@@ -333,13 +326,6 @@ class Simulation:
             wall_s=self.clock() - started,
         )
 
-    @staticmethod
-    def _count(buckets: list[int], at: float) -> None:
-        second = int(at)
-        if second >= len(buckets):
-            buckets.extend([0] * (second + 1 - len(buckets)))
-        buckets[second] += 1
-
     # --- queries ---------------------------------------------------------------------------
 
     def _enter(self, qid: int) -> None:
@@ -367,7 +353,6 @@ class Simulation:
 
     def _dispatch(self, index: int, qid: int, worker: _Worker | None = None) -> None:
         stage = self.stages[index]
-        self._count(stage.arrivals, self.now)
         self.prometheus.arrived(index)
         self.inflight[index] += 1
         if self.entered[qid] < 0:
@@ -420,10 +405,7 @@ class Simulation:
                 if not should_drop(remaining_s=remaining, expected_batch_s=expected):
                     batch.append(qid)
                 elif degrade and self.deferred[qid]:
-                    # the next stage refuses it (503), or the deferring stage's forward timed
-                    # out at the deadline first: that stage answers with its image
-                    self.degraded[qid] = True
-                    self._serve(qid, self.origin[qid], at=min(self.now, self.arrival[qid] + slo))
+                    self._degrade(qid)  # the next stage refuses it (503)
                 else:
                     self._drop(qid, self.now)
             if batch:
@@ -434,11 +416,11 @@ class Simulation:
 
     def _batch_done(self, index: int, worker: _Worker, batch: list[int]) -> None:
         worker.busy = False
-        conf = self.conf[index]
+        gated = self.conf[index] is not None
         worker.recorder.observe_batch(
             size=len(batch),
             seconds=self.stages[index].model.latency(len(batch)),
-            confidences=[conf[self.prompt[q] % len(conf)] for q in batch] if conf else (),
+            confidences=[self._confidence(index, q) for q in batch] if gated else (),
         )
         target_index = self.stages[index].next_index
         for qid in batch:
@@ -449,9 +431,7 @@ class Simulation:
             self.origin[qid] = index
             target = self._pick(self.stages[target_index])
             if target is None and self.policy.degrade:
-                # no ready replica to forward to: the forward fails, this stage's image returns
-                self.degraded[qid] = True
-                self._serve(qid, index)
+                self._degrade(qid)  # no ready replica to forward to: the forward fails
             else:
                 self._dispatch(target_index, qid, target)
         if worker.draining:
@@ -463,15 +443,27 @@ class Simulation:
         if self.routing == Routing.RANDOM:
             return self.rng.random() < self.defer_p
         threshold = self.stages[index].threshold
-        conf = self.conf[index]
-        if conf is None:
+        if self.conf[index] is None:
             return threshold >= 1.0
-        return should_defer(conf[self.prompt[qid] % len(conf)], threshold)
+        return should_defer(self._confidence(index, qid), threshold)
+
+    def _confidence(self, index: int, qid: int) -> float:
+        """The gate confidence of query `qid`'s prompt at a gated stage."""
+        conf = self.conf[index]
+        assert conf is not None
+        return conf[self.prompt[qid] % len(conf)]
 
     def _serve(self, qid: int, index: int, *, at: float | None = None) -> None:
         self.finish[qid] = self.now if at is None else at
         self.served_by[qid] = index
         self._close(qid)
+
+    def _degrade(self, qid: int) -> None:
+        """A deferral that failed: the stage that deferred it answers with its own image, at
+        the latest at the deadline (the real forward times out there)."""
+        self.degraded[qid] = True
+        deadline = self.arrival[qid] + self.cfg.slo_s
+        self._serve(qid, self.origin[qid], at=min(self.now, deadline))
 
     def _drop(self, qid: int, at: float) -> None:
         self.dropped[qid] = at
@@ -502,9 +494,7 @@ class Simulation:
         target = self._pick(stage)
         if target is None:
             if self.policy.degrade and self.deferred[qid]:
-                self.degraded[qid] = True
-                deadline = self.arrival[qid] + self.cfg.slo_s
-                self._serve(qid, self.origin[qid], at=min(self.now, deadline))
+                self._degrade(qid)
             else:
                 stage.backlog.append(qid)
             return
@@ -589,7 +579,7 @@ class Simulation:
                 solve_ms=plan.solver.solve_ms,
                 solved=directive.solved,
                 snapshot=snapshot,
-                reading=self.readings[-1],
+                reading=self._reading,
                 live=self._live,
                 profiles=self._live_result,
             )
@@ -601,29 +591,19 @@ class Simulation:
         Prometheus through the shared snapshot builder, into the bounded demand history, with
         the live profiles derived from the workers' histograms when the policy plans with them
         (the operator's path: `read_live_profiles`, then `build_snapshot`)."""
-        reading = self.prometheus.read(now)
-        self.readings.append(reading)
+        reading = self._reading = self.prometheus.read(now)
         self._live, self._live_result = None, None
         profiles = self.profiles
         if getattr(self.policy, "live_profiles", False):
-            if reading is not None and self.live_cache.due(now, self.cfg.live):
-                # the operator's rule: the histograms are read every `read_every_s`
-                totals = {
-                    (s.model.name, w.key): w.recorder.totals()
-                    for s in self.stages
-                    for w in s.workers
-                }
-                observed = self.live_tracker.observe(
-                    now=now, variants=[s.model.name for s in self.stages], totals=totals
-                )
-                self.live_cache.observed, self.live_cache.at = observed, now
-                self._live = observed
-            observed_now = self.live_cache.observed if reading is not None else None
-            self._live_result = live_profiles(
-                self.profiles,
-                observed_now,
-                thresholds=plan_thresholds(self.plan),
+            self._live_result, _ = read_live_profiles(
+                self if reading is not None else None,  # no reading: no histograms either
+                profiles=self.profiles,
+                cascade="simulated",
+                variants=[s.model.name for s in self.stages],
+                plan=self.plan,
                 settings=self.cfg.live,
+                cache=self.live_cache,
+                now=now,
             )
             profiles = self._live_result.profiles
         return build_snapshot(
@@ -634,6 +614,22 @@ class Simulation:
             reading=reading,
             ready_replicas={s.model.name: len(s.ready(now)) for s in self.stages},
         )
+
+    def read_live(
+        self,
+        *,
+        cascade: str,
+        variants: Sequence[str],
+        window_s: float,
+        namespace: str | None = None,
+    ) -> LiveObservations:
+        """The workers' histograms as the operator's source reads them (called by
+        `read_live_profiles` when its cache says a read is due)."""
+        totals = {
+            (s.model.name, w.key): w.recorder.totals() for s in self.stages for w in s.workers
+        }
+        self._live = self.live_tracker.observe(now=self.now, variants=variants, totals=totals)
+        return self._live
 
     def _scrape(self) -> None:
         """Every worker's /metrics as Prometheus would scrape it at this instant."""
