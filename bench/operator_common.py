@@ -71,7 +71,7 @@ def tiny_models(models: Path | None) -> dict[str, Path]:
     if models is not None:
         return {"light": models / "light", "heavy": models / "heavy"}
     import torch
-    from diffcascade_worker.tiny import make_tiny_model
+    from diffcascade_worker.models.tiny import make_tiny_model
 
     torch.set_num_threads(1)
     root = WORKDIR / "models"

@@ -394,7 +394,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="repro-") as tmp:
         models = args.models or Path(tmp) / "models"
         if not (models / "light").exists():
-            from diffcascade_worker.tiny import make_tiny_model
+            from diffcascade_worker.models.tiny import make_tiny_model
 
             for kind in ("light", "heavy"):
                 make_tiny_model(kind, models / kind)

@@ -100,8 +100,8 @@ def _load_pipeline(model: Path) -> Any:
     import torch
 
     torch.set_num_threads(1)
-    from diffcascade_worker.pipeline import PipelineConfig, TextToImagePipeline
-    from diffcascade_worker.tiny import read_model_defaults
+    from diffcascade_worker.models.pipeline import PipelineConfig, TextToImagePipeline
+    from diffcascade_worker.models.tiny import read_model_defaults
 
     found = read_model_defaults(model)
     pipeline = TextToImagePipeline.load(
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     models = args.models or work / "models"
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if args.models is None:
-        from diffcascade_worker.tiny import make_tiny_model
+        from diffcascade_worker.models.tiny import make_tiny_model
 
         for kind in kinds:
             make_tiny_model(kind, models / kind)  # type: ignore[arg-type]

@@ -21,7 +21,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     The light folder also holds the tiny discriminator checkpoint and its calibrated curve.
     """
-    from diffcascade_worker.tiny import make_tiny_model
+    from diffcascade_worker.models.tiny import make_tiny_model
 
     root = tmp_path_factory.mktemp("models")
     return {kind: make_tiny_model(kind, root / kind) for kind in ("light", "heavy")}

@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from diffcascade_worker.deferral import DeferCurveError, validate_curve
-from diffcascade_worker.storage import StorageError, parse_uri
+from diffcascade_worker.storage.uris import StorageError, parse_uri
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 

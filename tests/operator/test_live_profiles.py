@@ -34,8 +34,8 @@ from diffcascade_operator.profiles import (
     defer_fraction,
     reference_confidences,
 )
-from diffcascade_worker.metrics import WorkerMetrics
 from diffcascade_worker.protocol import GATE_CONFIDENCE_BUCKETS
+from diffcascade_worker.serving.metrics import WorkerMetrics
 
 SETTINGS = LiveProfileSettings()
 

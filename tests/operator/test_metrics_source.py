@@ -149,10 +149,10 @@ def test_unreachable_prometheus_falls_back_to_scraping_and_says_why(
 
 
 class WorkerPage:
-    """The real worker's metrics (diffcascade_worker.metrics) behind real HTTP."""
+    """The real worker's metrics (diffcascade_worker.serving.metrics) behind real HTTP."""
 
     def __init__(self, variant: str, cascade: str = "c") -> None:
-        from diffcascade_worker.metrics import WorkerMetrics
+        from diffcascade_worker.serving.metrics import WorkerMetrics
 
         self.metrics = WorkerMetrics(cascade=cascade, variant=variant)
         metrics = self.metrics

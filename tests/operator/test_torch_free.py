@@ -14,6 +14,7 @@ CONTRACT = {
     "diffcascade_worker.deferral",
     "diffcascade_worker.deadline",
     "diffcascade_worker.storage",
+    "diffcascade_worker.storage.uris",
 }
 
 

@@ -71,7 +71,7 @@ def test_gpu_example_reference_curves_are_bundled() -> None:
 
 
 def test_tiny_example_matches_what_make_tiny_model_writes() -> None:
-    from diffcascade_worker import tiny
+    from diffcascade_worker.models import tiny
 
     _, spec = _load(EXAMPLES_DIR / "tiny-cpu.yaml")
     light, heavy = spec.variants

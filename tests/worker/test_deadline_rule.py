@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 from deadline_cases import SHARED, WORKER_ONLY
-from diffcascade_worker.batcher import Batcher, BatchLatencyModel, WorkItem
 from diffcascade_worker.deadline import should_drop
-from diffcascade_worker.errors import DeadlineExceeded
-from diffcascade_worker.metrics import WorkerMetrics
 from diffcascade_worker.protocol import CascadeConfig
+from diffcascade_worker.serving.batcher import Batcher, BatchLatencyModel, WorkItem
+from diffcascade_worker.serving.errors import DeadlineExceeded
+from diffcascade_worker.serving.metrics import WorkerMetrics
 from worker_testing import FakeEngine
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from diffcascade_worker.engine import BatchOutput
+from diffcascade_worker.models.engine import BatchOutput
 from diffcascade_worker.protocol import PATH_CONFIG, PATH_METRICS, PATH_READYZ
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -213,7 +213,7 @@ async def served_in_process(service: Any) -> AsyncIterator[str]:
     import asyncio
 
     import uvicorn
-    from diffcascade_worker.serve_command import server_config
+    from diffcascade_worker.serving.serve_command import server_config
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

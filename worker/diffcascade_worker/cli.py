@@ -9,11 +9,11 @@ from typing import Any
 import click
 
 _COMMANDS = {
-    "serve": "diffcascade_worker.serve_command:serve",
-    "make-tiny-model": "diffcascade_worker.model_commands:make_tiny_model",
-    "gate": "diffcascade_worker.model_commands:gate",
-    "fetch": "diffcascade_worker.fetch_command:fetch_command",
-    "profile": "diffcascade_worker.profile_command:profile",
+    "serve": "diffcascade_worker.serving.serve_command:serve",
+    "make-tiny-model": "diffcascade_worker.models.model_commands:make_tiny_model",
+    "gate": "diffcascade_worker.models.model_commands:gate",
+    "fetch": "diffcascade_worker.storage.fetch_command:fetch_command",
+    "profile": "diffcascade_worker.models.profile_command:profile",
 }
 
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from diffcascade_worker.storage import (
+from diffcascade_worker.storage.uris import (
     Credentials,
     Scheme,
     StorageError,

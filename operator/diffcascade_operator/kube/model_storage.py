@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from diffcascade_worker.storage import CACHE_MOUNT, PVC_MOUNT, Scheme, local_path, parse_uri
+from diffcascade_worker.storage.uris import CACHE_MOUNT, PVC_MOUNT, Scheme, local_path, parse_uri
 
 from diffcascade_operator.kube.settings import OperatorSettings
 from diffcascade_operator.spec import CascadeSpec, VariantSpec

@@ -68,7 +68,7 @@ def ensure_tiny_models(base_dir: Path, console: Console) -> None:
     try:
         script = (
             "import sys; from pathlib import Path\n"
-            "from diffcascade_worker.tiny import make_tiny_model\n"
+            "from diffcascade_worker.models.tiny import make_tiny_model\n"
             "for kind in sys.argv[2:]: make_tiny_model(kind, Path(sys.argv[1]) / kind)\n"
         )
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")

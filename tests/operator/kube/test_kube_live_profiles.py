@@ -2,8 +2,8 @@
 tiny workers, and prompts that turn hard mid-test.
 
 The tiny light model's deferral curve was calibrated on 64 known prompts and seeds (see
-`diffcascade_worker.tiny`). Sending exactly those first gives a live curve equal to the profile;
-then only the quarter the gate liked least ("the prompt file is switched") pulls the live
+`diffcascade_worker.models.tiny`). Sending exactly those first gives a live curve equal to the
+profile; then only the quarter the gate liked least ("the prompt file is switched") pulls the live
 curve away until the operator says so in the ProfileDrift condition, an Event, status.profiles
 and `diffcascade status`.
 """
@@ -20,7 +20,7 @@ import httpx
 import pytest
 from click.testing import CliRunner
 from diffcascade_operator.cli import main
-from diffcascade_worker.tiny import tiny_prompts
+from diffcascade_worker.models.tiny import tiny_prompts
 from kmock_k8s import ThreadedKMock
 from kube_env import Cluster, PrometheusProcess, WorkerProcess, operator_env, wait_for
 from test_kube_operator import CASCADE, Operator, _setup

@@ -1,0 +1,1 @@
+"""The gate: discriminators, the confidence scorer, training and calibration of f(t)."""

@@ -1,0 +1,1 @@
+"""The diffusers side: loading, running, profiling and building (tiny) pipelines."""

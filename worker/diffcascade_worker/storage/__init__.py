@@ -1,0 +1,1 @@
+"""Storage URIs of models, gates and curves, and fetching them into a model cache."""
