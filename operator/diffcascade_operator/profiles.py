@@ -33,7 +33,14 @@ from diffcascade_worker.deferral import (
     validate_curve,
 )
 
-from diffcascade_operator.spec import CascadeSpec, DeferCurveSpec, QualitySpec, VariantSpec
+from diffcascade_operator.spec import (
+    CascadeSpec,
+    DeferCurveSpec,
+    QualitySpec,
+    QualityTableSpec,
+    RouterSpec,
+    VariantSpec,
+)
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,94 @@ class QualityCurve:
 
     light_shares: tuple[float, ...]
     fids: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class QualityRow:
+    """One measured configuration of a hybrid cascade (HADIS's table row).
+
+    `router_share` r: the top-r share of prompts by router score goes straight to `heavy`;
+    `escalate_share` c: the lowest-c share of the light model's confidence distribution is
+    escalated after the light stage; `heavy_share` h: the share the heavy stage serves as
+    the table states it (r + c - rc in HADIS's tables); `fid` measured for that rule.
+    """
+
+    light: str
+    heavy: str
+    router_share: float
+    escalate_share: float
+    heavy_share: float
+    fid: float
+
+    @property
+    def pair(self) -> tuple[str, str]:
+        return (self.light, self.heavy)
+
+    def matches(self, pair: tuple[str, str], router_share: float, escalate_share: float) -> bool:
+        """The exact (pair, r, c) of this row (shares compared to 1e-9)."""
+        return (
+            self.pair == pair
+            and abs(self.router_share - router_share) < 1e-9
+            and abs(self.escalate_share - escalate_share) < 1e-9
+        )
+
+
+@dataclass(frozen=True)
+class QualityTable:
+    """Quality of every configuration a hybrid planner may choose, measured offline.
+
+    `rows`: the (pair, r, c, h, FID) rows a planner picks from; `pair_curves`: FID of each
+    pair by light share with the discriminator alone (r = 0), the 1-D curves baselines are
+    scored with; `single`: FID of each variant serving alone.
+    """
+
+    name: str
+    rows: tuple[QualityRow, ...]
+    pair_curves: Mapping[tuple[str, str], QualityCurve]
+    single: Mapping[str, float]
+
+    def pairs(self) -> tuple[tuple[str, str], ...]:
+        """The pairs the rows use, in first-seen order."""
+        return tuple(dict.fromkeys(row.pair for row in self.rows))
+
+    def row(self, pair: tuple[str, str], router_share: float, escalate_share: float) -> QualityRow:
+        """The row with exactly this (pair, r, c); ProfileError when the table has none."""
+        for row in self.rows:
+            if row.matches(pair, router_share, escalate_share):
+                return row
+        raise ProfileError(
+            f"quality table {self.name}: no row {pair} r={router_share:g} c={escalate_share:g}"
+        )
+
+    def worst(self) -> QualityRow:
+        """The row with the highest FID (HADIS scores a shed plan as this row)."""
+        return max(self.rows, key=lambda r: r.fid)
+
+    def served_fid(
+        self, pair: tuple[str, str] | None, router_share: float, escalate_share: float
+    ) -> float:
+        """FID of what a pair really served: the row at (r, c) rounded to the table's 0.1
+        grid when one exists, else the pair's discriminator-only curve at the heavy share
+        r + (1 - r) c (no credit for routing beyond the mixture it produces). A pair of one
+        variant (`pair[0] == pair[1]`) is that variant alone."""
+        if pair is None:
+            return max(self.single.values())
+        if pair[0] == pair[1]:
+            return self.single[pair[0]]
+        r, c = round(router_share, 1), round(escalate_share, 1)
+        for row in self.rows:
+            if row.matches(pair, r, c):
+                return row.fid
+        heavy = router_share + (1.0 - router_share) * escalate_share
+        return self.curve_fid(pair, heavy)
+
+    def curve_fid(self, pair: tuple[str, str], heavy_share: float) -> float:
+        """The pair's 1-D curve at a heavy share (single FIDs at its ends when it has none)."""
+        curve = self.pair_curves.get(pair)
+        if curve is None:
+            lo, hi = self.single[pair[0]], self.single[pair[1]]
+            return lo + (hi - lo) * heavy_share
+        return fid_at(curve, 1.0 - heavy_share)
 
 
 @dataclass(frozen=True)
@@ -57,6 +152,8 @@ class VariantProfile:
 class CascadeProfiles:
     variants: tuple[VariantProfile, ...]  # ordered light -> heavy
     quality: QualityCurve | None
+    #: Measured hybrid configurations (spec.qualityTable); None for a 1-D curve only.
+    table: QualityTable | None = None
 
 
 class ProfileError(ValueError):
@@ -74,6 +171,14 @@ _CONFIDENCE_FILES = {
     "sdxl-lightning": "confidence_sdxs.txt",
 }
 _QUALITY_NAMES = ("c1", "c2", "c3")  # sd-turbo->sd-v1.5, sdxs->sd-v1.5, sdxl-lightning->sdxl
+#: HADIS's per-prompt gate confidences (mean P(real) of each variant's 4 images), by variant.
+_HADIS_VARIANTS = ("sdxl-lightning", "sd35-large-turbo", "sd35-medium", "sd35-large")
+_CONFIDENCE_FILES.update({f"hadis-{v}": f"confidence_hadis-{v}.txt" for v in _HADIS_VARIANTS})
+#: Bundled quality tables (HADIS `hadis/src/tables/*.py`) and per-prompt router scores.
+_TABLE_NAMES = ("hadis-hybrid", "hadis-fixed13", "hadis-disc-only", "hadis-router-only")
+_ROUTER_FILES = {"hadis-rule": "router_hadis-rule.txt"}
+#: First line of a bundled per-prompt file that stands in for data not bundled yet.
+STAND_IN_MARK = "# stand-in"
 
 
 # --- interpolation -----------------------------------------------------------------------------
@@ -236,6 +341,10 @@ def reference_quality_names() -> tuple[str, ...]:
     return _QUALITY_NAMES
 
 
+def _values(text: str) -> tuple[float, ...]:
+    return tuple(float(line) for line in text.splitlines() if line and not line.startswith("#"))
+
+
 @cache
 def reference_confidences(name: str) -> tuple[float, ...]:
     """Per-prompt gate confidence of a light model on the 5,000 reference prompts (in order)."""
@@ -245,7 +354,67 @@ def reference_confidences(name: str) -> tuple[float, ...]:
         raise ProfileError(
             f"no reference deferral curve {name!r}; known: {', '.join(reference_defer_names())}"
         ) from None
-    return tuple(float(line) for line in _reference_text(filename).split())
+    return _values(_reference_text(filename))
+
+
+def reference_router_names() -> tuple[str, ...]:
+    return tuple(sorted(_ROUTER_FILES))
+
+
+@cache
+def reference_router_scores(name: str) -> tuple[float, ...]:
+    """Per-prompt router score on the reference prompts (higher: harder, routed first)."""
+    try:
+        filename = _ROUTER_FILES[name]
+    except KeyError:
+        raise ProfileError(
+            f"no reference router {name!r}; known: {', '.join(reference_router_names())}"
+        ) from None
+    return _values(_reference_text(filename))
+
+
+def reference_is_stand_in(kind: str, name: str) -> bool:
+    """True when a bundled per-prompt file (`kind` "confidence" or "router") is a stand-in
+    (its first line says so) rather than the measured data."""
+    files = _CONFIDENCE_FILES if kind == "confidence" else _ROUTER_FILES
+    filename = files.get(name)
+    if filename is None:
+        return False
+    return _reference_text(filename).startswith(STAND_IN_MARK)
+
+
+def reference_table_names() -> tuple[str, ...]:
+    return _TABLE_NAMES
+
+
+@cache
+def reference_quality_table(name: str) -> QualityTable:
+    """A bundled quality table with the pair curves and single FIDs measured beside it."""
+    if name not in _TABLE_NAMES:
+        raise ProfileError(f"no reference quality table {name!r}; known: {', '.join(_TABLE_NAMES)}")
+    key = name.removeprefix("hadis-").replace("-", "_")
+    rows = tuple(
+        QualityRow(
+            light=r["light"],
+            heavy=r["heavy"],
+            router_share=float(r["router_share"]),
+            escalate_share=float(r["escalate_share"]),
+            heavy_share=float(r["heavy_share"]),
+            fid=float(r["fid"]),
+        )
+        for r in csv.DictReader(_reference_text("hadis_quality_tables.csv").splitlines())
+        if r["table"] == key
+    )
+    points: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for r in csv.DictReader(_reference_text("hadis_pair_curves.csv").splitlines()):
+        share = 1.0 - float(r["heavy_share"])
+        points.setdefault((r["light"], r["heavy"]), []).append((round(share, 9), float(r["fid"])))
+    curves = {pair: _quality(sorted(pts), f"{pair}") for pair, pts in points.items()}
+    single = {
+        r["variant"]: float(r["fid"])
+        for r in csv.DictReader(_reference_text("hadis_single_fid.csv").splitlines())
+    }
+    return QualityTable(name=name, rows=rows, pair_curves=curves, single=single)
 
 
 @cache
@@ -298,6 +467,43 @@ def quality_from_spec(quality: QualitySpec) -> QualityCurve:
     return _quality(points, "fidByLightShare")
 
 
+def quality_table_from_spec(table: QualityTableSpec, variants: Sequence[str]) -> QualityTable:
+    """A bundled table or inline rows; every variant a row names must be in the cascade."""
+    if table.reference is not None:
+        loaded = reference_quality_table(table.reference)
+    else:
+        rows = tuple(
+            QualityRow(
+                light=r.light,
+                heavy=r.heavy,
+                router_share=r.router_share,
+                escalate_share=r.escalate_share,
+                heavy_share=r.router_share + (1.0 - r.router_share) * r.escalate_share,
+                fid=r.fid,
+            )
+            for r in table.rows or []
+        )
+        loaded = QualityTable(name="inline", rows=rows, pair_curves={}, single={})
+    unknown = sorted({n for row in loaded.rows for n in row.pair} - set(variants))
+    if unknown:
+        raise ProfileError(
+            f"quality table {loaded.name} names variants not in the cascade: {', '.join(unknown)}"
+        )
+    order = {n: i for i, n in enumerate(variants)}
+    backwards = [row.pair for row in loaded.rows if order[row.light] >= order[row.heavy]]
+    if backwards:
+        raise ProfileError(
+            f"quality table {loaded.name}: a row's light variant must come before its heavy one "
+            f"in spec.variants ({backwards[0]})"
+        )
+    return loaded
+
+
+def router_scores_from_spec(router: RouterSpec) -> tuple[float, ...]:
+    """Per-prompt router scores of the spec's router (a bundled reference)."""
+    return reference_router_scores(router.reference)
+
+
 def variant_profile(variant: VariantSpec, *, base_dir: Path | None = None) -> VariantProfile:
     gate = variant.gate
     curve = None
@@ -326,4 +532,7 @@ def profiles_from_spec(spec: CascadeSpec, *, base_dir: Path | None = None) -> Ca
     """
     variants = tuple(variant_profile(v, base_dir=base_dir) for v in spec.variants)
     quality = quality_from_spec(spec.quality) if spec.quality is not None else None
-    return CascadeProfiles(variants=variants, quality=quality)
+    table = None
+    if spec.quality_table is not None:
+        table = quality_table_from_spec(spec.quality_table, [v.name for v in spec.variants])
+    return CascadeProfiles(variants=variants, quality=quality, table=table)

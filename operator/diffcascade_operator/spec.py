@@ -208,6 +208,42 @@ class QualitySpec(_Model):
         return self
 
 
+class QualityRowSpec(_Model):
+    """One measured hybrid configuration: pair, router share r, escalation share c, FID."""
+
+    light: str = Field(min_length=1, max_length=40)
+    heavy: str = Field(min_length=1, max_length=40)
+    router_share: float = Field(ge=0.0, le=1.0)
+    escalate_share: float = Field(ge=0.0, le=1.0)
+    fid: float = Field(gt=0.0)
+
+
+class QualityTableSpec(_Model):
+    """Measured quality of hybrid configurations (pair, r, c -> FID), e.g. HADIS's table.
+
+    Either inline rows or the name of a bundled table (`hadis-hybrid`, `hadis-fixed13`,
+    `hadis-disc-only`, `hadis-router-only`). r and c are shares (percentiles of the router
+    scores and of the light model's confidences), as in HADIS.
+    """
+
+    rows: list[QualityRowSpec] | None = Field(default=None, min_length=1, max_length=4096)
+    reference: str | None = Field(default=None, description="Bundled table, e.g. hadis-hybrid")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> QualityTableSpec:
+        if (self.rows is None) == (self.reference is None):
+            raise ValueError("qualityTable needs either rows or reference")
+        return self
+
+
+class RouterSpec(_Model):
+    """The pre-generation router: which per-prompt scorer ranks prompts by difficulty."""
+
+    reference: str = Field(
+        min_length=1, description="Bundled per-prompt scores, e.g. hadis-rule (HADIS's rule)"
+    )
+
+
 class ControlSpec(_Model):
     interval_seconds: float = Field(default=5.0, ge=0.1, le=3600.0)
     headroom: float = Field(default=1.05, ge=1.0, le=10.0)
@@ -250,6 +286,8 @@ class CascadeSpec(_Model):
     objective: Objective = Objective.MIN_EXPECTED_FID
     variants: list[VariantSpec] = Field(min_length=1, max_length=8)
     quality: QualitySpec | None = None
+    quality_table: QualityTableSpec | None = None
+    router: RouterSpec | None = None
     control: ControlSpec = ControlSpec()
     worker_image: str | None = None
     storage: StorageSpec | None = None

@@ -1,0 +1,142 @@
+"""HADIS's reference data: the quality tables, the pair curves, the per-prompt files and the
+rules that turn shares into cuts (the artifact's percentile rules)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from diffcascade_operator.profiles import (
+    ProfileError,
+    profiles_from_spec,
+    reference_confidences,
+    reference_quality_table,
+    reference_router_scores,
+)
+from diffcascade_operator.sim.routing import escalation_cut, router_cut
+from diffcascade_operator.sim.scenarios import ScenarioError, load_scenario, sim_rules
+from diffcascade_operator.sim.traces import load_trace
+from diffcascade_operator.spec import InvalidSpec, parse_spec
+
+BENCH = Path(__file__).resolve().parents[3] / "bench"
+HYBRID = reference_quality_table("hadis-hybrid")
+
+
+def _script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("hadis_reference", BENCH / "hadis_reference.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_hybrid_table_is_hadis_49_rows_over_three_adjacent_pairs() -> None:
+    assert len(HYBRID.rows) == 49
+    counts = {pair: sum(1 for r in HYBRID.rows if r.pair == pair) for pair in HYBRID.pairs()}
+    assert counts == {
+        ("sd35-medium", "sd35-large"): 6,
+        ("sd35-large-turbo", "sd35-medium"): 31,
+        ("sdxl-lightning", "sd35-large-turbo"): 12,
+    }
+    best = HYBRID.row(("sd35-medium", "sd35-large"), 0.2, 0.5)
+    assert (best.heavy_share, best.fid) == (0.6, 19.29)
+    assert HYBRID.worst().fid == 29.75
+    # the table's h is the independence formula r + c - rc, to its two decimals
+    for row in HYBRID.rows:
+        r, c = row.router_share, row.escalate_share
+        assert row.heavy_share == pytest.approx(r + c - r * c, abs=0.011)
+
+
+@pytest.mark.parametrize(
+    ("name", "rows"),
+    [("hadis-fixed13", 121), ("hadis-disc-only", 25), ("hadis-router-only", 24)],
+)
+def test_the_ablation_tables_are_bundled(name: str, rows: int) -> None:
+    assert len(reference_quality_table(name).rows) == rows
+
+
+def test_pair_curves_and_single_fids_are_parse_logs_constants() -> None:
+    assert HYBRID.single == {
+        "sdxl-lightning": 29.76,
+        "sd35-large-turbo": 25.23,
+        "sd35-medium": 20.61,
+        "sd35-large": 19.95,
+    }
+    assert len(HYBRID.pair_curves) == 6
+    assert HYBRID.curve_fid(("sd35-medium", "sd35-large"), 0.5) == 19.42
+    assert HYBRID.curve_fid(("sdxl-lightning", "sd35-large-turbo"), 0.8) == 25.02
+
+
+def test_served_fid_credits_a_row_only_at_its_shares() -> None:
+    pair = ("sd35-medium", "sd35-large")
+    assert HYBRID.served_fid(pair, 0.21, 0.48) == 19.29  # rounds to the row r=.2 c=.5
+    # no row at r=0 for this pair: the discriminator-only curve at h = c
+    assert HYBRID.served_fid(pair, 0.0, 0.5) == 19.42
+    assert HYBRID.served_fid(("sd35-large", "sd35-large"), 0.0, 0.0) == 19.95
+
+
+def test_per_prompt_files_cover_the_5000_prompts() -> None:
+    assert len(reference_router_scores("hadis-rule")) == 5000
+    for name in ("sdxl-lightning", "sd35-large-turbo", "sd35-medium", "sd35-large"):
+        assert len(reference_confidences(f"hadis-{name}")) == 5000
+
+
+def test_router_scores_are_z_scored_features_times_hadis_weights() -> None:
+    script = _script()
+    features = [[1.0] * 8, [3.0] * 8, [2.0] * 8]
+    # sample std of (1, 3, 2) is 1, so the z-scores are -1, 1, 0
+    weight = sum(script.ROUTER_WEIGHTS)
+    assert script.router_scores(features) == pytest.approx([-weight, weight, 0.0])
+    assert script.confidences([0.1, 0.2, 0.3, 0.4, 1.0, 1.0, 1.0, 1.0]) == pytest.approx(
+        [0.25, 1.0]
+    )
+
+
+def test_the_bundled_e1_trace_is_what_the_generator_writes() -> None:
+    script = _script()
+    bundled = load_trace("hadis_e1_64qps")
+    assert len(bundled) == len(script.shape_trace(64).splitlines())
+    assert 12_000 < len(bundled) < 12_500  # the artifact's file holds about 12,270
+    assert bundled.duration_s == pytest.approx(347.0, abs=1.0)
+
+
+def test_router_share_is_a_percentile_with_hadis_index_rule() -> None:
+    scores = [float(v) for v in range(10)]
+    assert router_cut(scores, 0.2) == 7.0  # sorted[int(10 * 0.8) - 1]: 7, 8, 9 are hard
+    assert router_cut(scores, 0.0) == 9.0  # r = 0 still routes the top prompt
+    assert escalation_cut(scores, 0.5) == 4.0  # confidences below 4 escalate: 0..3
+    assert escalation_cut(scores, 0.0) == 0.0  # c = 0 escalates nothing
+
+
+def test_a_quality_table_must_name_variants_of_the_cascade() -> None:
+    raw = load_scenario("hadis-sd35").spec.model_dump(by_alias=True, exclude_none=True)
+    raw["qualityTable"] = {
+        "rows": [
+            {
+                "light": "sd35-large",
+                "heavy": "nope",
+                "routerShare": 0,
+                "escalateShare": 0,
+                "fid": 20,
+            }
+        ]
+    }
+    with pytest.raises(ProfileError, match="not in the cascade: nope"):
+        profiles_from_spec(parse_spec(raw))
+    raw["qualityTable"]["reference"] = "hadis-hybrid"
+    with pytest.raises(InvalidSpec, match="either rows or reference"):
+        parse_spec(raw)
+
+
+def test_the_scenario_states_hadis_worker_rules() -> None:
+    scenario = load_scenario("hadis-sd35")
+    assert scenario.rules.dispatch == "random"
+    assert scenario.rules.admission_slo_factor == 1.5
+    assert scenario.rules.drop_after_slo_factor == 2.0
+    assert scenario.spec.gpu_budget == 16 and scenario.spec.slo_seconds == 6
+    with pytest.raises(ScenarioError, match="unknown annotation"):
+        sim_rules({"sim.diffcascade.dev/nope": "1"})
+    assert math.isclose(sim_rules({}).admission_slo_factor, 1.0)
