@@ -655,12 +655,17 @@ class CascadeProblem:
     previous: Mapping[str, int] = field(default_factory=dict)
     solver: str = "auto"
     include_single: bool = True  # also the first variant alone (nothing deferred)
+    #: Variants a plan may enter at (the drivers route arrivals to the plan's entry stage);
+    #: None: the first variant only, the Service every query hits today.
+    entries: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
 class CascadeAllocation:
     best: Allocation
-    candidates: tuple[Allocation, ...]  # the first alone (if tried), then first -> k, k = 2..n
+    #: Per entry (the first variant unless `entries` says more), in variant order: the entry
+    #: alone (if tried), then the entry deferring to each later variant.
+    candidates: tuple[Allocation, ...]
     solve_ms: float
 
     def replicas(self, names: Sequence[str]) -> dict[str, int]:
@@ -679,18 +684,23 @@ def sort_key(allocation: Allocation) -> tuple[float, ...]:
 
 
 def solve_cascade(problem: CascadeProblem) -> CascadeAllocation:
-    """Best routable cascade by the objective: the first variant deferring to each later one
-    (adjacent or not), and the first variant alone. A pair that does not start at the first
-    variant is never tried: no query reaches its light stage. Ties go to the earlier candidate,
-    so a plan that defers nothing says the first variant serves alone.
+    """Best routable cascade by the objective: each entry variant deferring to each later one
+    (adjacent or not), and the entry alone. Entries are the first variant unless the problem
+    names more (`entries`): a pair that does not start at an entry is never tried, as no query
+    reaches its light stage. Ties go to the earlier candidate, so a plan that defers nothing
+    says the entry serves alone, and an earlier entry wins a tie with a later one.
     """
     started = time.perf_counter()
     names = [v.name for v in problem.variants]
-    entry = names[0]
+    entries = [names[0]] if problem.entries is None else [n for n in names if n in problem.entries]
+    if not entries:
+        raise AllocatorError(f"no entry variant among {problem.entries}")
     subproblems = []
-    if problem.include_single or len(names) == 1:
-        subproblems.append(pair_problem(problem, entry, None))
-    subproblems += [pair_problem(problem, entry, later) for later in names[1:]]
+    for entry in entries:
+        later = names[names.index(entry) + 1 :]
+        if problem.include_single or not later or problem.entries is not None:
+            subproblems.append(pair_problem(problem, entry, None))
+        subproblems += [pair_problem(problem, entry, heavy) for heavy in later]
     candidates = tuple(solve(p) for p in subproblems)
     best = min(candidates, key=sort_key)
     return CascadeAllocation(

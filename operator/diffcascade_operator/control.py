@@ -57,7 +57,9 @@ def queue_terms(snapshot: Snapshot) -> dict[str, float]:
     return terms
 
 
-def queue_inputs(snapshot: Snapshot) -> tuple[dict[str, float], dict[str, float]]:
+def queue_inputs(
+    snapshot: Snapshot, entry: str | None = None
+) -> tuple[dict[str, float], dict[str, float]]:
     """What the allocator is told about queues: (waiting time by stage, backlog by stage).
 
     The entry stage keeps the Little's-law waiting time: every query passes it, and its
@@ -68,7 +70,7 @@ def queue_inputs(snapshot: Snapshot) -> tuple[dict[str, float], dict[str, float]
     size to catch up (and, with scale-down at once, stranded the queued deferrals).
     """
     terms = queue_terms(snapshot)
-    entry = snapshot.spec.variants[0].name
+    entry = entry if entry is not None else snapshot.spec.variants[0].name
     backlog: dict[str, float] = {}
     for name, stage in snapshot.stages.items():
         if name != entry:
@@ -94,6 +96,7 @@ def _cascade_problem(
     previous: Mapping[str, int],
     backlog: Mapping[str, float] | None = None,
 ) -> CascadeProblem:
+    table = profiles.table
     return CascadeProblem(
         variants=profiles.variants,
         demand_qps=demand_qps,
@@ -101,6 +104,9 @@ def _cascade_problem(
         gpu_budget=spec.gpu_budget,
         objective=spec.objective,
         quality=profiles.quality,
+        # A quality table's discriminator-only pair curves (r = 0) price each pair; its
+        # router rows are not planned here yet.
+        pair_quality=dict(table.pair_curves) if table is not None else {},
         queue_s=queue_s,
         backlog=backlog or {},
         bounds=replica_bounds(spec),
@@ -108,6 +114,9 @@ def _cascade_problem(
         # Beyond a pair the first variant alone is a cascade of its own (with two variants it
         # is the pair's defer-nothing option already).
         include_single=len(profiles.variants) > 2,
+        # With a quality table the plan may enter at any variant (the simulator routes
+        # arrivals to the plan's entry stage).
+        entries=tuple(v.name for v in profiles.variants) if table is not None else None,
     )
 
 
@@ -189,6 +198,7 @@ def _plan(
     else:
         tail = f"solved {status.value.lower()} in {solve_ms:.0f} ms"
     reason = "; ".join((summary, *notes, tail))
+    entry = allocation.light.name if profiles.table is not None else None
     return Plan(
         variants=variants,
         threshold=allocation.threshold,
@@ -206,6 +216,7 @@ def _plan(
         reason=reason,
         decided_at=now,
         scale_down_since=dict(scale_down_since),
+        entry_stage=entry,
     )
 
 
@@ -369,7 +380,8 @@ def decide(snapshot: Snapshot, previous: Plan | None) -> Plan:
     )
     if estimate.empty:
         return _held(snapshot, previous, "no demand samples yet")
-    queue_s, backlog = queue_inputs(snapshot)
+    # the entry stage is the one the plan in force sends arrivals to
+    queue_s, backlog = queue_inputs(snapshot, previous.entry() if previous is not None else None)
     previous_replicas = previous.replicas() if previous is not None else {}
     problem = _cascade_problem(
         spec,

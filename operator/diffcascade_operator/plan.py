@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from diffcascade_operator.profiles import QualityRow
+
 
 class SolverStatus(StrEnum):
     OPTIMAL = "Optimal"
@@ -48,6 +50,19 @@ class Plan:
     # Hysteresis bookkeeping carried to the next decide(): per variant, since when a lower
     # replica count has been wanted. Not for display.
     scale_down_since: Mapping[str, float] = field(default_factory=dict)
+    #: Where queries enter the cascade (a variant name); None: the first variant. A hybrid
+    #: plan may start at any variant (HADIS's pairs start at 0, 1 or 2).
+    entry_stage: str | None = None
+    #: Router share r: the top-r share of prompts by router score skips the entry stage and
+    #: goes straight to the stage it defers to (0: no pre-generation routing).
+    router_share: float = 0.0
+    #: The measured configuration (pair, r, c, h, FID) this plan was chosen at, when the
+    #: spec has a quality table; None for plans on a 1-D curve.
+    row: QualityRow | None = None
+
+    def entry(self) -> str:
+        """The variant queries enter at."""
+        return self.entry_stage if self.entry_stage is not None else self.variants[0].name
 
     def replicas(self) -> dict[str, int]:
         return {v.name: v.replicas for v in self.variants}
