@@ -25,6 +25,15 @@ bounded demand history. Replica changes come from the policy at each tick: new r
 become ready after their stage's `startup_s` (the paper assumed none); removed replicas
 finish their running batch (drain) and their queued queries go back through the
 dispatcher. The replicas of the first plan are ready at t = 0.
+
+Hybrid cascades (HADIS): arrivals enter at the plan's entry stage (`Plan.entry_stage`, the
+first variant unless named); an entry worker with a router sends the top-r share of prompts
+by router score (`sim.routing`, HADIS's percentile rule) straight to the stage it defers to,
+before any image is made. A policy may instead assign every GPU worker a role one by one
+(`Directive.roles`: stage, batch, escalation share c, router share r, next stage), as
+HADIS's controller does; a worker then keeps its queue when its model changes. Workers can
+admit a query until `admission_factor` x the SLO after its arrival (HADIS's workers: 1.5),
+and dispatch can be uniformly random (HADIS's load balancer).
 """
 
 from __future__ import annotations
@@ -52,8 +61,9 @@ from diffcascade_operator.live_profiles import (
 from diffcascade_operator.metrics_source import MetricsReading
 from diffcascade_operator.plan import Plan
 from diffcascade_operator.profiles import CascadeProfiles
-from diffcascade_operator.sim.model import Directive, Routing, StageModel
+from diffcascade_operator.sim.model import Directive, Routing, StageModel, WorkerRole
 from diffcascade_operator.sim.prometheus import SimulatedPrometheus
+from diffcascade_operator.sim.routing import escalation_cut, is_routed, router_cut
 from diffcascade_operator.snapshot import DemandSample, Snapshot
 from diffcascade_operator.snapshot_builder import (
     DEMAND_HISTORY,
@@ -69,6 +79,7 @@ NOT_SERVED = -1
 class Dispatch(StrEnum):
     LEAST_LOADED = "least-loaded"
     ROUND_ROBIN = "round-robin"
+    RANDOM = "random"  # uniform among the stage's ready workers (HADIS's load balancer)
 
 
 class Policy(Protocol):
@@ -87,6 +98,26 @@ class Observer(Protocol):
 
 
 @dataclass(frozen=True)
+class ClusterTick:
+    """What HADIS's controller counts itself every second (it reads no Prometheus).
+
+    `in_system`: queries a worker has seen and the sink has not, younger than 2 x SLO (a
+    query dropped by a worker stays counted until then, as in the artifact's bookkeeping);
+    `arrivals`: per stage, queries its workers registered since the last tick (a routed or
+    escalated query registers at every stage it passes); `queue`: per stage, queued queries.
+    """
+
+    at: float
+    in_system: int
+    arrivals: tuple[int, ...]
+    queue: tuple[int, ...]
+
+
+class ClusterObserver(Protocol):
+    def observe_cluster(self, tick: ClusterTick) -> None: ...
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     slo_s: float
     interval_s: float = 5.0
@@ -96,7 +127,10 @@ class EngineConfig:
     max_batch_wait_s: float = 0.0  # spec.control.maxBatchWaitMs, applied by every worker
     #: Live profiles as the operator derives them (for policies that plan with them).
     live: LiveProfileSettings = field(default_factory=LiveProfileSettings)
-    seed: int = 0  # coin flips of query-agnostic routing
+    seed: int = 0  # coin flips of query-agnostic routing (and of random dispatch)
+    #: A worker refuses a query at dequeue when its batch would end later than this many
+    #: SLOs after the query's arrival (1.0: our worker's deadline rule; HADIS's 1.5).
+    admission_factor: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -141,23 +175,32 @@ class SimResult:
     gpu_seconds: float
     end_s: float
     wall_s: float = field(default=0.0)
+    routed: Sequence[bool] = ()  # sent past the entry stage by the router, before any image
+    entered_at: Sequence[int] = ()  # stage index each query entered at
+    #: (time, stage index) of every registration of a query at a stage's worker, in order
+    registrations: Sequence[tuple[float, int]] = ()
 
 
 class _Worker:
     __slots__ = (
+        "batch_size",
         "busy",
         "busy_until",
         "created",
         "draining",
         "key",
+        "next_index",
         "queue",
         "ready_at",
         "recorder",
         "removed_at",
+        "router_cut",
+        "stage_index",
+        "threshold",
         "wake_at",
     )
 
-    def __init__(self, now: float, ready_at: float, key: str) -> None:
+    def __init__(self, now: float, ready_at: float, key: str, stage: _Stage, index: int) -> None:
         self.key = key  # the worker's identity for its metrics series
         self.recorder = HistogramRecorder()  # what its /metrics exports for live profiles
         self.queue: deque[int] = deque()
@@ -168,6 +211,12 @@ class _Worker:
         self.ready_at = ready_at
         self.draining = False
         self.removed_at = math.nan
+        self.stage_index = index
+        # what it runs: its stage's settings, or its own role (Directive.roles)
+        self.batch_size = stage.batch_size
+        self.threshold = stage.threshold
+        self.next_index = stage.next_index
+        self.router_cut = stage.router_cut
 
     def load(self) -> int:
         return len(self.queue) + (1 if self.busy else 0)
@@ -180,6 +229,7 @@ class _Stage:
         "model",
         "next_index",
         "retired",
+        "router_cut",
         "rr",
         "threshold",
         "workers",
@@ -193,6 +243,7 @@ class _Stage:
         self.batch_size = 1
         self.threshold = 0.0
         self.next_index: int | None = None  # where this stage's deferrals go
+        self.router_cut: float | None = None  # router score cut of its workers (None: off)
         self.rr = 0
 
     def ready(self, now: float) -> list[_Worker]:
@@ -217,6 +268,7 @@ class Simulation:
         policy: Policy,
         config: EngineConfig,
         clock: Callable[[], float] = time.perf_counter,
+        router_scores: Sequence[float] | None = None,
     ) -> None:
         if len(stages) < 1:
             raise ValueError("a cascade needs at least one stage")
@@ -226,6 +278,9 @@ class Simulation:
         self.arrival = list(arrivals_s)
         self.prompt = list(prompts)
         self.conf = list(confidences)
+        self.router_scores = list(router_scores) if router_scores else None
+        self._sorted_router = sorted(self.router_scores) if self.router_scores else []
+        self._sorted_conf: dict[int, list[float]] = {}
         self.policy = policy
         self.cfg = config
         self.clock = clock
@@ -247,6 +302,15 @@ class Simulation:
         self.routing = Routing.GATE
         self.defer_p = 0.0
         self.rng = random.Random(config.seed)
+        self.dispatch_rng = random.Random(config.seed + 1)
+        self.routed = [False] * n
+        self.registrations: list[tuple[float, int]] = []
+        self.registered = [0] * len(stages)  # per stage, cumulative (ClusterTick.arrivals)
+        self._tick_registered = [0] * len(stages)
+        self.arrived_count = 0
+        self.entry_index = 0
+        self.entry_pool: list[int] = []  # stages sharing client traffic per worker
+        self.pool: list[_Worker] = []  # GPU workers in registration order (Directive.roles)
         self.decisions: list[DecisionRecord] = []
         self.timeline: list[TimelineRow] = []
         self.prometheus = SimulatedPrometheus(stages=[st.model.name for st in self.stages])
@@ -324,18 +388,51 @@ class Simulation:
             gpu_seconds=self._gpu_seconds(end),
             end_s=end,
             wall_s=self.clock() - started,
+            routed=self.routed,
+            entered_at=self.entered,
+            registrations=tuple(self.registrations),
         )
 
     # --- queries ---------------------------------------------------------------------------
 
     def _enter(self, qid: int) -> None:
-        index = len(self.stages) - 1 if self.routing == Routing.LAST_ONLY else 0
-        self._dispatch(index, qid)
+        self.arrived_count += 1
+        self.prometheus.entered()
+        if self.entry_pool:
+            ready = [(k, w) for k in self.entry_pool for w in self.stages[k].ready(self.now)]
+            if not ready:
+                self._dispatch(self.entry_pool[0], qid)
+                return
+            k, picked = ready[self.dispatch_rng.randrange(len(ready))]
+            self._dispatch(k, qid, picked)
+            return
+        index = len(self.stages) - 1 if self.routing == Routing.LAST_ONLY else self.entry_index
+        stage = self.stages[index]
+        if self.router_scores is None or not any(w.router_cut is not None for w in stage.workers):
+            self._dispatch(index, qid)
+            return
+        worker = self._pick(stage)
+        if worker is not None and worker.router_cut is not None and worker.next_index is not None:
+            score = self.router_scores[self.prompt[qid] % len(self.router_scores)]
+            if is_routed(score, worker.router_cut):
+                # registered at the entry worker, then sent on before any image is made
+                self.routed[qid] = True
+                self.prometheus.arrived(index)
+                self._register(index)
+                self._dispatch(worker.next_index, qid)
+                return
+        self._dispatch(index, qid, worker)
+
+    def _register(self, index: int) -> None:
+        self.registrations.append((self.now, index))
+        self.registered[index] += 1
 
     def _pick(self, stage: _Stage) -> _Worker | None:
         ready = stage.ready(self.now)
         if not ready:
             return None
+        if self.cfg.dispatch == Dispatch.RANDOM:
+            return ready[self.dispatch_rng.randrange(len(ready))]
         if self.cfg.dispatch == Dispatch.ROUND_ROBIN:
             stage.rr = (stage.rr + 1) % len(ready)
             return ready[stage.rr]
@@ -354,6 +451,7 @@ class Simulation:
     def _dispatch(self, index: int, qid: int, worker: _Worker | None = None) -> None:
         stage = self.stages[index]
         self.prometheus.arrived(index)
+        self._register(index)
         self.inflight[index] += 1
         if self.entered[qid] < 0:
             self.entered[qid] = index
@@ -387,7 +485,7 @@ class Simulation:
         stage = self.stages[index]
         queue = worker.queue
         wait = self.cfg.max_batch_wait_s
-        if wait > 0 and queue and len(queue) < max(1, stage.batch_size) and not worker.draining:
+        if wait > 0 and queue and len(queue) < max(1, worker.batch_size) and not worker.draining:
             due = self.enqueued[queue[0]] + wait
             if due > self.now:
                 if worker.wake_at != due:
@@ -395,9 +493,9 @@ class Simulation:
                     self._push(due, _WAKE, (index, worker))
                 return
         degrade = self.policy.degrade
-        slo = self.cfg.slo_s
+        slo = self.cfg.slo_s * self.cfg.admission_factor
         while queue:
-            taken = [queue.popleft() for _ in range(min(max(1, stage.batch_size), len(queue)))]
+            taken = [queue.popleft() for _ in range(min(max(1, worker.batch_size), len(queue)))]
             expected = stage.model.latency(len(taken))
             batch: list[int] = []
             for qid in taken:
@@ -422,9 +520,9 @@ class Simulation:
             seconds=self.stages[index].model.latency(len(batch)),
             confidences=[self._confidence(index, q) for q in batch] if gated else (),
         )
-        target_index = self.stages[index].next_index
+        target_index = worker.next_index
         for qid in batch:
-            if target_index is None or not self._defers(index, qid):
+            if target_index is None or not self._defers(index, qid, worker.threshold):
                 self._serve(qid, index)
                 continue
             self.deferred[qid] = True
@@ -437,12 +535,11 @@ class Simulation:
         if worker.draining:
             self._retire(self.stages[index], worker)
         elif worker.queue:
-            self._start_batch(index, worker)
+            self._start_batch(worker.stage_index, worker)
 
-    def _defers(self, index: int, qid: int) -> bool:
+    def _defers(self, index: int, qid: int, threshold: float) -> bool:
         if self.routing == Routing.RANDOM:
             return self.rng.random() < self.defer_p
-        threshold = self.stages[index].threshold
         if self.conf[index] is None:
             return threshold >= 1.0
         return should_defer(self._confidence(index, qid), threshold)
@@ -512,7 +609,7 @@ class Simulation:
             delay = 0.0 if initial else stage.model.startup_s
             for _ in range(desired - len(active)):
                 self.workers_made += 1
-                worker = _Worker(self.now, self.now + delay, str(self.workers_made))
+                worker = _Worker(self.now, self.now + delay, str(self.workers_made), stage, index)
                 stage.workers.append(worker)
                 if delay > 0:
                     self._push(worker.ready_at, _READY, (index, worker))
@@ -541,6 +638,11 @@ class Simulation:
         self.defer_p = directive.defer_probability
         by_name = {v.name: v for v in plan.variants}
         names = [stage.model.name for stage in self.stages]
+        self.entry_index = names.index(plan.entry()) if plan.entry() in names else 0
+        self.entry_pool = [names.index(n) for n in directive.entry_stages or () if n in names]
+        if directive.roles is not None:
+            self._apply_roles(directive.roles, names)
+            return
         # batch sizes, thresholds and routes change in place (no reload), before replicas move
         for index, stage in enumerate(self.stages):
             alloc = by_name.get(stage.model.name)
@@ -551,6 +653,14 @@ class Simulation:
                     stage.next_index = names.index(alloc.next_stage)
                 else:
                     stage.next_index = index + 1 if index + 1 < len(names) else None
+            stage.router_cut = None
+            if index == self.entry_index and plan.router_share > 0 and self._sorted_router:
+                stage.router_cut = router_cut(self._sorted_router, plan.router_share)
+            for worker in stage.workers:
+                worker.batch_size = stage.batch_size
+                worker.threshold = stage.threshold
+                worker.next_index = stage.next_index
+                worker.router_cut = stage.router_cut
         for index, stage in enumerate(self.stages):
             alloc = by_name.get(stage.model.name)
             self._scale(index, alloc.replicas if alloc is not None else 0, initial)
@@ -559,6 +669,44 @@ class Simulation:
             for worker in stage.ready(self.now):
                 if worker.queue and not worker.busy:
                     self._start_batch(index, worker)
+
+    def _apply_roles(self, roles: Sequence[WorkerRole], names: list[str]) -> None:
+        """Give worker k the k-th role; a worker that changes model keeps its queue."""
+        while len(self.pool) < len(roles):
+            self.workers_made += 1
+            first = names.index(roles[len(self.pool)].stage)
+            worker = _Worker(self.now, self.now, str(self.workers_made), self.stages[first], first)
+            self.stages[first].workers.append(worker)
+            self.pool.append(worker)
+        for worker, role in zip(self.pool, roles, strict=False):
+            index = names.index(role.stage)
+            if index != worker.stage_index:
+                self.stages[worker.stage_index].workers.remove(worker)
+                self.stages[index].workers.append(worker)
+                worker.stage_index = index
+            worker.batch_size = max(1, role.batch_size)
+            worker.threshold = 0.0
+            if role.escalate_share > 0 and self.conf[index] is not None:
+                cuts = self._sorted_confidences(index)
+                worker.threshold = escalation_cut(cuts, role.escalate_share)
+            worker.next_index = names.index(role.next_stage) if role.next_stage else None
+            worker.router_cut = None
+            if role.router_share is not None and self._sorted_router:
+                worker.router_cut = router_cut(self._sorted_router, role.router_share)
+        for index, stage in enumerate(self.stages):
+            if stage.backlog and stage.ready(self.now):
+                self._worker_ready(index, stage.ready(self.now)[0])
+            for worker in stage.ready(self.now):
+                if worker.queue and not worker.busy:
+                    self._start_batch(index, worker)
+
+    def _sorted_confidences(self, index: int) -> list[float]:
+        cached = self._sorted_conf.get(index)
+        if cached is None:
+            conf = self.conf[index]
+            assert conf is not None
+            cached = self._sorted_conf[index] = sorted(conf)
+        return cached
 
     # --- control ---------------------------------------------------------------------------
 
@@ -643,6 +791,28 @@ class Simulation:
             reading = self.prometheus.read(self.now)
             if reading is not None:
                 observe(reading)
+        observe_cluster = getattr(self.policy, "observe_cluster", None)
+        if observe_cluster is not None:
+            observe_cluster(self._cluster_tick())
+
+    def _cluster_tick(self) -> ClusterTick:
+        horizon = self.now - 2.0 * self.cfg.slo_s
+        in_system = 0
+        for qid in range(self.arrived_count - 1, -1, -1):
+            if self.arrival[qid] <= horizon:
+                break
+            if self.served_by[qid] == NOT_SERVED:
+                in_system += 1
+        arrivals = tuple(
+            now - before for now, before in zip(self.registered, self._tick_registered, strict=True)
+        )
+        self._tick_registered = list(self.registered)
+        return ClusterTick(
+            at=self.now,
+            in_system=in_system,
+            arrivals=arrivals,
+            queue=tuple(sum(len(w.queue) for w in s.workers) for s in self.stages),
+        )
 
     def _sample(self, second: int) -> None:
         now = float(second)

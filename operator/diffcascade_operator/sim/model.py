@@ -24,6 +24,23 @@ class Routing(StrEnum):
 
 
 @dataclass(frozen=True)
+class WorkerRole:
+    """What one GPU worker runs, for controllers that assign workers one by one (HADIS).
+
+    Shares are percentiles of the reference distributions (`sim.routing`): `escalate_share`
+    c of the stage's own gate confidences, `router_share` r of the router scores (None: the
+    worker runs no router). `next_stage` receives its routed and escalated queries (None:
+    it answers everything itself).
+    """
+
+    stage: str
+    batch_size: int
+    escalate_share: float = 0.0
+    router_share: float | None = None
+    next_stage: str | None = None
+
+
+@dataclass(frozen=True)
 class Directive:
     """What a policy tells the simulated cluster: a Plan plus how queries are routed."""
 
@@ -31,6 +48,13 @@ class Directive:
     routing: Routing = Routing.GATE
     defer_probability: float = 0.0  # used by Routing.RANDOM
     solved: bool = False  # this decision ran the allocator (counted in solve_ms percentiles)
+    #: One role per GPU worker in registration order, replacing the plan's replica counts
+    #: (a worker keeps its queue when its model changes, as HADIS's workers do); queries
+    #: enter at the plan's entry stage.
+    roles: tuple[WorkerRole, ...] | None = None
+    #: Several stages share client traffic evenly per worker (HADIS's load balancer when
+    #: every worker sits at the first level: INFaaS, Proteus); None: the plan's entry stage.
+    entry_stages: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -23,21 +23,27 @@ class Scrape:
     arrivals: tuple[int, ...]  # counter values per stage (summed over its workers)
     queue_depth: tuple[int, ...]  # gauges per stage
     inflight: tuple[int, ...]
+    entered: int = 0  # the cascade's entry counter (the demand, whatever the entry stage)
 
 
 class SimulatedPrometheus:
     def __init__(self, *, stages: Sequence[str], retention: int = 8) -> None:
         self.stages = tuple(stages)
         self._arrivals = [0] * len(self.stages)
+        self._entered = 0  # queries that entered the cascade, whatever their entry stage
         self._scrapes: deque[Scrape] = deque(maxlen=max(2, retention))
 
     def arrived(self, stage: int) -> None:
         """A worker of `stage` counted one more arrival (its counter only ever grows)."""
         self._arrivals[stage] += 1
 
+    def entered(self) -> None:
+        """One more query entered the cascade (at the entry stage of the plan in force)."""
+        self._entered += 1
+
     def scrape(self, now: float, *, queue_depth: Sequence[int], inflight: Sequence[int]) -> None:
         self._scrapes.append(
-            Scrape(now, tuple(self._arrivals), tuple(queue_depth), tuple(inflight))
+            Scrape(now, tuple(self._arrivals), tuple(queue_depth), tuple(inflight), self._entered)
         )
 
     def read(self, now: float) -> MetricsReading | None:
@@ -57,4 +63,5 @@ class SimulatedPrometheus:
             )
             for i, name in enumerate(self.stages)
         }
-        return MetricsReading(demand_qps=rates[0], stages=stages, source="Prometheus", at=last.at)
+        demand = (last.entered - before.entered) / span
+        return MetricsReading(demand_qps=demand, stages=stages, source="Prometheus", at=last.at)
