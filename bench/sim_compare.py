@@ -35,7 +35,7 @@ from typing import Any
 
 from diffcascade_operator.control import decide
 from diffcascade_operator.profiles import profiles_from_spec
-from diffcascade_operator.sim.policies import POLICIES, DecidePolicy
+from diffcascade_operator.sim.policies import HADIS_ONLY, POLICIES, DecidePolicy
 from diffcascade_operator.sim.run import simulate
 from diffcascade_operator.sim.scenarios import Scenario, load_scenario
 from diffcascade_operator.sim.traces import load_trace
@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cascades", default=",".join(CASCADES))
     parser.add_argument("--traces", default=",".join(t for t, _ in (*MAF, *POISSON, *DRIFT)))
-    parser.add_argument("--policies", default=",".join((*POLICIES, NO_DEGRADE)))
+    default = [p for p in POLICIES if p not in HADIS_ONLY]  # those run in hadis_compare.py
+    parser.add_argument("--policies", default=",".join((*default, NO_DEGRADE)))
     parser.add_argument("--startup-seconds", type=float, default=None)
     parser.add_argument(
         "--write", action="store_true", help="Refresh bench/results and RESULTS-simulator.md"

@@ -305,6 +305,12 @@ def _pick_solver(name: str) -> tuple[Any, str]:
         return pulp.PULP_CBC_CMD(**cbc_options), "PULP_CBC_CMD"
 
 
+def milp_solver(name: str = "auto") -> Any:
+    """The PuLP solver this module solves with (HiGHS in-process, else CBC), configured for
+    exact lexicographic objectives: for other MILPs of the control plane and the simulator."""
+    return _pick_solver(name)[0]
+
+
 def solve(problem: AllocationProblem) -> Allocation:
     """Optimal allocation for one pair, or a best-effort one marked INFEASIBLE."""
     started = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -66,6 +67,15 @@ from diffcascade_operator.sim.traces import TraceError, load_trace
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random routing.")
 @click.option(
+    "--scoring",
+    type=click.Choice(["project", "hadis", "both"]),
+    default="project",
+    show_default=True,
+    help="project: what was served (late and dropped queries are violations, FID of the "
+    "served mix); hadis: HADIS's analysis/parse_logs.py (needs a scenario with a quality "
+    "table, e.g. hadis-sd35); both.",
+)
+@click.option(
     "--out",
     "out_dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -84,6 +94,7 @@ def simulate(
     dispatch: str,
     scrape_interval_s: float,
     seed: int,
+    scoring: str,
     out_dir: Path | None,
     no_png: bool,
     as_json: bool,
@@ -110,6 +121,11 @@ def simulate(
         )
     except (PolicyError, ProfileError) as exc:
         raise click.ClickException(str(exc)) from None
+    if scoring != "project" and run.hadis is None:
+        raise click.BadParameter(
+            "HADIS's scoring needs a scenario with spec.qualityTable (e.g. hadis-sd35)",
+            param_hint="--scoring",
+        )
     target = out_dir or Path("runs") / f"sim-{loaded.name}-{policy}-{trace.name}"
     try:
         paths = write_outputs(
@@ -118,10 +134,19 @@ def simulate(
     except OSError as exc:
         raise click.ClickException(f"cannot write results to {target}: {exc}") from None
     summary = run.summary.to_json()
+    hadis = None
+    if scoring != "project" and run.hadis is not None:
+        hadis = {"scoring": "hadis", **asdict(run.hadis)}
     if as_json:
         summary["outputs"] = {k: str(v) for k, v in paths.items()}
+        if hadis is not None:
+            summary["hadis"] = hadis
+        if scoring == "hadis":
+            summary["reported"] = "hadis"
         click.echo(json.dumps(summary))
         return
+    if scoring != "hadis":
+        click.echo(f"{'scoring':>20}: project (what was served)")
     for key in (
         "scenario",
         "policy",
@@ -143,5 +168,13 @@ def simulate(
         "solve_ms_p95",
         "wall_s",
     ):
+        if scoring == "hadis" and key in ("slo_violation_ratio", "mean_fid"):
+            continue
         click.echo(f"{key:>20}: {summary[key]}")
+    if summary.get("stand_in_data"):
+        click.echo(f"{'per-prompt data':>20}: stand-in (bundled files marked so)")
+    if hadis is not None:
+        click.echo(f"{'scoring':>20}: hadis (analysis/parse_logs.py, {hadis['method']})")
+        for key in ("avg_fid", "avg_slo_violation", "points", "offset", "shed_rows"):
+            click.echo(f"{'hadis ' + key:>20}: {hadis[key]}")
     click.echo(f"{'outputs':>20}: {', '.join(str(p) for p in paths.values())}")

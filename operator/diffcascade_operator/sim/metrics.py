@@ -5,6 +5,15 @@
   through the quality curve; the mean over windows with completions (paper §7.2, without
   its normalisation fudge: the share here is the simulator's exact one).
 - latency percentiles are over answered queries (dropped ones have no latency).
+- with a quality table (HADIS's benchmark) a window's FID is what was really served: the two
+  variants that answered most of its completions, the share the router sent past the first
+  and the share escalated among the others, read as the table's row at those shares (rounded
+  to its 0.1 grid) or else the pair's discriminator-only curve (`QualityTable.served_fid`);
+- `drop_after_slo`: a query answered later than that many SLOs counts as dropped, not late
+  (HADIS's controller stops waiting at 2 x SLO); both are violations either way.
+
+This is the project's scoring, `scoring: project` in every summary; `sim/hadis_scoring.py`
+reproduces HADIS's own (`--scoring hadis`).
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from diffcascade_operator.profiles import QualityCurve, fid_at
+from diffcascade_operator.profiles import QualityCurve, QualityTable, fid_at
 from diffcascade_operator.sim.engine import NOT_SERVED, SimResult
 
 FID_WINDOW_S = 5.0
@@ -50,6 +59,10 @@ class Summary:
     scrape_interval_s: float
     sim_seconds: float
     wall_s: float
+    scoring: str = "project"
+    #: True when the scenario's per-prompt router scores or gate confidences are stand-ins
+    #: (bundled files marked so), not the measured data.
+    stand_in_data: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {k: _finite(v) for k, v in asdict(self).items()}
@@ -87,7 +100,48 @@ def window_light_shares(result: SimResult, *, window_s: float = FID_WINDOW_S) ->
     return [light[k] / total[k] if total[k] else None for k in range(windows)]
 
 
-def mean_fid(result: SimResult, quality: QualityCurve | None) -> float | None:
+def table_window_fids(
+    result: SimResult, table: QualityTable, *, window_s: float = FID_WINDOW_S
+) -> list[float]:
+    """Per 5-s window of completions, the FID of what was served (module doc)."""
+    windows = max(1, math.ceil(result.end_s / window_s + 1e-9))
+    served: list[dict[int, int]] = [{} for _ in range(windows)]
+    routed: list[dict[int, int]] = [{} for _ in range(windows)]
+    escalated: list[dict[int, int]] = [{} for _ in range(windows)]
+    for qid, stage in enumerate(result.served_by):
+        if stage == NOT_SERVED:
+            continue
+        k = min(int(result.finish_s[qid] // window_s), windows - 1)
+        served[k][stage] = served[k].get(stage, 0) + 1
+        if result.routed and result.routed[qid]:
+            routed[k][stage] = routed[k].get(stage, 0) + 1
+        elif result.deferred[qid]:
+            escalated[k][stage] = escalated[k].get(stage, 0) + 1
+    names = result.stage_names
+    out = []
+    for k in range(windows):
+        if not served[k]:
+            continue
+        top = sorted(served[k], key=lambda s: (-served[k][s], s))[:2]
+        if len(top) == 1:
+            out.append(table.served_fid((names[top[0]], names[top[0]]), 0.0, 0.0))
+            continue
+        light, heavy = sorted(top)
+        total = served[k][light] + served[k][heavy]
+        sent = routed[k].get(heavy, 0)
+        rest = total - sent
+        share_r = sent / total
+        share_c = escalated[k].get(heavy, 0) / rest if rest else 0.0
+        out.append(table.served_fid((names[light], names[heavy]), share_r, share_c))
+    return out
+
+
+def mean_fid(
+    result: SimResult, quality: QualityCurve | None, table: QualityTable | None = None
+) -> float | None:
+    if table is not None:
+        fids = table_window_fids(result, table)
+        return sum(fids) / len(fids) if fids else None
     if quality is None:
         return None
     fids = [fid_at(quality, share) for share in window_light_shares(result) if share is not None]
@@ -106,8 +160,12 @@ def summarize(
     dispatch: str,
     scrape_interval_s: float = 1.0,
     wall_s: float | None = None,
+    table: QualityTable | None = None,
+    drop_after_slo: float | None = None,
+    stand_in_data: bool = False,
 ) -> Summary:
     slo = result.slo_s
+    cutoff = math.inf if drop_after_slo is None else drop_after_slo * slo
     latencies: list[float] = []
     late = dropped = light = 0
     for arrival, finish, stage in zip(
@@ -117,6 +175,9 @@ def summarize(
             dropped += 1
             continue
         latency = finish - arrival
+        if latency > cutoff + 1e-9:
+            dropped += 1
+            continue
         latencies.append(latency)
         if latency > slo + 1e-9:
             late += 1
@@ -138,7 +199,7 @@ def summarize(
         degraded=sum(result.degraded),
         deferred=sum(result.deferred),
         slo_violation_ratio=(late + dropped) / requests if requests else 0.0,
-        mean_fid=mean_fid(result, quality),
+        mean_fid=mean_fid(result, quality, table),
         p50_latency_s=percentile(latencies, 50),
         p99_latency_s=percentile(latencies, 99),
         light_share=light / served if served else None,
@@ -154,4 +215,5 @@ def summarize(
         scrape_interval_s=scrape_interval_s,
         sim_seconds=result.end_s,
         wall_s=result.wall_s if wall_s is None else wall_s,
+        stand_in_data=stand_in_data,
     )

@@ -16,20 +16,29 @@
   probability p after the light stage.
 - `static`: the paper's fixed allocation (DiffServe artifact `static_alloc`), scaled to the
   GPU budget.
+- `oracle`: `decide()` told the true arrival rate of the next control interval (from the
+  trace), with the offline profiles and no replica start-up delay: the best this planner can
+  do, the reference every other policy's FID gap is measured against (every scenario).
+
+On a scenario with a quality table (HADIS's benchmark, `hadis-sd35`) `clipper-light`,
+`clipper-heavy` and `proteus` are the HADIS artifact's versions of those baselines, beside
+its `hadis`, `hadis-diffserve` and `infaas-acc` (`sim/hadis.py`).
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from diffcascade_operator.plan import Plan, SolverOutcome, SolverStatus, VariantAllocation
 from diffcascade_operator.profiles import THRESHOLD_GRID, CascadeProfiles, DeferCurve, QualityCurve
 from diffcascade_operator.sim.diffserve import DiffServeArtifactPolicy
+from diffcascade_operator.sim.hadis import HADIS_POLICIES, make_hadis_policy
 from diffcascade_operator.sim.model import Directive, Routing, StageModel, random_mix_quality
 from diffcascade_operator.sim.scenarios import override
-from diffcascade_operator.snapshot import Snapshot
+from diffcascade_operator.snapshot import DemandSample, Snapshot
 from diffcascade_operator.spec import CascadeSpec, Objective
 
 POLICIES = (
@@ -41,7 +50,13 @@ POLICIES = (
     "clipper-heavy",
     "proteus",
     "static",
+    "oracle",
+    "hadis",
+    "hadis-diffserve",
+    "infaas-acc",
 )
+#: Policies that run only on a scenario with a quality table (HADIS's benchmark).
+HADIS_ONLY = ("hadis", "hadis-diffserve", "infaas-acc")
 
 #: DiffServe artifact `static_alloc` for 16 GPUs: threshold, light GPUs, heavy GPUs, batches.
 STATIC_16: dict[str, tuple[float, int, int, int, int]] = {
@@ -95,6 +110,24 @@ class DecidePolicy:
         return Directive(
             plan=plan, routing=self.routing, defer_probability=probability, solved=solved
         )
+
+
+class OraclePolicy(DecidePolicy):
+    """`decide()` told the true arrival rate of the next interval (see the module doc)."""
+
+    def __init__(self, *, arrivals_s: Sequence[float], interval_s: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.arrivals = sorted(arrivals_s)
+        self.interval = interval_s
+
+    def true_rate(self, now: float) -> float:
+        lo = bisect.bisect_left(self.arrivals, now)
+        hi = bisect.bisect_left(self.arrivals, now + self.interval)
+        return (hi - lo) / self.interval
+
+    def decide(self, snapshot: Snapshot, previous: Plan | None) -> Directive:
+        told = (DemandSample(at=snapshot.now, qps=self.true_rate(snapshot.now)),)
+        return super().decide(dataclasses.replace(snapshot, demand=told), previous)
 
 
 class FixedPolicy:
@@ -201,10 +234,36 @@ def make_policy(
     profiles: CascadeProfiles,
     stages: tuple[StageModel, ...],
     decider: Decider | None = None,
-) -> DecidePolicy | FixedPolicy | DiffServeArtifactPolicy:
-    """Build a policy by name; `decider` defaults to `diffcascade_operator.control.decide`."""
+    arrivals_s: Sequence[float] = (),
+) -> Any:
+    """Build a policy by name; `decider` defaults to `diffcascade_operator.control.decide`.
+
+    `arrivals_s` (the trace) is what the oracle is told.
+    """
     if name not in POLICIES:
         raise PolicyError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
+    hadis_scenario = profiles.table is not None
+    if hadis_scenario and name in HADIS_POLICIES:
+        try:
+            return make_hadis_policy(name, spec=spec, profiles=profiles)
+        except ValueError as exc:
+            raise PolicyError(str(exc)) from None
+    if name in HADIS_ONLY:
+        raise PolicyError(f"policy {name} runs on a scenario with a quality table (hadis-sd35)")
+    if decider is None:
+        from diffcascade_operator.control import decide
+
+        decider = decide
+    if name == "oracle":
+        return OraclePolicy(
+            name=name,
+            spec=spec,
+            decider=decider,
+            degrade=True,
+            quality=profiles.quality,
+            arrivals_s=arrivals_s,
+            interval_s=spec.control.interval_seconds,
+        )
     if len(spec.variants) != 2 and name not in ("diffcascade", "diffcascade-static"):
         raise PolicyError(f"policy {name} needs a two-stage cascade (light -> heavy)")
     quality = profiles.quality
@@ -243,10 +302,6 @@ def make_policy(
             reason="static: the paper's fixed allocation",
         )
         return FixedPolicy(name=name, plan=plan, quality=quality)
-    if decider is None:
-        from diffcascade_operator.control import decide
-
-        decider = decide
     if name in ("diffcascade", "diffcascade-static"):
         return DecidePolicy(
             name=name,

@@ -13,9 +13,12 @@ from diffcascade_operator.profiles import (
     QualityCurve,
     profiles_from_spec,
     reference_confidences,
+    reference_is_stand_in,
+    router_scores_from_spec,
 )
 from diffcascade_operator.sim.diffserve import DiffServeArtifactPolicy
 from diffcascade_operator.sim.engine import Dispatch, EngineConfig, SimResult, Simulation
+from diffcascade_operator.sim.hadis_scoring import HadisScore, hadis_score
 from diffcascade_operator.sim.metrics import Summary, summarize
 from diffcascade_operator.sim.model import StageModel, confidences_from_curve
 from diffcascade_operator.sim.policies import DecidePolicy, Decider, FixedPolicy, make_policy
@@ -30,6 +33,7 @@ class Run:
     summary: Summary
     profiles: CascadeProfiles
     quality: QualityCurve | None  # the curve FID was read from (random-mix for proteus)
+    hadis: HadisScore | None = None  # HADIS's own scoring (scenarios with a quality table)
 
 
 def stage_models(
@@ -98,15 +102,28 @@ def simulate(
     """Replay `trace` against `scenario` under a policy (ProfileError / PolicyError if unusable).
 
     `policy` replaces the named one (for ablations); `policy_name` still labels the summary.
+    The scenario's worker rules (`Scenario.rules`) apply to every policy: its dispatch
+    replaces `dispatch`, its admission factor applies unless the policy has its own
+    (Clipper-Heavy's 1.0 in HADIS's benchmark). The oracle runs with no start-up delay.
     """
     started = time.perf_counter()
     spec = scenario.spec
+    rules = scenario.rules
     profiles = profiles_from_spec(spec, base_dir=scenario.base_dir)
+    if policy_name == "oracle":
+        startup_s = 0.0
     stages = stage_models(spec, profiles, startup_s=startup_s)
     if policy is None:
         policy = make_policy(
-            policy_name, spec=spec, profiles=profiles, stages=stages, decider=decider
+            policy_name,
+            spec=spec,
+            profiles=profiles,
+            stages=stages,
+            decider=decider,
+            arrivals_s=trace.arrivals_s,
         )
+    if rules.dispatch is not None:
+        dispatch = Dispatch(rules.dispatch)
     config = EngineConfig(
         slo_s=spec.slo_seconds,
         interval_s=spec.control.interval_seconds,
@@ -114,7 +131,9 @@ def simulate(
         scrape_interval_s=scrape_interval_s,
         max_batch_wait_s=spec.control.max_batch_wait_ms / 1000.0,
         seed=seed,
+        admission_factor=getattr(policy, "admission_factor", rules.admission_slo_factor),
     )
+    router = router_scores_from_spec(spec.router) if spec.router is not None else None
     sim = Simulation(
         spec=spec,
         profiles=profiles,
@@ -124,8 +143,18 @@ def simulate(
         confidences=gate_confidences(spec, profiles, base_dir=scenario.base_dir),
         policy=policy,
         config=config,
+        router_scores=router,
     )
     result = sim.run()
+    stand_in = (
+        spec.router is not None and reference_is_stand_in("router", spec.router.reference)
+    ) or any(
+        v.gate is not None
+        and v.gate.defer_curve is not None
+        and v.gate.defer_curve.reference is not None
+        and reference_is_stand_in("confidence", v.gate.defer_curve.reference)
+        for v in spec.variants
+    )
     summary = summarize(
         result,
         quality=policy.quality,
@@ -137,5 +166,17 @@ def simulate(
         dispatch=dispatch.value,
         scrape_interval_s=scrape_interval_s,
         wall_s=time.perf_counter() - started,
+        table=profiles.table,
+        drop_after_slo=rules.drop_after_slo_factor,
+        stand_in_data=stand_in,
     )
-    return Run(result=result, summary=summary, profiles=profiles, quality=policy.quality)
+    score = None
+    if profiles.table is not None:
+        score = hadis_score(result, profiles.table, policy=policy_name)
+    return Run(
+        result=result,
+        summary=summary,
+        profiles=profiles,
+        quality=policy.quality,
+        hadis=score,
+    )

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from diffcascade_operator.cli import main
 from diffcascade_operator.sim.locate import bundled_dir
-from diffcascade_operator.sim.policies import POLICIES
+from diffcascade_operator.sim.policies import HADIS_ONLY, POLICIES
 
 REQUIRED_KEYS = {
     "slo_violation_ratio",
@@ -52,7 +52,7 @@ def simulate(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy", [p for p in POLICIES if p not in HADIS_ONLY])
 def test_every_policy_runs_a_short_trace_and_prints_the_json_summary(
     policy: str, short_trace: Path, tmp_path: Path
 ) -> None:
@@ -232,3 +232,50 @@ def test_static_policy_rejects_a_cascade_it_has_no_constants_for(
     )
     assert code == 1
     assert "static policy" in out
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        "hadis",
+        "hadis-diffserve",
+        "clipper-light",
+        "clipper-heavy",
+        "infaas-acc",
+        "proteus",
+        "oracle",
+    ],
+)
+def test_every_policy_runs_hadis_benchmark_scored_both_ways(
+    policy: str, short_trace: Path, tmp_path: Path
+) -> None:
+    code, out = simulate(
+        "--scenario",
+        "hadis-sd35",
+        "--trace",
+        str(short_trace),
+        "--policy",
+        policy,
+        "--scoring",
+        "both",
+        "--json",
+        "--no-png",
+        "--out",
+        str(tmp_path),
+    )
+    assert code == 0, out
+    summary = json.loads(out)
+    assert summary["scoring"] == "project"
+    assert summary["hadis"]["scoring"] == "hadis"
+    assert 19.0 < summary["hadis"]["avg_fid"] < 30.0
+    assert summary["dispatch"] == "random"
+
+
+def test_hadis_only_policies_and_scoring_need_a_quality_table(
+    short_trace: Path, tmp_path: Path
+) -> None:
+    args = ["--scenario", "sdturbo-sdv15", "--trace", str(short_trace), "--no-png"]
+    code, out = simulate(*args, "--policy", "hadis", "--out", str(tmp_path))
+    assert code != 0 and "quality table" in out
+    code, out = simulate(*args, "--scoring", "hadis", "--out", str(tmp_path))
+    assert code != 0 and "qualityTable" in out
