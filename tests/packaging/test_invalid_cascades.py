@@ -169,6 +169,32 @@ CASES = [
         "less than or equal to the minimum of 0",
     ),
     Case(
+        "quality-table-without-source",
+        _set("spec.qualityTable", {}),
+        "either rows or reference",
+        "either rows or reference",
+    ),
+    Case(
+        "quality-table-with-two-sources",
+        _set(
+            "spec.qualityTable",
+            {
+                "reference": "hadis-hybrid",
+                "rows": [
+                    {
+                        "light": "a",
+                        "heavy": "b",
+                        "routerShare": 0,
+                        "escalateShare": 0,
+                        "fid": 20,
+                    }
+                ],
+            },
+        ),
+        "either rows or reference",
+        "either rows or reference",
+    ),
+    Case(
         "profile-without-table-or-auto",
         _drop(f"{LIGHT}.profile.batchLatencyMs"),
         "needs batchLatencyMs, or auto",
