@@ -256,3 +256,17 @@ def test_with_a_quality_table_decide_plans_an_entry_stage_past_the_first_variant
     plan = decide(snap, None)
     assert plan.entry_stage in NAMES[1:]
     assert plan.variants[NAMES.index(plan.entry_stage)].replicas >= 1
+
+
+def test_clipper_runs_the_largest_fitting_batch_and_only_clipper_heavy_admits_at_one_slo() -> None:
+    stages = stage_models(SPEC, PROFILES)
+    light = make_policy("clipper-light", spec=SPEC, profiles=PROFILES, stages=stages)
+    heavy = make_policy("clipper-heavy", spec=SPEC, profiles=PROFILES, stages=stages)
+    assert {(r.stage, r.batch_size) for r in light.decide(snapshot(), None).roles} == {
+        ("sdxl-lightning", 32)
+    }
+    assert {(r.stage, r.batch_size) for r in heavy.decide(snapshot(), None).roles} == {
+        ("sd35-large", 2)
+    }
+    assert (light.admission_factor, heavy.admission_factor) == (1.5, 1.0)
+    assert make_policy("hadis", spec=SPEC, profiles=PROFILES, stages=stages).admission_factor == 1.5
