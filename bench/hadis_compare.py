@@ -10,8 +10,10 @@ the true arrival rate of the next interval) is printed beside it.
 Part 2: the oracle on the DiffServe MAF traces (the paper's three cascades, maf_1to8 on 4
 GPUs, 2to16 on 8, 4to32 on 16, x3 GPUs for SDXL), with every policy's gap to it.
 
-It also re-checks the `hadis` MILP against a brute-force enumeration over 1-80 qps, prints
-each target as met or missed, and exits 0 whenever it ran. Tracked results
+An ablation reruns the E1 trace with the simulator's least-loaded dispatch instead of HADIS's
+random one (everything else as the artifact runs it): what the dispatcher alone costs each
+controller. It also re-checks the `hadis` MILP against a brute-force enumeration over 1-80
+qps, prints each target as met or missed, and exits 0 whenever it ran. Tracked results
 (`bench/results/hadis_compare.json`, `bench/RESULTS-hadis.md`) are written only with
 `--write`.
 
@@ -22,6 +24,7 @@ each target as met or missed, and exits 0 whenever it ran. Tracked results
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -73,9 +76,18 @@ def fmt(value: float | None, pattern: str) -> str:
     return "-" if value is None else pattern.format(value)
 
 
-def hadis_runs(traces: Sequence[str], policies: Sequence[str]) -> list[dict[str, Any]]:
+ABLATION = ("hadis-diffserve", "hadis", "diffcascade", "oracle")
+
+
+def hadis_runs(
+    traces: Sequence[str], policies: Sequence[str], *, dispatch: str | None = None
+) -> list[dict[str, Any]]:
     rows = []
     scenario = load_scenario(HADIS_SCENARIO)
+    if dispatch is not None:
+        scenario = dataclasses.replace(
+            scenario, rules=dataclasses.replace(scenario.rules, dispatch=dispatch)
+        )
     for name in traces:
         trace = load_trace(name)
         for policy in policies:
@@ -273,10 +285,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started = time.perf_counter()
     hadis = hadis_runs([t for t in args.traces.split(",") if t], args.policies.split(","))
+    ablation = hadis_runs([E1], ABLATION, dispatch="least-loaded") if E1 in args.traces else []
     maf = maf_runs([c for c in args.cascades.split(",") if c], MAF_RUN)
     check = brute_force_check()
     total = time.perf_counter() - started
     body = "## HADIS's benchmark (hadis-sd35)\n" + hadis_table(hadis)
+    if ablation:
+        body += (
+            "\n## Ablation: the E1 trace with least-loaded dispatch (HADIS's: random)\n"
+            + hadis_table(ablation)
+        )
     if maf:
         body += "\n## The oracle on the DiffServe MAF traces\n" + maf_table(maf)
     checks = targets(hadis, maf, check)
@@ -298,14 +316,14 @@ def main(argv: list[str] | None = None) -> int:
     command = "python bench/hadis_compare.py" + (" " + " ".join(argv) if argv else "")
     report = (
         "# HADIS's benchmark in the simulator\n\n"
-        f"Command: `{command}` ({total:.0f} s for {len(hadis) + len(maf)} runs on "
+        f"Command: `{command}` ({total:.0f} s for {len(hadis) + len(ablation) + len(maf)} runs on "
         f"{platform.machine()}, Python {platform.python_version()}). {note}\n"
         "## Targets\n\n" + checks + "\n" + body
     )
     results = BENCH / "results"
     results.mkdir(exist_ok=True)
     (results / "hadis_compare.json").write_text(
-        json.dumps({"hadis": hadis, "maf": maf}, indent=1) + "\n"
+        json.dumps({"hadis": hadis, "least_loaded": ablation, "maf": maf}, indent=1) + "\n"
     )
     (BENCH / "RESULTS-hadis.md").write_text(report)
     return 0
