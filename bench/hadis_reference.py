@@ -112,20 +112,21 @@ def write_values(path: Path, values: list[float], header: str | None) -> None:
     path.write_text((header + "\n" if header else "") + body)
 
 
-def from_artifact(hadis: Path) -> None:
+def from_artifact(hadis: Path, *, reference: Path = REFERENCE, traces: Path = TRACES) -> None:
+    """The artifact's trace, router scores and confidences, from a checkout."""
     src = hadis / "hadis"
     shutil.copyfile(
         src / "traces" / "maf" / "multi_dynamic_testbed" / "trace_64qps.txt",
-        TRACES / "hadis_e1_64qps.txt",
+        traces / "hadis_e1_64qps.txt",
     )
     with (src / "router" / "prompt_features.csv").open(newline="") as handle:
         rows = list(csv.reader(handle))
     features = [[float(v) for v in row[1:]] for row in rows[1:]]
-    write_values(REFERENCE / "router_hadis-rule.txt", router_scores(features), None)
+    write_values(reference / "router_hadis-rule.txt", router_scores(features), None)
     for k, name in enumerate(VARIANTS):
         lines = (src / "discriminator" / "confidence_scores" / f"scores_model_{k}.txt").read_text()
         real = [float(line.split()[1]) for line in lines.splitlines() if line.strip()]
-        write_values(REFERENCE / f"confidence_hadis-{name}.txt", confidences(real), None)
+        write_values(reference / f"confidence_hadis-{name}.txt", confidences(real), None)
 
 
 def stand_ins() -> None:

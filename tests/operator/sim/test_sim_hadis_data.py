@@ -140,3 +140,30 @@ def test_the_scenario_states_hadis_worker_rules() -> None:
     with pytest.raises(ScenarioError, match="unknown annotation"):
         sim_rules({"sim.diffcascade.dev/nope": "1"})
     assert math.isclose(sim_rules({}).admission_slo_factor, 1.0)
+
+
+def test_the_artifacts_files_replace_the_stand_ins_in_one_step(tmp_path: Path) -> None:
+    script = _script()
+    root = tmp_path / "HADIS" / "hadis"
+    (root / "traces" / "maf" / "multi_dynamic_testbed").mkdir(parents=True)
+    (root / "traces" / "maf" / "multi_dynamic_testbed" / "trace_64qps.txt").write_text(
+        "543.0,1724\n5892.0,2937\n5215.0,19\n"
+    )
+    (root / "router").mkdir()
+    header = "prompt,prompt_length,token_rarity,num_objects,abstractness,attribute_density,"
+    header += "spatial_relations,action_verbs,named_entities\n"
+    (root / "router" / "prompt_features.csv").write_text(
+        header + '"a cat, on a mat",1,1,1,1,1,1,1,1\nb,3,3,3,3,3,3,3,3\nc,2,2,2,2,2,2,2,2\n'
+    )
+    scores = root / "discriminator" / "confidence_scores"
+    scores.mkdir(parents=True)
+    for k in range(4):
+        rows = [f"{1 - v:.18e} {v:.18e}" for v in (0.1, 0.2, 0.3, 0.4, 0.5, 0.5, 0.5, 0.5)]
+        (scores / f"scores_model_{k}.txt").write_text("\n".join(rows) + "\n")
+    script.from_artifact(tmp_path / "HADIS", reference=tmp_path, traces=tmp_path)
+    weight = sum(script.ROUTER_WEIGHTS)
+    routed = [float(v) for v in (tmp_path / "router_hadis-rule.txt").read_text().split()]
+    assert routed == pytest.approx([-weight, weight, 0.0])
+    confidence = (tmp_path / "confidence_hadis-sd35-medium.txt").read_text().split()
+    assert [float(v) for v in confidence] == pytest.approx([0.25, 0.5])
+    assert (tmp_path / "hadis_e1_64qps.txt").read_text().startswith("543.0,1724\n5892.0")
