@@ -17,6 +17,7 @@ ROUTING = {
     "diffcascade_worker.routing.learner",
     "diffcascade_worker.routing.scorers",
     "diffcascade_worker.routing.router",
+    "diffcascade_worker.routing.labels",
 }
 CONTRACT = {
     *ROUTING,

@@ -203,8 +203,8 @@ def route(
             else RouterConfig(
                 entry_url=entry_url,
                 entry_variant=entry_variant,
-                heavy_url=heavy_url,
-                heavy_variant=heavy_variant,
+                heavy_url=heavy_url or None,  # empty (a ConfigMap key): no heavy stage
+                heavy_variant=heavy_variant or None,
                 router_share=router_share,
                 exploration_share=exploration_share,
                 scorer=scorer,  # type: ignore[arg-type]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,7 +25,6 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from diffcascade_worker.protocol import (
-    EVENT_COMPLETED,
     HEADER_BUDGET_MS,
     HEADER_REQUEST_ID,
     HEADER_RETRY_AFTER,
@@ -37,6 +35,7 @@ from diffcascade_worker.protocol import (
     RouterConfig,
 )
 from diffcascade_worker.routing.errors import BadGateway, GatewayTimeout, StageUnavailable
+from diffcascade_worker.routing.labels import CompletedEventTap, labels_from_json
 from diffcascade_worker.routing.metrics import RouterMetrics
 from diffcascade_worker.routing.router import Destination, PreGenerationRouter
 from diffcascade_worker.routing.rule import RouteDecision, Target
@@ -303,7 +302,7 @@ class RouterService:
         self, upstream: httpx.Response, prompt: str | None, release: Callable[[], None]
     ) -> AsyncIterator[bytes]:
         """Relay server-sent events as they come; read the completed events' confidences."""
-        tap = _EventTap()
+        tap = CompletedEventTap()
         try:
             async for chunk in upstream.aiter_raw():
                 if prompt is not None:
@@ -318,20 +317,12 @@ class RouterService:
             release()
 
     def _learn_from_json(self, prompt: str, content: bytes) -> None:
-        try:
-            data = json.loads(content).get("data") or []
-        except (ValueError, AttributeError):
-            return
-        for image in data:
-            if isinstance(image, dict) and isinstance(image.get("confidence"), int | float):
-                self._observe(prompt, float(image["confidence"]), image.get("deferred"))
+        for confidence, deferred in labels_from_json(content):
+            self._observe(prompt, confidence, deferred)
 
-    def _observe(self, prompt: str, confidence: float, deferred: object) -> None:
-        if self.router is None:
-            return
-        self.router.observe(
-            prompt, confidence, deferred=deferred if isinstance(deferred, bool) else None
-        )
+    def _observe(self, prompt: str, confidence: float, deferred: bool | None) -> None:
+        if self.router is not None:
+            self.router.observe(prompt, confidence, deferred=deferred)
 
     def refresh_metrics(self) -> None:
         """Quality gauges from the scorer's prequential record (at scrape time)."""
@@ -378,31 +369,3 @@ async def _race(work: Awaitable[_T], disconnected: Disconnected) -> _T:
         return task.result()
     task.cancel()
     raise ClientDisconnected("the client closed the connection")
-
-
-class _EventTap:
-    """Finds `image_generation.completed` events in a relayed SSE byte stream."""
-
-    def __init__(self) -> None:
-        self._buffer = b""
-
-    def feed(self, chunk: bytes) -> list[tuple[float, object]]:
-        self._buffer += chunk
-        found: list[tuple[float, object]] = []
-        while b"\n\n" in self._buffer:
-            block, self._buffer = self._buffer.split(b"\n\n", 1)
-            lines = block.decode("utf-8", errors="replace").splitlines()
-            if f"event: {EVENT_COMPLETED}" not in lines:
-                continue
-            for line in lines:
-                if not line.startswith("data: "):
-                    continue
-                try:
-                    event = json.loads(line[len("data: ") :])
-                except ValueError:
-                    continue
-                if isinstance(event, dict) and isinstance(event.get("confidence"), int | float):
-                    found.append((float(event["confidence"]), event.get("deferred")))
-        if len(self._buffer) > 1 << 24:  # a stage that never ends an event: stop looking
-            self._buffer = b""
-        return found
