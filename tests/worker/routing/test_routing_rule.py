@@ -76,3 +76,14 @@ def test_score_window_keeps_the_last_scores_sorted() -> None:
         window.add(value)
     assert list(window.sorted_scores) == [1.0, 3.0, 4.0]
     assert len(window) == 3
+
+
+def test_ties_at_the_cut_are_routed_in_proportion_so_the_share_holds() -> None:
+    flat = [0.5] * 1000  # a learner before its first label scores every prompt alike
+    rng = random.Random(3)
+    heavy = sum(
+        goes_heavy(0.5, share=0.3, sorted_scores=flat, tie_draw=rng.random()) for _ in range(4000)
+    )
+    assert heavy / 4000 == pytest.approx(0.301, abs=0.025)
+    # HADIS's `>=` would have sent every one of them: tie_draw 0 reproduces it.
+    assert goes_heavy(0.5, share=0.3, sorted_scores=flat, tie_draw=0.0)

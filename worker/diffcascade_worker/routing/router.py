@@ -69,6 +69,7 @@ class PreGenerationRouter:
                 sorted_scores=self.window.sorted_scores,
                 exploration=config.exploration_share,
                 draw=self._rng.random(),
+                tie_draw=self._rng.random(),
             )
             self.window.add(score)
         self._recent.append(decision.target is Target.HEAVY)

@@ -42,13 +42,29 @@ def cut_score(sorted_scores: Sequence[float], share: float) -> float:
     return float(sorted_scores[index])
 
 
-def goes_heavy(score: float, *, share: float, sorted_scores: Sequence[float]) -> bool:
-    """The rule without exploration: top share r of the calibration distribution -> heavy."""
+def goes_heavy(
+    score: float, *, share: float, sorted_scores: Sequence[float], tie_draw: float = 0.0
+) -> bool:
+    """The rule without exploration: top share r of the calibration distribution -> heavy.
+
+    A score above the cut goes heavy, as in HADIS. Scores equal to the cut go heavy with the
+    probability that keeps the expected share at HADIS's count (`tie_draw` uniform in [0, 1));
+    with distinct scores that probability is 1 (HADIS exactly), but a scorer that gives many
+    prompts one score (a learner before its first labels: all 0.5) would otherwise send all of
+    them to heavy and overload the stage the plan sized for r."""
     if share <= 0.0 or not sorted_scores:
         return False
     if share >= 1.0:
         return True
-    return score >= cut_score(sorted_scores, share)
+    n = len(sorted_scores)
+    index = max(int(n * (1.0 - share)) - 1, 0)
+    cut = float(sorted_scores[index])
+    if score != cut:
+        return score > cut
+    low = bisect.bisect_left(sorted_scores, cut)
+    high = bisect.bisect_right(sorted_scores, cut)
+    above, ties = n - high, high - low
+    return tie_draw < (n - index - above) / ties
 
 
 def route(
@@ -58,14 +74,16 @@ def route(
     sorted_scores: Sequence[float],
     exploration: float = 0.0,
     draw: float = 1.0,
+    tie_draw: float = 0.0,
 ) -> RouteDecision:
     """Where one prompt goes. `draw` is uniform in [0, 1); below `exploration` a prompt the
-    rule sends to heavy goes through the entry stage instead (and is marked explored)."""
+    rule sends to heavy goes through the entry stage instead (and is marked explored).
+    `tie_draw` (uniform in [0, 1)) settles a score equal to the cut (see `goes_heavy`)."""
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"router share must lie in [0, 1], got {share!r}")
     if not 0.0 <= exploration <= 1.0:
         raise ValueError(f"exploration share must lie in [0, 1], got {exploration!r}")
-    if not goes_heavy(score, share=share, sorted_scores=sorted_scores):
+    if not goes_heavy(score, share=share, sorted_scores=sorted_scores, tie_draw=tie_draw):
         return RouteDecision(Target.ENTRY, score)
     if draw < exploration:
         return RouteDecision(Target.ENTRY, score, explored=True)
