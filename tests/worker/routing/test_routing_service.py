@@ -277,3 +277,14 @@ async def test_a_stage_that_cannot_be_reached_is_a_503_with_retry_after() -> Non
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "stage_unavailable"
     assert response.headers["Retry-After"] == "1"
+
+
+async def test_a_connection_that_sends_no_request_is_closed_after_the_header_timeout() -> None:
+    async with _stack(header_timeout_s=0.3) as stack:
+        host, port = stack.router.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            closed = await asyncio.wait_for(reader.read(1), timeout=5.0)
+        finally:
+            writer.close()
+    assert closed == b""  # the router hung up on the silent client

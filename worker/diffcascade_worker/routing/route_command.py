@@ -55,6 +55,7 @@ def router_server_config(service: RouterService, *, log_level: str = "info") -> 
         access_log=False,
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
         timeout_keep_alive=settings.keep_alive_s,
+        http="httptools",  # the connection guard below is built and tested on it, not on h11
     )
     config.load()
     config.http_protocol_class = guarded_protocol(
