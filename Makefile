@@ -42,6 +42,7 @@ bench: setup
 	$(BIN)/python -m bench.worker_overhead
 	$(BIN)/python -m bench.operator_tick
 	$(BIN)/python -m bench.operator_reaction
+	$(BIN)/python bench/router_auc.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

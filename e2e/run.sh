@@ -92,13 +92,13 @@ kubectl -n "$SYSTEM_NS" rollout status deployment/diffcascade --timeout "${TIMEO
 
 log "apply examples/tiny-cpu.yaml"
 kubectl apply -n "$NS" -f examples/tiny-cpu.yaml
-for variant in light heavy; do
-  wait_for "deployment $CASCADE-$variant" kubectl -n "$NS" get deployment "$CASCADE-$variant"
-  kubectl -n "$NS" rollout status "deployment/$CASCADE-$variant" --timeout "${TIMEOUT}s"
+for deployment in "$CASCADE-light" "$CASCADE-heavy" "$CASCADE"; do  # the stages, the router
+  wait_for "deployment $deployment" kubectl -n "$NS" get deployment "$deployment"
+  kubectl -n "$NS" rollout status "deployment/$deployment" --timeout "${TIMEOUT}s"
 done
 
-log "load: $QPS qps for ${LOAD_SECONDS}s at the light stage"
-kubectl -n "$NS" port-forward "service/$CASCADE-light" "$LOCAL_PORT:8000" >"$WORK/port-forward.log" 2>&1 &
+log "load: $QPS qps for ${LOAD_SECONDS}s at the cascade's endpoint (its router)"
+kubectl -n "$NS" port-forward "service/$CASCADE" "$LOCAL_PORT:8000" >"$WORK/port-forward.log" 2>&1 &
 PF_PID=$!
 wait_for "port-forward" curl -fsS "http://127.0.0.1:$LOCAL_PORT/healthz"
 LOADGEN="${E2E_LOADGEN:-$ROOT/.venv/bin/diffcascade}"

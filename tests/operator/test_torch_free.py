@@ -7,8 +7,20 @@ import subprocess
 import sys
 
 #: The worker modules the operator may import: the HTTP contract, the deferral contract, the
-#: deadline rule and the storage-URI rules. Anything else of the worker may pull torch in.
+#: deadline rule, the storage-URI rules and the router's rule and scorers (the simulator routes
+#: with them). Anything else of the worker may pull torch in.
+ROUTING = {
+    "diffcascade_worker.routing",
+    "diffcascade_worker.routing.rule",
+    "diffcascade_worker.routing.features",
+    "diffcascade_worker.routing.hadis_features",
+    "diffcascade_worker.routing.learner",
+    "diffcascade_worker.routing.scorers",
+    "diffcascade_worker.routing.router",
+    "diffcascade_worker.routing.labels",
+}
 CONTRACT = {
+    *ROUTING,
     "diffcascade_worker",
     "diffcascade_worker.protocol",
     "diffcascade_worker.deferral",
@@ -32,3 +44,20 @@ def test_operator_entry_points_import_neither_torch_nor_the_workers_model_code()
     )
     loaded = set(json.loads(out.stdout.strip().splitlines()[-1]))
     assert loaded <= CONTRACT, sorted(loaded - CONTRACT)
+
+
+def test_the_router_service_runs_without_torch() -> None:
+    """The operator image (no torch) runs `diffcascade-worker route` for every cascade."""
+    script = (
+        "import json, sys\n"
+        "import diffcascade_worker.cli, diffcascade_worker.routing.route_command\n"
+        "import diffcascade_worker.routing.app\n"
+        f"import {', '.join(sorted(ROUTING))}\n"
+        "mods = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'diffusers', 'transformers'))\n"
+        "print(json.dumps(mods))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []

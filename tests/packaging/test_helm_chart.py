@@ -129,7 +129,15 @@ def _validate_pod_monitor(doc: Doc) -> None:
     assert doc["apiVersion"] == "monitoring.coreos.com/v1"
     spec = doc["spec"]
     assert set(spec) == {"selector", "namespaceSelector", "podMetricsEndpoints"}
-    assert spec["selector"] == {"matchLabels": {"app.kubernetes.io/name": "diffcascade-worker"}}
+    assert spec["selector"] == {
+        "matchExpressions": [
+            {
+                "key": "app.kubernetes.io/name",
+                "operator": "In",
+                "values": ["diffcascade-worker", "diffcascade-router"],
+            }
+        ]
+    }
     [endpoint] = spec["podMetricsEndpoints"]
     assert endpoint["port"] == "http" and endpoint["path"] == "/metrics"
     assert re.fullmatch(r"\d+(ms|s|m)", endpoint["interval"])
@@ -221,6 +229,7 @@ def test_operator_command_from_tuned_values() -> None:
     ]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["DIFFCASCADE_WORKER_IMAGE"] == "diffcascade-worker:e2e"
+    assert env["DIFFCASCADE_ROUTER_IMAGE"] == container["image"]  # the router: this image
     assert env["DIFFCASCADE_TICK_SECONDS"] == "0.5"
     assert container["imagePullPolicy"] == "Never"
 

@@ -42,6 +42,15 @@ def test_worker_pods_pass_every_restricted_check(path: Path) -> None:
         assert violations(template) == {}
 
 
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_router_pods_pass_every_restricted_check(path: Path) -> None:
+    router = manifests.router_deployment(
+        cascade="c", namespace="ns", spec=_spec(path), settings=SETTINGS
+    )
+    assert violations(router["spec"]["template"]) == {}
+    assert router["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == 10001
+
+
 def test_the_operator_pod_passes_every_restricted_check() -> None:
     helm = pytest.importorskip("helm_python", reason="helm-python-sdk is not installed")
     with helm.Chart.load(CHART_DIR) as chart:

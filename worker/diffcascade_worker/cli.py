@@ -1,5 +1,5 @@
-"""`diffcascade-worker`: serve a variant, fetch and profile models, build tiny models, train and
-calibrate the gate."""
+"""`diffcascade-worker`: serve a variant, route a cascade's prompts, fetch and profile models,
+build tiny models, train and calibrate the gate."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ _COMMANDS = {
     "gate": "diffcascade_worker.models.model_commands:gate",
     "fetch": "diffcascade_worker.storage.fetch_command:fetch_command",
     "profile": "diffcascade_worker.models.profile_command:profile",
+    "route": "diffcascade_worker.routing.route_command:route",
 }
 
 

@@ -23,6 +23,8 @@ PATH_CONFIG = "/v1/cascade/config"
 PATH_HEALTHZ = "/healthz"
 PATH_READYZ = "/readyz"
 PATH_METRICS = "/metrics"
+#: The pre-generation router's plan (entry and heavy stage, router share); bearer token.
+PATH_ROUTER_CONFIG = "/v1/cascade/router"
 
 # --- headers -----------------------------------------------------------------------------------
 
@@ -34,6 +36,12 @@ HEADER_BUDGET_MS = "X-Diffcascade-Budget-Ms"
 HEADER_DEFERRED_FROM = "X-Diffcascade-Deferred-From"
 HEADER_REQUEST_ID = "X-Request-Id"
 HEADER_RETRY_AFTER = "Retry-After"
+#: Set by the pre-generation router on its answer: where it sent the prompt (`entry` or
+#: `heavy`), the prompt's router score, and whether the prompt was an exploration sample
+#: (would have gone to heavy, went through the gated entry stage to yield a label).
+HEADER_ROUTED_TO = "X-Diffcascade-Routed-To"
+HEADER_ROUTER_SCORE = "X-Diffcascade-Router-Score"
+HEADER_ROUTER_EXPLORED = "X-Diffcascade-Router-Explored"
 
 # --- limits ------------------------------------------------------------------------------------
 
@@ -345,6 +353,48 @@ class CascadeConfigUpdate(BaseModel):
         return config.model_copy(update=changes)
 
 
+#: The router's scorers: `learned` (hashed n-grams, trained online on the gate's confidences),
+#: `rule` (HADIS's fixed feature weights) and `none` (no pre-generation routing: share 0).
+RouterScorerName = Literal["learned", "rule", "none"]
+MAX_EXPLORATION_SHARE = 0.5
+
+
+class RouterConfig(BaseModel):
+    """What the control plane sets on a pre-generation router (GET/PUT /v1/cascade/router).
+
+    A share `router_share` of prompts, those with the highest router scores among the recent
+    ones, goes straight to `heavy_url`; the rest to `entry_url` (the gated entry stage). Of
+    the prompts the rule sends to heavy, a share `exploration_share` goes through the entry
+    stage anyway, so the gate keeps labelling the hard region the learner is trained on.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    entry_url: str = Field(description="Base URL of the plan's entry stage")
+    entry_variant: str = Field(default="entry", min_length=1, max_length=128)
+    heavy_url: str | None = Field(default=None, description="Base URL of the heavy stage")
+    heavy_variant: str | None = Field(default=None, max_length=128)
+    router_share: float = Field(default=0.0, ge=0.0, le=1.0)
+    exploration_share: float = Field(default=0.05, ge=0.0, le=MAX_EXPLORATION_SHARE)
+    scorer: RouterScorerName = "learned"
+    plan_id: str | None = Field(default=None, description="Opaque id of the plan that set this")
+
+    @field_validator("entry_url", "heavy_url")
+    @classmethod
+    def _stage_url(cls, value: str | None) -> str | None:
+        return None if value is None else check_stage_url(value)
+
+    @model_validator(mode="after")
+    def _heavy_when_routing(self) -> RouterConfig:
+        if self.router_share > 0 and self.heavy_url is None:
+            raise ValueError(
+                f"router_share {self.router_share:g} needs a heavy_url to send prompts to"
+            )
+        if self.router_share > 0 and self.scorer == "none":
+            raise ValueError("scorer 'none' routes nothing: set router_share to 0")
+        return self
+
+
 class HealthStatus(BaseModel):
     status: Literal["ok", "not-ready", "draining"]
     variant: str
@@ -434,6 +484,87 @@ CONFIGURED_BATCH_SIZE = MetricName(
 )
 READY = MetricName(
     "diffcascade_ready", "gauge", "1 when loaded, warmed up and not draining.", _BASE
+)
+
+# --- the pre-generation router's series (`diffcascade-worker route`) ---------------------------
+
+LABEL_TARGET = "target"  # `entry` or `heavy`: where the router sent the prompt
+LABEL_EXPLORED = "explored"  # "true": the rule said heavy, exploration sent it to the entry
+_ROUTER = (LABEL_CASCADE,)
+
+ROUTER_ROUTED = MetricName(
+    "diffcascade_router_routed_images",
+    "counter",
+    "Images the router sent on, by target stage and exploration (every arrival of the cascade).",
+    (*_ROUTER, LABEL_TARGET, LABEL_EXPLORED),
+)
+ROUTER_REFUSED = MetricName(
+    "diffcascade_router_refused_requests",
+    "counter",
+    "Requests the router answered itself with an error (bad input, overload, stage down).",
+    (*_ROUTER, LABEL_OUTCOME),
+)
+ROUTER_LABELS = MetricName(
+    "diffcascade_router_labels",
+    "counter",
+    "Gate confidences the learner was trained on (one per image through the gated stage).",
+    _ROUTER,
+)
+ROUTER_AUC = MetricName(
+    "diffcascade_router_prequential_auc",
+    "gauge",
+    "AUC of the router score for the gate's deferral, each label scored before the update.",
+    _ROUTER,
+)
+ROUTER_BRIER = MetricName(
+    "diffcascade_router_prequential_brier",
+    "gauge",
+    "Brier score of the predicted hardness quantile, each label scored before the update.",
+    _ROUTER,
+)
+ROUTER_SHARE = MetricName(
+    "diffcascade_router_share", "gauge", "Router share r in force (the plan's).", _ROUTER
+)
+ROUTER_ROUTED_SHARE = MetricName(
+    "diffcascade_router_routed_share",
+    "gauge",
+    "Share of recent images sent straight to the heavy stage.",
+    _ROUTER,
+)
+ROUTER_EXPLORATION_SHARE = MetricName(
+    "diffcascade_router_exploration_share",
+    "gauge",
+    "Exploration share in force: of the prompts the rule sends to heavy, those sent to entry.",
+    _ROUTER,
+)
+ROUTER_INFLIGHT = MetricName(
+    "diffcascade_router_inflight_requests", "gauge", "Requests accepted, not answered.", _ROUTER
+)
+ROUTER_LATENCY_SECONDS = MetricName(
+    "diffcascade_router_request_latency_seconds",
+    "histogram",
+    "End-to-end latency of a request through the router, by target stage.",
+    (*_ROUTER, LABEL_TARGET),
+)
+ROUTER_READY = MetricName(
+    "diffcascade_router_ready",
+    "gauge",
+    "1 when the router has a plan and is not draining.",
+    _ROUTER,
+)
+
+ROUTER_METRICS = (
+    ROUTER_ROUTED,
+    ROUTER_REFUSED,
+    ROUTER_LABELS,
+    ROUTER_AUC,
+    ROUTER_BRIER,
+    ROUTER_SHARE,
+    ROUTER_ROUTED_SHARE,
+    ROUTER_EXPLORATION_SHARE,
+    ROUTER_INFLIGHT,
+    ROUTER_LATENCY_SECONDS,
+    ROUTER_READY,
 )
 
 #: Upper bounds (`le`) of GATE_CONFIDENCE's buckets. The operator derives f(t) on its 201-point

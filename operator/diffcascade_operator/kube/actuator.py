@@ -2,7 +2,8 @@
 
 The config PUT goes to every ready pod that has not yet acknowledged the plan's id, so a
 steady plan costs no HTTP calls and a pod that missed one (new, or briefly unreachable) is
-caught up on the next tick.
+caught up on the next tick. Router pods get the plan's router document the same way (entry
+stage, heavy stage, router share: `router_config.router_view` reads them from the plan).
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import httpx
-from diffcascade_worker.protocol import PATH_CONFIG, PATH_METRICS
+from diffcascade_worker.protocol import PATH_CONFIG, PATH_METRICS, PATH_ROUTER_CONFIG, RouterConfig
 
 from diffcascade_operator.kube import manifests
 from diffcascade_operator.kube.api import KubeApi
 from diffcascade_operator.metrics_source import parse_worker_metrics
 from diffcascade_operator.plan import Plan
+from diffcascade_operator.router_config import router_config_id
 from diffcascade_operator.spec import CascadeSpec
 from diffcascade_operator.worker_config import StageUrl, config_update
 
@@ -39,6 +41,7 @@ class PodInfo:
     port: int
     ready: bool
     deleting: bool = False
+    role: str = "worker"  # or manifests.ROUTER_ROLE: a router pod (no variant)
 
     @property
     def url(self) -> str | None:
@@ -54,16 +57,20 @@ class ApplyResult:
     scaled: dict[str, tuple[int, int]]  # variant -> (before, after)
     pushed_ok: int
     push_failures: tuple[str, ...]  # "pod: error"
-    serving: int  # ready pods the plan should reach
+    serving: int  # ready worker pods the plan should reach
     acknowledged: int  # of those, pods that hold the current plan id
+    routers_serving: int = 0  # ready router pods
+    routers_acknowledged: int = 0  # of those, pods that hold the current router document
 
 
-def _put(url: str, body: str, token: str | None, timeout: float) -> str | None:
+def _put(
+    url: str, body: str, token: str | None, timeout: float, path: str = PATH_CONFIG
+) -> str | None:
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     try:
-        response = _HTTP.put(f"{url}{PATH_CONFIG}", content=body, headers=headers, timeout=timeout)
+        response = _HTTP.put(f"{url}{path}", content=body, headers=headers, timeout=timeout)
     except httpx.HTTPError as exc:
         return f"{type(exc).__name__}: {exc}"
     if response.status_code >= 300:
@@ -108,7 +115,10 @@ def push_config(
     todo = [
         p
         for p in pods
-        if p.serving and p.variant in by_variant and acknowledged.get(p.uid) != plan_id
+        if p.serving
+        and p.role != manifests.ROUTER_ROLE
+        and p.variant in by_variant
+        and acknowledged.get(p.uid) != plan_id
     ]
     bodies = {
         name: config_update(plan, name, spec=spec, stage_url=stage_url).model_dump_json(
@@ -135,6 +145,36 @@ def push_config(
     return ok, tuple(failures)
 
 
+def push_router(
+    *,
+    pods: Sequence[PodInfo],
+    config: RouterConfig,
+    token: str | None,
+    acknowledged: MutableMapping[str, str],
+    timeout_s: float,
+) -> tuple[int, tuple[str, ...]]:
+    """PUT the router document to ready router pods that do not hold it yet."""
+    document_id = router_config_id(config)
+    todo = [
+        p
+        for p in pods
+        if p.serving and p.role == manifests.ROUTER_ROLE and acknowledged.get(p.uid) != document_id
+    ]
+    if not todo:
+        return 0, ()
+    body = config.model_dump_json()
+    results = list(
+        _POOL.map(
+            lambda p: (p, _put(p.url or "", body, token, timeout_s, PATH_ROUTER_CONFIG)), todo
+        )
+    )
+    failures = [f"{pod.name}: {error}" for pod, error in results if error is not None]
+    for pod, error in results:
+        if error is None:
+            acknowledged[pod.uid] = document_id
+    return len(todo) - len(failures), tuple(failures)
+
+
 def apply_plan(
     *,
     api: KubeApi,
@@ -149,11 +189,15 @@ def apply_plan(
     configmap_plan_id: str | None,
     timeout_s: float,
     port: int,
+    router: RouterConfig | None = None,
 ) -> ApplyResult:
-    """Bring the cluster to `plan`. `current_replicas[v]` is None when unknown (then set)."""
+    """Bring the cluster to `plan`. `current_replicas[v]` is None when unknown (then set);
+    `router` is the document the router pods get (None: the operator runs no router)."""
     plan_id = manifests.plan_id(plan)
     if configmap_plan_id != plan_id:
-        cm = manifests.configmap(cascade=cascade, namespace=namespace, plan=plan, spec=spec)
+        cm = manifests.configmap(
+            cascade=cascade, namespace=namespace, plan=plan, spec=spec, router=router
+        )
         api.patch_configmap_data(namespace, cm["metadata"]["name"], cm)
     scaled: dict[str, tuple[int, int]] = {}
     for allocation in plan.variants:
@@ -186,7 +230,21 @@ def apply_plan(
             cascade=cascade, namespace=namespace, variant=variant, port=port
         ),
     )
-    serving = [p for p in pods if p.serving]
+    routers = [p for p in pods if p.serving and p.role == manifests.ROUTER_ROLE]
+    routers_acked = 0
+    if router is not None:
+        router_ok, router_failures = push_router(
+            pods=routers,
+            config=router,
+            token=token,
+            acknowledged=acknowledged,
+            timeout_s=timeout_s,
+        )
+        ok += router_ok
+        failures = (*failures, *router_failures)
+        document_id = router_config_id(router)
+        routers_acked = sum(1 for p in routers if acknowledged.get(p.uid) == document_id)
+    serving = [p for p in pods if p.serving and p.role != manifests.ROUTER_ROLE]
     live = {p.uid for p in pods}
     for uid in [u for u in acknowledged if u not in live]:
         del acknowledged[uid]
@@ -196,4 +254,6 @@ def apply_plan(
         push_failures=failures,
         serving=len(serving),
         acknowledged=sum(1 for p in serving if acknowledged.get(p.uid) == plan_id),
+        routers_serving=len(routers),
+        routers_acknowledged=routers_acked,
     )

@@ -70,6 +70,8 @@ def worker_deployments(
     namespace: str | None, meta: kopf.Meta, spec: kopf.Spec, **_: Any
 ) -> dict[tuple[str | None, str], tuple[str, int | None]]:
     variant = meta.labels.get(manifests.LABEL_VARIANT, "")
+    if meta.labels.get(manifests.LABEL_ROLE) == manifests.ROUTER_ROLE:
+        variant = manifests.ROUTER_INDEX_KEY
     return {(namespace, meta.labels[manifests.LABEL_CASCADE]): (variant, spec.get("replicas"))}
 
 
@@ -129,4 +131,5 @@ def pod_info(
         port=port,
         ready=ready and status.get("phase", "Running") == "Running",
         deleting=meta.get("deletionTimestamp") is not None,
+        role=str((meta.get("labels") or {}).get(manifests.LABEL_ROLE) or "worker"),
     )

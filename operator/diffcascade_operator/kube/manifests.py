@@ -1,11 +1,14 @@
 """The children of a cascade as plain dicts: pure functions, no API calls.
 
 Each variant gets a Deployment `<cascade>-<variant>` and a Service of the same name; the
-cascade gets a Secret `<cascade>-token` (the config API's bearer token) and a ConfigMap
-`<cascade>-plan` (the latest plan). Workers read their threshold and batch size from the
-ConfigMap through env vars, which Kubernetes resolves only when a container starts: a new
-plan reaches running pods by the config PUT, reaches new pods through the ConfigMap, and never
-changes the pod template, so plan changes never roll pods.
+cascade gets a Secret `<cascade>-token` (the config API's bearer token), a ConfigMap
+`<cascade>-plan` (the latest plan) and its pre-generation router: a Deployment, Service,
+PodDisruptionBudget and NetworkPolicy all named `<cascade>`, the Service being the one stable
+URL clients use whatever stage the plan enters at. Workers (and router pods) read their
+threshold and batch size (entry, heavy stage and share) from the ConfigMap through env vars,
+which Kubernetes resolves only when a container starts: a new plan reaches running pods by
+the config PUT, reaches new pods through the ConfigMap, and never changes the pod template,
+so plan changes never roll pods.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from diffcascade_worker.protocol import PATH_HEALTHZ, PATH_METRICS, PATH_READYZ
+from diffcascade_worker.protocol import PATH_HEALTHZ, PATH_METRICS, PATH_READYZ, RouterConfig
 
 from diffcascade_operator.kube.model_storage import add_storage, variant_storage
 from diffcascade_operator.kube.settings import OperatorSettings
@@ -28,6 +31,11 @@ Manifest = dict[str, Any]
 
 LABEL_CASCADE = "diffcascade.dev/cascade"
 LABEL_VARIANT = "diffcascade.dev/variant"
+LABEL_ROLE = "diffcascade.dev/role"  # `router` on the router's objects (workers carry none)
+ROUTER_ROLE = "router"
+ROUTER_NAME = "diffcascade-router"
+#: The router Deployment's key where Deployments are indexed by variant (no variant has it).
+ROUTER_INDEX_KEY = "@router"
 MANAGED_BY = "diffcascade-operator"
 WORKER_NAME = "diffcascade-worker"
 TOKEN_KEY = "token"
@@ -63,6 +71,21 @@ def threshold_key(variant: str) -> str:
 
 def batch_size_key(variant: str) -> str:
     return f"{variant}.batchSize"
+
+
+#: ConfigMap keys a router pod reads at start (env), and the env variables they feed.
+ROUTER_KEYS = {
+    "router.entryUrl": ("DIFFCASCADE_ENTRY_URL", "entry_url"),
+    "router.entryVariant": ("DIFFCASCADE_ENTRY_VARIANT", "entry_variant"),
+    "router.heavyUrl": ("DIFFCASCADE_HEAVY_URL", "heavy_url"),
+    "router.heavyVariant": ("DIFFCASCADE_HEAVY_VARIANT", "heavy_variant"),
+    "router.share": ("DIFFCASCADE_ROUTER_SHARE", "router_share"),
+}
+
+
+def router_name(cascade: str) -> str:
+    """The router's Deployment, Service, PodDisruptionBudget and NetworkPolicy."""
+    return cascade
 
 
 def labels(cascade: str, variant: str | None = None) -> dict[str, str]:
@@ -356,19 +379,25 @@ def network_policy(
     *, cascade: str, namespace: str, spec: CascadeSpec, index: int, settings: OperatorSettings
 ) -> Manifest:
     """Who may reach a variant's port (generation and config API alike): the operator, the
-    scrapers, and the earlier stages of this cascade (a plan may skip a stage); the entry
-    stage also takes its clients (any source unless settings.client_peers names them)."""
+    scrapers, the earlier stages of this cascade (a plan may skip a stage) and the cascade's
+    router; without a router, the entry stage also takes its clients (any source unless
+    settings.client_peers names them)."""
     variant = spec.variants[index].name
     peers: list[dict[str, Any]] = [
         {"podSelector": {"matchLabels": selector(cascade, earlier.name)}}
         for earlier in spec.variants[:index]
     ]
+    if settings.router:
+        # The router may send a prompt to any stage: the plan chooses the entry and heavy ones.
+        peers.append({"podSelector": {"matchLabels": router_selector(cascade)}})
     operator = operator_peer(settings)
     if operator is not None:
         peers.append(operator)
     peers += [dict(p) for p in settings.scraper_peers]
     rule: dict[str, Any] = {"ports": [{"protocol": "TCP", "port": settings.worker_port}]}
-    if index > 0 or settings.client_peers:
+    if settings.router:
+        rule["from"] = peers  # clients reach the stages through the router only
+    elif index > 0 or settings.client_peers:
         rule["from"] = peers + [dict(p) for p in settings.client_peers]
     return {
         "apiVersion": "networking.k8s.io/v1",
@@ -400,9 +429,19 @@ def secret(*, cascade: str, namespace: str, token: str) -> Manifest:
     }
 
 
-def plan_data(plan: Plan, *, spec: CascadeSpec) -> dict[str, str]:
-    """ConfigMap data: per variant threshold and batch size (read at pod start) + the plan."""
+def plan_data(
+    plan: Plan, *, spec: CascadeSpec, router: RouterConfig | None = None
+) -> dict[str, str]:
+    """ConfigMap data: per variant threshold and batch size (read at pod start), the router's
+    entry, heavy stage and share (read at router pod start) + the plan."""
     data: dict[str, str] = {}
+    if router is not None:
+        values = router.model_dump()
+        for key, (_env, field) in ROUTER_KEYS.items():
+            value = values[field]
+            data[key] = (
+                "" if value is None else f"{value:.6g}" if field == "router_share" else value
+            )
     for allocation in plan.variants:
         threshold = allocation.threshold if allocation.threshold is not None else 0.0
         data[threshold_key(allocation.name)] = f"{threshold:.6g}"
@@ -427,7 +466,14 @@ def plan_data(plan: Plan, *, spec: CascadeSpec) -> dict[str, str]:
     return data
 
 
-def configmap(*, cascade: str, namespace: str, plan: Plan, spec: CascadeSpec) -> Manifest:
+def configmap(
+    *,
+    cascade: str,
+    namespace: str,
+    plan: Plan,
+    spec: CascadeSpec,
+    router: RouterConfig | None = None,
+) -> Manifest:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -437,7 +483,7 @@ def configmap(*, cascade: str, namespace: str, plan: Plan, spec: CascadeSpec) ->
             "labels": labels(cascade),
             "annotations": {"diffcascade.dev/plan-id": plan_id(plan)},
         },
-        "data": plan_data(plan, spec=spec),
+        "data": plan_data(plan, spec=spec, router=router),
     }
 
 
@@ -454,7 +500,15 @@ def children(
     """Every child, in creation order: Secret and ConfigMap before the pods that read them."""
     out = [
         secret(cascade=cascade, namespace=namespace, token=token),
-        configmap(cascade=cascade, namespace=namespace, plan=plan, spec=spec),
+        configmap(
+            cascade=cascade,
+            namespace=namespace,
+            plan=plan,
+            spec=spec,
+            router=router_document(
+                cascade=cascade, namespace=namespace, plan=plan, spec=spec, settings=settings
+            ),
+        ),
     ]
     for index, variant in enumerate(spec.variants):
         out.append(
@@ -477,4 +531,213 @@ def children(
                 settings=settings,
             )
         )
+    # After the stages: a router that starts first would answer 503 until they exist.
+    out += router_children(cascade=cascade, namespace=namespace, spec=spec, settings=settings)
+    return out
+
+
+# --- the pre-generation router -----------------------------------------------------------------
+
+
+def router_labels(cascade: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": ROUTER_NAME,
+        "app.kubernetes.io/instance": cascade,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        "app.kubernetes.io/component": ROUTER_ROLE,
+        LABEL_CASCADE: cascade,
+        LABEL_ROLE: ROUTER_ROLE,
+    }
+
+
+def router_selector(cascade: str) -> dict[str, str]:
+    return {LABEL_CASCADE: cascade, LABEL_ROLE: ROUTER_ROLE}
+
+
+def router_document(
+    *,
+    cascade: str,
+    namespace: str,
+    plan: Plan | None,
+    spec: CascadeSpec,
+    settings: OperatorSettings,
+) -> RouterConfig | None:
+    """What the router pods are told for `plan` (None when the operator runs no router)."""
+    if not settings.router:
+        return None
+    from diffcascade_operator.router_config import router_config
+
+    return router_config(
+        plan,
+        spec,
+        stage_url=lambda variant: stage_url(
+            cascade=cascade, namespace=namespace, variant=variant, port=settings.worker_port
+        ),
+        exploration=settings.router_exploration,
+        scorer=settings.router_scorer,  # type: ignore[arg-type]
+        plan_id=None if plan is None else plan_id(plan),
+    )
+
+
+def router_deployment(
+    *, cascade: str, namespace: str, spec: CascadeSpec, settings: OperatorSettings
+) -> Manifest:
+    """The router pods: the operator image (torch-free) running `diffcascade-worker route`.
+
+    Entry stage, heavy stage and share come from the plan ConfigMap at start (a new pod routes
+    by the latest plan before its first push); the operator pushes every later plan."""
+    cm = configmap_name(cascade)
+    port = settings.router_port
+    stages = [
+        stage_url(cascade=cascade, namespace=namespace, variant=v.name, port=settings.worker_port)
+        for v in spec.variants
+    ]
+    env: list[dict[str, Any]] = [
+        {
+            "name": "DIFFCASCADE_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": secret_name(cascade), "key": TOKEN_KEY}},
+        },
+        *(
+            {"name": name, "valueFrom": {"configMapKeyRef": {"name": cm, "key": key}}}
+            for key, (name, _field) in ROUTER_KEYS.items()
+        ),
+    ]
+    args = [
+        "route",
+        "--cascade",
+        cascade,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(port),
+        "--exploration-share",
+        f"{settings.router_exploration:g}",
+        "--scorer",
+        settings.router_scorer,
+        "--drain-timeout",
+        str(drain_seconds(spec)),
+        *(arg for url in stages for arg in ("--allowed-stage", url)),
+    ]
+    container: dict[str, Any] = {
+        "name": "router",
+        "image": settings.router_image,
+        "command": ["diffcascade-worker"],
+        "args": args,
+        "env": env,
+        "ports": [{"name": PORT_NAME, "containerPort": port, "protocol": "TCP"}],
+        "readinessProbe": _probe(PATH_READYZ, period=2, failures=1),
+        "livenessProbe": _probe(PATH_HEALTHZ, period=10, failures=3, timeout=5),
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SLEEP_S)]}}},
+        "resources": {
+            "requests": {
+                "cpu": settings.router_cpu_request,
+                "memory": settings.router_memory_request,
+            }
+        },
+    }
+    pod_labels = router_labels(cascade)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": router_name(cascade), "namespace": namespace, "labels": pod_labels},
+        "spec": {
+            "replicas": settings.router_replicas,
+            "selector": {"matchLabels": router_selector(cascade)},
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+            },
+            "template": {
+                "metadata": {
+                    "labels": pod_labels,
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(port),
+                        "prometheus.io/path": PATH_METRICS,
+                    },
+                },
+                "spec": harden_pod(
+                    {
+                        "containers": [container],
+                        "terminationGracePeriodSeconds": grace_period_seconds(spec, settings),
+                    }
+                ),
+            },
+        },
+    }
+
+
+def router_service(*, cascade: str, namespace: str, settings: OperatorSettings) -> Manifest:
+    """`<cascade>`: the cascade's one stable URL, whatever stage the plan enters at."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": router_name(cascade),
+            "namespace": namespace,
+            "labels": router_labels(cascade),
+        },
+        "spec": {
+            "selector": router_selector(cascade),
+            "ports": [{"name": PORT_NAME, "port": settings.router_port, "targetPort": PORT_NAME}],
+        },
+    }
+
+
+def router_disruption_budget(*, cascade: str, namespace: str) -> Manifest:
+    """A drain takes one router pod at a time, so the entry URL keeps answering."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {
+            "name": router_name(cascade),
+            "namespace": namespace,
+            "labels": router_labels(cascade),
+        },
+        "spec": {
+            "selector": {"matchLabels": router_selector(cascade)},
+            "maxUnavailable": 1,
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
+    }
+
+
+def router_network_policy(*, cascade: str, namespace: str, settings: OperatorSettings) -> Manifest:
+    """The router takes the clients (any source unless settings.client_peers names them),
+    the operator (its plan pushes) and the scrapers."""
+    rule: dict[str, Any] = {"ports": [{"protocol": "TCP", "port": settings.router_port}]}
+    if settings.client_peers:
+        peers = [dict(p) for p in settings.client_peers]
+        operator = operator_peer(settings)
+        if operator is not None:
+            peers.append(operator)
+        rule["from"] = peers + [dict(p) for p in settings.scraper_peers]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": router_name(cascade),
+            "namespace": namespace,
+            "labels": router_labels(cascade),
+        },
+        "spec": {
+            "podSelector": {"matchLabels": router_selector(cascade)},
+            "policyTypes": ["Ingress"],
+            "ingress": [rule],
+        },
+    }
+
+
+def router_children(
+    *, cascade: str, namespace: str, spec: CascadeSpec, settings: OperatorSettings
+) -> list[Manifest]:
+    if not settings.router:
+        return []
+    out = [router_service(cascade=cascade, namespace=namespace, settings=settings)]
+    if settings.network_policy:
+        out.append(router_network_policy(cascade=cascade, namespace=namespace, settings=settings))
+    out.append(router_disruption_budget(cascade=cascade, namespace=namespace))
+    out.append(
+        router_deployment(cascade=cascade, namespace=namespace, spec=spec, settings=settings)
+    )
     return out

@@ -374,7 +374,8 @@ def control_step(
     state.last_step = now
     previous = starting_plan(state, spec=spec, profiles=profiles, status=status, now=now)
     events: list[Event] = []
-    if any(v.name not in deployment_replicas for v in spec.variants):
+    router_missing = settings.router and manifests.ROUTER_INDEX_KEY not in deployment_replicas
+    if router_missing or any(v.name not in deployment_replicas for v in spec.variants):
         results = ensure_children(
             api=api,
             owner=body,
@@ -447,6 +448,9 @@ def control_step(
             configmap_plan_id=state.configmap_plan_id,
             timeout_s=settings.push_timeout_s,
             port=settings.worker_port,
+            router=manifests.router_document(
+                cascade=name, namespace=namespace, plan=plan, spec=spec, settings=settings
+            ),
         )
         state.configmap_plan_id = manifests.plan_id(plan)
     except kubernetes.client.ApiException as exc:

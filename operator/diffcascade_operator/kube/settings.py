@@ -80,6 +80,16 @@ class OperatorSettings:
     client_peers: tuple[dict[str, Any], ...] = field(default=(), hash=False)
     # Model cache PVC for cascades without spec.storage.cacheClaimName; None: an emptyDir.
     model_cache_claim: str | None = None
+    # The pre-generation router in front of every cascade (the `<cascade>` Service): it runs
+    # from the operator's own image (torch-free, it holds the worker package).
+    router: bool = True
+    router_image: str = "ghcr.io/diffcascade/operator:0.1.0"
+    router_replicas: int = 2
+    router_port: int = 8000
+    router_cpu_request: str = "100m"
+    router_memory_request: str = "256Mi"
+    router_exploration: float = 0.05  # share of would-be-heavy prompts still sent to the gate
+    router_scorer: str = "learned"  # learned | rule | none
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
@@ -127,4 +137,12 @@ class OperatorSettings:
             scraper_peers=tuple(_json("SCRAPER_PEERS", get("SCRAPER_PEERS"), list) or ()),
             client_peers=tuple(_json("CLIENT_PEERS", get("CLIENT_PEERS"), list) or ()),
             model_cache_claim=get("MODEL_CACHE_CLAIM"),
+            router=_flag(get("ROUTER") or "true"),
+            router_image=get("ROUTER_IMAGE") or base.router_image,
+            router_replicas=int(get("ROUTER_REPLICAS") or base.router_replicas),
+            router_port=int(get("ROUTER_PORT") or base.router_port),
+            router_cpu_request=get("ROUTER_CPU_REQUEST") or base.router_cpu_request,
+            router_memory_request=get("ROUTER_MEMORY_REQUEST") or base.router_memory_request,
+            router_exploration=float(get("ROUTER_EXPLORATION") or base.router_exploration),
+            router_scorer=get("ROUTER_SCORER") or base.router_scorer,
         )

@@ -22,6 +22,7 @@ from typing import Any
 from diffcascade_operator.kube.status import profile_drift_condition, profiles_doc
 from diffcascade_operator.live_profiles import LiveProfileResult, LiveProfileSettings
 from diffcascade_operator.local.actuator import LocalActuator
+from diffcascade_operator.local.pre_route import LocalPreRouter
 from diffcascade_operator.local.prometheus import LocalPrometheus, prometheus_binary
 from diffcascade_operator.local.router import Router
 from diffcascade_operator.local.state import STATE_FILE, plan_to_dict, write_state
@@ -36,6 +37,7 @@ from diffcascade_operator.metrics_source import (
 )
 from diffcascade_operator.plan import Plan
 from diffcascade_operator.profiles import CascadeProfiles
+from diffcascade_operator.router_config import router_config
 from diffcascade_operator.snapshot import DemandSample
 from diffcascade_operator.snapshot_builder import build_snapshot, read_live_profiles, read_metrics
 from diffcascade_operator.spec import CascadeSpec
@@ -290,6 +292,7 @@ class LocalCascade:
         self.plan = plan
         self.ticks += 1
         await self.actuator.apply(plan)
+        self._route_by(plan)
         if changed:
             self.history.append(
                 {
@@ -310,6 +313,14 @@ class LocalCascade:
         await asyncio.to_thread(write_state, self.state_path, state)
         if self.on_update is not None:
             self.on_update(state, changed)
+
+    def _route_by(self, plan: Plan) -> None:
+        """The entry URL's pre-generation step follows the plan (entry, heavy stage, r)."""
+        config = router_config(plan, self.spec, stage_url=self.router.stage_url)
+        if self.router.pre_route is None:
+            self.router.pre_route = LocalPreRouter(config)
+        else:
+            self.router.pre_route.configure(config)
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -358,6 +369,7 @@ class LocalCascade:
                 "prometheus": self.prometheus.url if self.prometheus else None,
             },
             "plan": plan_to_dict(self.plan) if self.plan else None,
+            "router": self.router.pre_route.state() if self.router.pre_route else None,
             "profiles": self._profiles_state(),
             "replicas": replicas,
             "history": list(self.history),

@@ -42,6 +42,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from diffcascade_operator.local.pre_route import LocalPreRouter
+
 PATH_PLAN = "/v1/cascade/plan"
 _FORWARDED_HEADERS = ("content-type", HEADER_BUDGET_MS, HEADER_DEFERRED_FROM, HEADER_REQUEST_ID)
 _RETURNED_HEADERS = ("content-type", HEADER_RETRY_AFTER)
@@ -154,6 +156,7 @@ class Router:
         self.cascade = cascade
         self.pools = {v: ReplicaPool() for v in self.variants}
         self._plan = plan
+        self.pre_route: LocalPreRouter | None = None  # set by the cascade once it has a plan
         self._timeout = httpx.Timeout(forward_timeout_s, connect=5.0)
         self._client: httpx.AsyncClient | None = None
         self._server: _QuietServer | None = None
@@ -220,6 +223,9 @@ class Router:
     async def _entry(self, request: Request) -> Response:
         body = await request.body()
         model = _requested_model(body)
+        if model not in self.pools and self.pre_route is not None:
+            # The pre-generation step (local.pre_route): entry or heavy stage, by the plan.
+            return await self.pre_route.handle(body, lambda v: self._forward(v, request))
         variant = model if model in self.pools else self.entry_variant
         return await self._forward(variant, request)
 

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -282,6 +282,50 @@ def cascade_manifest(
     }
 
 
+@dataclass
+class RouterProcess:
+    """A real `diffcascade-worker route`, what the router Deployment runs."""
+
+    port: int
+    process: subprocess.Popen[bytes]
+
+    def config(self) -> dict[str, Any] | None:
+        try:
+            response = httpx.get(
+                f"http://127.0.0.1:{self.port}/v1/cascade/router",
+                headers={"Authorization": f"Bearer {TOKEN}"},
+                timeout=5,
+            )
+        except httpx.HTTPError:
+            return None
+        return response.json() if response.status_code == 200 else None
+
+    def stop(self) -> None:
+        terminate(self.process)
+
+
+def start_router(logs: Path, *, allowed: Sequence[str]) -> RouterProcess:
+    port = free_port()
+    command = [
+        sys.executable,
+        "-c",
+        "from diffcascade_worker.cli import main; main()",
+        "route",
+        "--cascade",
+        "tiny",
+        "--port",
+        str(port),
+        "--token",
+        TOKEN,
+        "--log-level",
+        "warning",
+        *(arg for url in allowed for arg in ("--allowed-stage", url)),
+    ]
+    with (logs / f"router-{port}.log").open("wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    return RouterProcess(port=port, process=process)
+
+
 class Cluster:
     """The test's view of the emulated API (typed clients where they help)."""
 
@@ -366,6 +410,37 @@ class Cluster:
                 "kind": "Secret",
                 "metadata": {"name": f"{cascade}-token"},
                 "stringData": {"token": TOKEN},
+            },
+        )
+
+    def register_router_pod(self, namespace: str, cascade: str, port: int) -> None:
+        """One ready router pod, as the router Deployment's ReplicaSet would create it."""
+        labels = {
+            "app.kubernetes.io/name": "diffcascade-router",
+            "app.kubernetes.io/managed-by": "diffcascade-operator",
+            "diffcascade.dev/cascade": cascade,
+            "diffcascade.dev/role": "router",
+        }
+        self.core.create_namespaced_pod(
+            namespace,
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": f"{cascade}-router-0", "labels": labels},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "router",
+                            "image": "operator",
+                            "ports": [{"name": "http", "containerPort": port}],
+                        }
+                    ]
+                },
+                "status": {
+                    "phase": "Running",
+                    "podIP": "127.0.0.1",
+                    "conditions": [{"type": "Ready", "status": "True"}],
+                },
             },
         )
 

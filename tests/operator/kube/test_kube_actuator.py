@@ -119,3 +119,99 @@ def test_scale_down_marks_the_idlest_pod_cheapest_and_config_is_pushed_once(
 
 def test_unanswering_pods_cost_least_and_fail_the_push() -> None:
     assert deletion_costs({"a": 2.0, "b": 0.0, "c": None}) == {"a": "200", "b": "0", "c": "-1"}
+
+
+@pytest.fixture
+def router_process(tmp_path: Any) -> Iterator[str]:
+    """A real `diffcascade-worker route` (what the router Deployment runs), on loopback."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    from diffcascade_worker.protocol import PATH_HEALTHZ
+    from kube_env import free_port
+
+    port = free_port()
+    stages = ["http://c-light.ns.svc:8000", "http://c-heavy.ns.svc:8000"]
+    log = (tmp_path / "router.log").open("wb")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from diffcascade_worker.cli import main; main()",
+            "route",
+            "--port",
+            str(port),
+            "--token",
+            "t0k",
+            "--log-level",
+            "warning",
+            *(arg for url in stages for arg in ("--allowed-stage", url)),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            try:
+                if httpx.get(url + PATH_HEALTHZ, timeout=1.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+def test_router_pods_get_the_plans_router_document_once(
+    k8s: ThreadedKMock, router_process: str
+) -> None:
+    import httpx
+    from diffcascade_operator.kube import manifests
+    from diffcascade_operator.kube.settings import OperatorSettings
+    from diffcascade_worker.protocol import PATH_READYZ, PATH_ROUTER_CONFIG
+
+    api, ns = KubeApi(), "actuate-router"
+    settings = OperatorSettings()
+    plan = _plan(1, 1, 0.05)
+    router = manifests.router_document(
+        cascade="c", namespace="ns", plan=plan, spec=_spec(), settings=settings
+    )
+    assert router is not None
+    port = int(router_process.rsplit(":", 1)[1])
+    info = PodInfo("c-router-0", "uid-r", "", "127.0.0.1", port, ready=True, role="router")
+    acknowledged: dict[str, str] = {}
+    assert httpx.get(router_process + PATH_READYZ).status_code == 503  # no plan yet
+
+    def apply() -> Any:
+        return apply_plan(
+            api=api,
+            namespace=ns,
+            cascade="c",
+            spec=_spec(),
+            plan=plan,
+            current_replicas={"light": 1, "heavy": 1},
+            pods=[info],
+            token="t0k",
+            acknowledged=acknowledged,
+            configmap_plan_id=plan_id(plan),
+            timeout_s=3.0,
+            port=8000,
+            router=router,
+        )
+
+    first, again = apply(), apply()
+    held = httpx.get(
+        router_process + PATH_ROUTER_CONFIG, headers={"Authorization": "Bearer t0k"}
+    ).json()
+    assert first.routers_serving == 1 and first.routers_acknowledged == 1
+    assert first.pushed_ok == 1 and not first.push_failures
+    assert again.pushed_ok == 0 and again.routers_acknowledged == 1  # nothing new to say
+    assert held["entry_variant"] == "light" and held["heavy_variant"] == "heavy"
+    assert held["entry_url"] == "http://c-light.ns.svc:8000"
+    assert held["router_share"] == 0.0 and held["plan_id"] == plan_id(plan)
+    assert httpx.get(router_process + PATH_READYZ).status_code == 200

@@ -102,7 +102,7 @@ def _children_with(settings: OperatorSettings) -> list[dict[str, Any]]:
     )
 
 
-def test_only_the_operator_the_earlier_stage_and_the_scrapers_reach_a_later_stage() -> None:
+def test_only_the_operator_the_earlier_stage_the_router_and_the_scrapers_reach_a_stage() -> None:
     heavy = _policies(CHART_SETTINGS)["c-heavy"]["spec"]
     assert heavy["podSelector"] == {"matchLabels": manifests.selector("c", "heavy")}
     assert heavy["policyTypes"] == ["Ingress"]
@@ -110,6 +110,7 @@ def test_only_the_operator_the_earlier_stage_and_the_scrapers_reach_a_later_stag
     assert rule["ports"] == [{"protocol": "TCP", "port": 8000}]
     assert rule["from"] == [
         {"podSelector": {"matchLabels": manifests.selector("c", "light")}},
+        {"podSelector": {"matchLabels": manifests.router_selector("c")}},
         {
             "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ops"}},
             "podSelector": {"matchLabels": OPERATOR_LABELS},
@@ -118,11 +119,26 @@ def test_only_the_operator_the_earlier_stage_and_the_scrapers_reach_a_later_stag
     ]
 
 
-def test_the_entry_stage_takes_any_client_unless_clients_are_named() -> None:
-    [rule] = _policies(CHART_SETTINGS)["c-light"]["spec"]["ingress"]
-    assert "from" not in rule  # the cascade's endpoint
+def test_the_router_takes_any_client_unless_clients_are_named_and_stages_take_none() -> None:
+    policies = _policies(CHART_SETTINGS)
+    [rule] = policies["c"]["spec"]["ingress"]  # the router: the cascade's endpoint
+    assert "from" not in rule
+    [entry] = policies["c-light"]["spec"]["ingress"]
+    assert {"podSelector": {"matchLabels": manifests.router_selector("c")}} in entry["from"]
     clients = {"namespaceSelector": {"matchLabels": {"team": "a"}}}
     named = OperatorSettings(**{**CHART_SETTINGS.__dict__, "client_peers": (clients,)})
+    [rule] = _policies(named)["c"]["spec"]["ingress"]
+    assert clients in rule["from"] and SCRAPER in rule["from"]
+    [entry] = _policies(named)["c-light"]["spec"]["ingress"]
+    assert clients not in entry["from"]  # a client reaches the stages through the router
+
+
+def test_without_a_router_the_entry_stage_takes_any_client_unless_clients_are_named() -> None:
+    bare = OperatorSettings(**{**CHART_SETTINGS.__dict__, "router": False})
+    [rule] = _policies(bare)["c-light"]["spec"]["ingress"]
+    assert "from" not in rule  # the cascade's endpoint
+    clients = {"namespaceSelector": {"matchLabels": {"team": "a"}}}
+    named = OperatorSettings(**{**bare.__dict__, "client_peers": (clients,)})
     [rule] = _policies(named)["c-light"]["spec"]["ingress"]
     assert clients in rule["from"] and SCRAPER in rule["from"]
 
@@ -144,10 +160,11 @@ def test_the_scraper_selector_and_the_policy_switch_come_from_the_environment() 
         OperatorSettings.from_env({"DIFFCASCADE_SCRAPER_PEERS": "{}"})
 
 
-def test_every_variant_gets_a_disruption_budget_of_one_pod() -> None:
+def test_every_variant_and_the_router_get_a_disruption_budget_of_one_pod() -> None:
     budgets = {c["metadata"]["name"]: c for c in _children_with(CHART_SETTINGS)
                if c["kind"] == "PodDisruptionBudget"}  # fmt: skip
-    assert set(budgets) == {"c-light", "c-heavy"}
+    assert set(budgets) == {"c-light", "c-heavy", "c"}
+    assert budgets["c"]["spec"]["selector"] == {"matchLabels": manifests.router_selector("c")}
     spec = budgets["c-heavy"]["spec"]
     assert spec["selector"] == {"matchLabels": manifests.selector("c", "heavy")}
     assert spec["maxUnavailable"] == 1
@@ -169,7 +186,7 @@ def test_budgets_and_policies_are_applied_and_pruned_with_their_variant(
     kopf.adopt(children, owner=owner)  # type: ignore[arg-type]
     assert {api.apply(c) for c in children} == {"created"}
     assert {api.apply(c) for c in children} == {"patched"}
-    assert len(api.policy.list_namespaced_pod_disruption_budget(ns).items) == 2
+    assert len(api.policy.list_namespaced_pod_disruption_budget(ns).items) == 3  # + router
 
     removed = api.prune(ns, "c", owner_uid="owner-uid", keep={"light"})
 
@@ -180,7 +197,7 @@ def test_budgets_and_policies_are_applied_and_pruned_with_their_variant(
         "Service/c-heavy",
     ]
     left = api.networking.list_namespaced_network_policy(ns).items
-    assert [p.metadata.name for p in left] == ["c-light"]
+    assert sorted(p.metadata.name for p in left) == ["c", "c-light"]
 
 
 # --- what a cascade may ask for -----------------------------------------------------------------

@@ -121,3 +121,98 @@ def test_gpu_limit_follows_gpus_per_replica(gpus: int) -> None:
 def test_plan_id_ignores_replicas_and_follows_what_workers_are_told() -> None:
     assert manifests.plan_id(_plan(1, 1, 0.1)) == manifests.plan_id(_plan(4, 5, 0.1))
     assert manifests.plan_id(_plan(1, 1, 0.1)) != manifests.plan_id(_plan(1, 1, 0.2))
+
+
+# --- the pre-generation router -----------------------------------------------------------------
+
+
+def test_the_cascade_service_is_the_router_and_runs_from_the_operator_image() -> None:
+    children = _children(_plan(1, 1, 0.1))
+    service = children["Service/c"]
+    assert service["spec"]["selector"] == {
+        manifests.LABEL_CASCADE: "c",
+        manifests.LABEL_ROLE: "router",
+    }
+    router = children["Deployment/c"]
+    pod = router["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["image"] == SETTINGS.router_image
+    assert container["command"] == ["diffcascade-worker"]
+    assert container["args"][0] == "route"
+    allowed = [
+        a for i, a in enumerate(container["args"]) if container["args"][i - 1] == "--allowed-stage"
+    ]
+    assert allowed == [
+        "http://c-light.ns.svc:8000",
+        "http://c-heavy.ns.svc:8000",
+    ]
+    env = {e["name"]: e.get("valueFrom") for e in container["env"]}
+    assert env["DIFFCASCADE_TOKEN"]["secretKeyRef"]["name"] == "c-token"
+    assert env["DIFFCASCADE_ENTRY_URL"]["configMapKeyRef"] == {
+        "name": "c-plan",
+        "key": "router.entryUrl",
+    }
+    assert "nvidia.com/gpu" not in str(container["resources"])
+    assert router["spec"]["replicas"] == SETTINGS.router_replicas
+    # The router pods are not worker pods: no variant label, so no worker selector takes them.
+    labels = router["spec"]["template"]["metadata"]["labels"]
+    assert manifests.LABEL_VARIANT not in labels
+    assert children["PodDisruptionBudget/c"]["spec"]["maxUnavailable"] == 1
+
+
+def test_plan_configmap_tells_a_new_router_pod_the_entry_heavy_stage_and_share() -> None:
+    data = _children(_plan(1, 1, 0.1))["ConfigMap/c-plan"]["data"]
+    # Plans name no entry stage or share yet: the first variant, r = 0.
+    assert data["router.entryUrl"] == "http://c-light.ns.svc:8000"
+    assert data["router.entryVariant"] == "light"
+    assert data["router.heavyUrl"] == "http://c-heavy.ns.svc:8000"
+    assert data["router.heavyVariant"] == "heavy"
+    assert data["router.share"] == "0"
+
+
+def test_stages_take_the_router_not_the_clients_and_the_router_takes_the_clients() -> None:
+    clients = ({"namespaceSelector": {"matchLabels": {"team": "apps"}}},)
+    settings = OperatorSettings(
+        client_peers=clients,
+        operator_namespace="ops",
+        operator_pod_labels={"app": "op"},
+    )
+    rendered = manifests.children(
+        cascade="c",
+        namespace="ns",
+        spec=_spec(),
+        plan=_plan(1, 1, 0.1),
+        replicas={"light": 1, "heavy": 1},
+        token="t",
+        settings=settings,
+    )
+    policies = {
+        c["metadata"]["name"]: c["spec"]["ingress"][0]
+        for c in rendered
+        if c["kind"] == "NetworkPolicy"
+    }
+    router_peer = {"podSelector": {"matchLabels": manifests.router_selector("c")}}
+    for stage in ("c-light", "c-heavy"):
+        assert router_peer in policies[stage]["from"]
+        assert clients[0] not in policies[stage]["from"]
+    assert clients[0] in policies["c"]["from"]
+    assert policies["c"]["ports"] == [{"protocol": "TCP", "port": settings.router_port}]
+
+
+def test_without_the_router_the_entry_stage_takes_the_clients_as_before() -> None:
+    settings = OperatorSettings(router=False)
+    rendered = manifests.children(
+        cascade="c",
+        namespace="ns",
+        spec=_spec(),
+        plan=_plan(1, 1, 0.1),
+        replicas={"light": 1, "heavy": 1},
+        token="t",
+        settings=settings,
+    )
+    names = {f"{c['kind']}/{c['metadata']['name']}" for c in rendered}
+    assert not any(name.endswith("/c") for name in names)
+    light = next(
+        c for c in rendered if c["kind"] == "NetworkPolicy" and c["metadata"]["name"] == "c-light"
+    )
+    assert "from" not in light["spec"]["ingress"][0]

@@ -37,6 +37,7 @@ from kube_env import (
     environment,
     load,
     operator_env,
+    start_router,
     wait_for,
 )
 
@@ -138,6 +139,41 @@ def test_demand_increase_scales_deployment_and_pushes_threshold(
     assert status["demand"]["qps"] > 1.0
     assert events, "a plan change posts an Event"
     assert workers["light"].config()["plan_id"] == after["planId"]
+
+
+def test_the_operator_runs_the_router_and_pushes_it_each_plan(
+    cluster: Cluster,
+    workers: dict[str, WorkerProcess],
+    prometheus: PrometheusProcess,
+    tiny_models: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    ns = "router"
+    stages = [f"http://{CASCADE}-{v}.{ns}.svc:8000" for v in ("light", "heavy")]
+    router = start_router(tmp_path, allowed=stages)
+    try:
+        _setup(cluster, ns, tiny_models)
+        with Operator(namespace=ns, env=operator_env(prometheus_url=prometheus.url)):
+            wait_for(lambda: cluster.replicas(ns, CASCADE), what="the router Deployment")
+            cluster.register_pods(ns, CASCADE, workers)
+            cluster.register_router_pod(ns, CASCADE, router.port)
+            plan = wait_for(lambda: _plan(cluster, ns), timeout=60, what="a first plan")
+            held = wait_for(
+                lambda: (
+                    (router.config() or {}).get("plan_id") == plan["planId"] and router.config()
+                ),
+                timeout=30,
+                what="the plan's router document on the router pod",
+            )
+            service = cluster.core.read_namespaced_service(CASCADE, ns)
+    finally:
+        router.stop()
+    assert held["entry_url"] == stages[0] and held["heavy_url"] == stages[1]
+    assert held["router_share"] == 0.0  # plans carry no share yet: everything through the gate
+    assert service.spec.selector == {
+        "diffcascade.dev/cascade": CASCADE,
+        "diffcascade.dev/role": "router",
+    }
 
 
 def _kubectl(*args: str) -> str:
@@ -294,7 +330,9 @@ def test_operator_restart_converges_without_duplicate_children(
         uids_after = _child_uids(cluster, ns)
         replicas_after = {v: cluster.replicas(ns, f"{CASCADE}-{v}") for v in ("light", "heavy")}
     assert sorted(children) == ["ConfigMap", "Deployment", "Secret", "Service"]
-    assert sorted(children["Deployment"]) == [f"{CASCADE}-heavy", f"{CASCADE}-light"]
+    # The two stages and the router (`tiny`: the cascade's one stable Service and Deployment).
+    assert sorted(children["Deployment"]) == [CASCADE, f"{CASCADE}-heavy", f"{CASCADE}-light"]
+    assert CASCADE in children["Service"]
     assert children_after == children
     assert uids_after == uids  # patched in place, nothing re-created
     assert replicas_after == replicas
