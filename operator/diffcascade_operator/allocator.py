@@ -1,24 +1,30 @@
-"""The allocation MILP: replicas, batch size and threshold of a light -> heavy cascade.
+"""The allocation MILP: replicas, batch size, threshold and router share of a light -> heavy pair.
 
-DiffServe's model (paper §3) with three changes: the objective may be the expected FID
+DiffServe's model (paper §3) with these changes: the objective may be the expected FID
 instead of the threshold, ties are broken explicitly (fewer GPUs, then fewer replica changes
-from the previous plan, then lower latency), and the heavy stage's latency only counts when
-queries are deferred at all. A queue at the heavy stage may be given as the paper's Little's-law
-waiting time or as a backlog the heavy capacity must drain before a new deferral runs out of
-time (what `decide()` passes). The product x·y of replicas and batch choice is linearised with
-one integer replica count per batch size, x(b) <= U·y(b).
+from the previous plan, then lower latency), and each path is charged what it runs through:
+the light-only path the light stage, an escalated query both stages, and (with a quality
+table) a query the router sends straight to the heavy stage only the heavy one. With a
+table's rows a level is a measured configuration (router share r, escalation share c, FID):
+the light stage is charged (1 - r) of the demand, the heavy stage its routed plus escalated
+share h (HADIS charges its light stage the full demand). A queue at the heavy stage may be
+given as the paper's Little's-law waiting time or as a backlog the heavy capacity must drain
+before a new escalation runs out of time (what `decide()` passes). Under random dispatch each
+stage option carries a waiting allowance and a utilisation cap (`queueing`). The product x·y
+of replicas and option choice is linearised with one integer replica count per option,
+x(o) <= U·y(o).
 
 The solver of record is PuLP. HiGHS runs in-process (highspy); CBC (`PULP_CBC_CMD`) is the
 fallback when highspy is missing, at the cost of a subprocess per solve. Before the model is
-built an exact presolve removes what cannot be optimal: batch sizes that alone break the SLO,
-thresholds with the same deferral fraction as a better one, and (for MinExpectedFID) thresholds
-that defer more for no better FID. The lexicographic objective is encoded with integer ranks
-and weights, so the MIP gap can be zero and the result is exact.
+built an exact presolve removes what cannot be optimal: options that alone break the SLO,
+thresholds with the same deferral fraction as a better one, levels another beats in FID and
+load, and levels that no choice of options can serve, or that a feasible level beats in FID.
+The lexicographic objective is encoded with integer ranks and weights, so the MIP gap can be
+zero and the result is exact.
 """
 
 from __future__ import annotations
 
-import bisect
 import math
 import time
 import warnings
@@ -34,9 +40,18 @@ from diffcascade_operator.profiles import (
     THRESHOLD_GRID,
     DeferCurve,
     QualityCurve,
+    QualityRow,
     VariantProfile,
     defer_fraction,
     fid_at,
+    threshold_for_share,
+)
+from diffcascade_operator.queueing import (
+    TAIL_PROBABILITY,
+    Dispatch,
+    StageOption,
+    path_tails,
+    stage_options,
 )
 from diffcascade_operator.spec import Objective
 
@@ -74,11 +89,24 @@ class AllocationProblem:
     heavy_bounds: ReplicaBounds = ReplicaBounds()
     previous: Mapping[str, int] = field(default_factory=dict)  # replicas by variant name
     thresholds: tuple[float, ...] = THRESHOLD_GRID
-    presolve: bool = True  # prune dominated thresholds before the MILP (exact; see _prune_levels)
+    presolve: bool = True  # drop levels that cannot be optimal before the MILP (exact)
     solver: str = "auto"  # "auto" (HiGHS if installed, else CBC), "HiGHS", "PULP_CBC_CMD"
     #: Fixed single-variant light share for FID lookup when `heavy` is None (1.0: the light end
     #: of `quality`, 0.0: the heavy end).
     single_light_share: float = 1.0
+    #: FID of the light variant serving alone when measured (a quality table's single FID);
+    #: replaces the `quality` lookup at `single_light_share`.
+    fid_alone: float | None = None
+    #: Measured hybrid configurations of this pair (a quality table's rows): each is a level
+    #: with a router share r (the top-r prompts go straight to heavy) beside the gate's.
+    rows: tuple[QualityRow, ...] = ()
+    #: Of the prompts the router sends to heavy, the share it sends through the light stage
+    #: anyway (exploration for a learning router): the light stage is charged for them.
+    exploration: float = 0.0
+    #: How each stage's replicas share its queries (`queueing`): random dispatch charges a
+    #: waiting allowance on every path and caps each replica's utilisation.
+    dispatch: Dispatch = Dispatch.LEAST_LOADED
+    tail_probability: float = TAIL_PROBABILITY
 
 
 @dataclass(frozen=True)
@@ -94,8 +122,10 @@ class Allocation:
     light: StageAllocation
     heavy: StageAllocation | None
     threshold: float
+    #: Share of all queries the heavy stage serves: routed plus escalated (the gate's f(t)
+    #: when nothing is routed).
     defer_fraction: float
-    predicted_latency_s: float  # the deferred path (light-only path when nothing defers)
+    predicted_latency_s: float  # the slowest path (light-only path when nothing defers)
     predicted_throughput_qps: float  # the largest demand this allocation sustains
     predicted_fid: float | None
     gpus: int
@@ -103,6 +133,10 @@ class Allocation:
     solver: str
     solve_ms: float
     message: str = ""  # for INFEASIBLE: the binding constraint
+    #: Router share r: the top-r share of prompts skips the light stage (0: none).
+    router_share: float = 0.0
+    #: The quality-table row this allocation runs at (None: a point of the 1-D curve).
+    row: QualityRow | None = None
 
     def replicas(self) -> dict[str, int]:
         stages = [self.light] if self.heavy is None else [self.light, self.heavy]
@@ -118,12 +152,21 @@ class AllocatorError(ValueError):
 
 @dataclass(frozen=True)
 class _Level:
-    """One candidate threshold after presolve."""
+    """One candidate configuration of the pair after presolve: a gate threshold, and with a
+    quality table a router share as well (one table row)."""
 
     threshold: float
-    fraction: float
+    fraction: float  # share of all queries the heavy stage serves (routed + escalated)
     rank: int  # 0 = best by the primary objective
     fid: float | None
+    router_share: float = 0.0  # r: routed straight to heavy before any image is made
+    light_share: float = 1.0  # share of all queries the light stage runs: 1 - r x (1 - explore)
+    escalates: bool = False  # some queries pass the light stage and then the heavy one
+    row: QualityRow | None = None
+
+    @property
+    def routes(self) -> bool:
+        return self.router_share > 0.0
 
 
 def _cost_units(profile: VariantProfile) -> int:
@@ -138,23 +181,44 @@ def _latency_s(profile: VariantProfile) -> dict[int, float]:
 
 
 def _primary_objective(problem: AllocationProblem) -> Objective:
-    if problem.objective is Objective.MIN_EXPECTED_FID and problem.quality is None:
+    fid_unknown = problem.quality is None and not problem.rows
+    if problem.objective is Objective.MIN_EXPECTED_FID and fid_unknown:
         return Objective.MAX_THRESHOLD
     return problem.objective
 
 
 def _levels(problem: AllocationProblem, curve: DeferCurve, objective: Objective) -> list[_Level]:
-    return list(_ranked_levels(problem.thresholds, curve, problem.quality, objective))
+    rows = problem.rows if objective is Objective.MIN_EXPECTED_FID else ()
+    return list(
+        _ranked_levels(
+            problem.thresholds,
+            curve,
+            problem.quality,
+            objective,
+            rows,
+            problem.exploration,
+            problem.fid_alone,
+        )
+    )
 
 
-@lru_cache(maxsize=128)
+@lru_cache(maxsize=256)
 def _ranked_levels(
     thresholds: tuple[float, ...],
     curve: DeferCurve,
     quality: QualityCurve | None,
     objective: Objective,
+    rows: tuple[QualityRow, ...] = (),
+    exploration: float = 0.0,
+    fid_alone: float | None = None,
 ) -> tuple[_Level, ...]:
-    """Thresholds that can be optimal, ranked by the primary objective (exact reduction).
+    """Levels that can be optimal, ranked by the primary objective (exact reduction).
+
+    The gate's thresholds give the 1-D curve's levels (nothing routed); a quality table's
+    rows add levels with a router share, their escalation share c turned into the threshold
+    whose f(t) is c (c is a percentile of the light model's confidences). A level is dropped
+    when another is no worse in FID, heavy load, light load and path (no escalation is the
+    shorter path) and better in one, or equal in all and listed first.
 
     Cached: profiles change rarely, and this is most of the Python work of a solve.
     """
@@ -169,77 +233,107 @@ def _ranked_levels(
     if objective is Objective.MAX_THRESHOLD:
         ranked = sorted(ordered, key=lambda item: -item[1])
         return tuple(
-            _Level(t, f, rank, None if quality is None else fid_at(quality, 1.0 - f))
+            _Level(
+                t, f, rank, None if quality is None else fid_at(quality, 1.0 - f), escalates=f > 0
+            )
             for rank, (f, t) in enumerate(ranked)
         )
-    assert quality is not None
-    # Deferring more is only worth it for a strictly better FID (Pareto front in f, FID).
-    front: list[tuple[float, float, float]] = []
-    best = math.inf
-    for f, t in ordered:
-        fid = round(fid_at(quality, 1.0 - f), 9)
-        if fid < best:
-            front.append((f, t, fid))
-            best = fid
-    distinct = sorted({fid for _, _, fid in front})
+    candidates: list[_Level] = []
+    if quality is not None:
+        candidates += [
+            _Level(t, f, 0, round(fid_at(quality, 1.0 - f), 9), escalates=f > 0) for f, t in ordered
+        ]
+    elif not any(r.router_share == 0 and r.escalate_share == 0 for r in rows):
+        # no curve: nothing deferred is the light variant alone
+        candidates.append(_Level(0.0, 0.0, 0, fid_alone))
+    for row in rows:
+        r = row.router_share
+        c = row.escalate_share
+        t = threshold_for_share(curve, c) if c > 0 else 0.0
+        candidates.append(
+            _Level(
+                threshold=t,
+                fraction=round(min(1.0, row.heavy_share), 12),
+                rank=0,
+                fid=round(row.fid, 9),
+                router_share=r,
+                light_share=round(1.0 - r * (1.0 - exploration), 12),
+                escalates=c > 0,
+                row=row,
+            )
+        )
+    kept = _pareto(candidates)
+    distinct = sorted({lv.fid for lv in kept if lv.fid is not None})
     rank_of = {fid: i for i, fid in enumerate(distinct)}
-    return tuple(_Level(t, f, rank_of[fid], fid) for f, t, fid in front)
+    worst = len(distinct)
+    return tuple(replace(lv, rank=rank_of[lv.fid] if lv.fid is not None else worst) for lv in kept)
 
 
-def _prune_levels(
-    levels: list[_Level],
-    *,
-    demand: float,
-    lat_l: Mapping[int, float],
-    lat_h: Mapping[int, float],
-    slack_s: float,
-    light: tuple[int, int, int],
-    heavy: tuple[int, int, int],
-    budget: int,
-    drain_h: Mapping[int, float],
-) -> list[_Level]:
-    """Bound tightening before the MILP: drop thresholds that cannot be optimal.
+def _pareto(levels: Sequence[_Level]) -> list[_Level]:
+    """The levels no other one beats (module rule in `_ranked_levels`), in the given order."""
 
-    For every batch pair, light at its fewest replicas and heavy given every remaining GPU
-    is the most deferral that pair can absorb. The largest such fraction bounds f from above
-    (levels deferring more are infeasible), and the best level it admits is a feasible
-    incumbent, so every level ranked worse than it is dominated. Both rules are exact; the
-    MILP still chooses the level, the batch sizes and the replica counts.
-    """
-    g_l, min_l, u_l = light
-    g_h, min_h, u_h = heavy
-    by_fraction = sorted(levels, key=lambda lv: lv.fraction)
-    fractions = [lv.fraction for lv in by_fraction]
-    best_rank_upto: list[int] = []  # best rank among levels with fraction <= fractions[i]
-    for lv in by_fraction:
-        best_rank_upto.append(min(lv.rank, best_rank_upto[-1]) if best_rank_upto else lv.rank)
-    incumbent: int | None = None
-    f_max = -1.0
-    for b_l, s_l in lat_l.items():
-        x_l = max(min_l, math.ceil(max(demand - CAPACITY_TOLERANCE_QPS, 0.0) * s_l / b_l))
-        if x_l > u_l or g_l * x_l + g_h * min_h > budget:
+    def key(lv: _Level) -> tuple[float, float, float, int]:
+        fid = lv.fid if lv.fid is not None else math.inf
+        return (fid, lv.fraction, lv.light_share, int(lv.escalates))
+
+    kept: list[_Level] = []
+    keys = [key(lv) for lv in levels]
+    for i, a in enumerate(keys):
+        beaten = False
+        for j, b in enumerate(keys):
+            if i == j:
+                continue
+            if all(y <= x for x, y in zip(a, b, strict=True)) and (b != a or j < i):
+                beaten = True
+                break
+        if not beaten:
+            kept.append(levels[i])
+    return kept
+
+
+def _replicas_for(load: float, capacity: float) -> int:
+    """The fewest replicas whose capacity meets `load` (within the tolerance)."""
+    need = load - CAPACITY_TOLERANCE_QPS
+    if need <= 0:
+        return 0
+    return max(0, math.ceil(need / capacity - 1e-12))
+
+
+@dataclass(frozen=True)
+class _Stages:
+    """One level's stage options and limits: what its MILP and the presolve share."""
+
+    light: tuple[StageOption, ...]  # within the SLO on the light-only path
+    heavy: tuple[StageOption, ...]  # usable on every path the level runs
+    drain: Mapping[int, float]  # per heavy option: capacity (qps) the backlog needs
+    limits_l: tuple[int, int, int]  # GPUs per replica, minimum, maximum replicas
+    limits_h: tuple[int, int, int]
+    budget: int  # GPUs for the two stages (a level deferring nothing: minus heavy's minimum)
+    slack_s: float  # what an escalated query may spend in the two stages' options
+
+
+def _feasible(level: _Level, stages: _Stages, *, demand: float) -> bool:
+    """Whether any choice of options serves `level` within budget and bounds (exact: the
+    level's MILP constraints with the fewest replicas per option)."""
+    g_l, min_l, u_l = stages.limits_l
+    g_h, min_h, u_h = stages.limits_h
+    for o_l in stages.light:
+        x_l = max(min_l, _replicas_for(demand * level.light_share, o_l.capacity_qps))
+        if x_l > u_l:
             continue
-        admissible = 0.0  # light alone: nothing deferred
-        for b_h, s_h in lat_h.items():
-            if s_l + s_h > slack_s:
+        if level.fraction <= 0.0:
+            if g_l * x_l <= stages.budget:
+                return True
+            continue
+        for k, o_h in enumerate(stages.heavy):
+            if level.escalates and o_l.latency_s + o_h.latency_s > stages.slack_s:
                 continue
-            n_h = u_h if g_h == 0 else min(u_h, (budget - g_l * x_l) // g_h)
-            if n_h < max(min_h, 1):
-                continue
-            capacity = n_h * b_h / s_h + CAPACITY_TOLERANCE_QPS
-            if capacity < drain_h.get(b_h, 0.0):
-                continue  # cannot clear the heavy backlog in time with this batch
-            admissible = max(admissible, capacity / demand if demand > 0 else math.inf)
-        f_max = max(f_max, admissible)
-        i = bisect.bisect_right(fractions, admissible + 1e-12) - 1
-        if i >= 0 and (incumbent is None or best_rank_upto[i] < incumbent):
-            incumbent = best_rank_upto[i]
-    kept = [
-        lv
-        for lv in levels
-        if lv.fraction <= max(f_max, 0.0) + 1e-12 and (incumbent is None or lv.rank <= incumbent)
-    ]
-    return kept or levels
+            x_h = max(min_h, 1, _replicas_for(demand * level.fraction, o_h.capacity_qps))
+            if stages.drain.get(k, 0.0) > 0:
+                x_h = max(x_h, _replicas_for(stages.drain[k], o_h.capacity_qps))
+            if x_h <= u_h and g_l * x_l + g_h * x_h <= stages.budget:
+                return True
+    return False
 
 
 def _upper(bounds: ReplicaBounds, cap: int) -> int:
@@ -319,6 +413,12 @@ def solve(problem: AllocationProblem) -> Allocation:
 
 
 def _solve(problem: AllocationProblem) -> Allocation:
+    """Each level's MILP (levels are the gate's thresholds and the table's rows), the best by
+    (FID or threshold rank, GPUs, replica changes, latency). Paths are charged separately:
+    the light-only path its light option, a routed query (router share r) its heavy option
+    alone, an escalated query both; the light stage runs (1 - r) of the demand (plus explored
+    prompts), the heavy stage h of it. With presolve, levels no choice of options can serve
+    and levels a feasible one beats in rank are dropped first (exact)."""
     if problem.demand_qps < 0 or not math.isfinite(problem.demand_qps):
         raise AllocatorError(f"demand must be a finite number >= 0, got {problem.demand_qps}")
     if problem.heavy is not None and problem.light.defer_curve is None:
@@ -326,199 +426,266 @@ def _solve(problem: AllocationProblem) -> Allocation:
     objective = _primary_objective(problem)
     solver, solver_name = _pick_solver(problem.solver)
     light, heavy = problem.light, problem.heavy
-    demand = problem.demand_qps
-    q_l = max(0.0, problem.queue_light_s)
-    q_h = max(0.0, problem.queue_heavy_s)
-    slo = problem.slo_s + LATENCY_TOLERANCE_S
-
-    lat_l = {b: s for b, s in _latency_s(light).items() if s + q_l <= slo}
-    lat_h: dict[int, float] = {}
-    if heavy is not None and lat_l:
-        fastest_l = min(lat_l.values())
-        lat_h = {b: s for b, s in _latency_s(heavy).items() if fastest_l + q_l + s + q_h <= slo}
-    drain_h = _drain_rates(problem, lat_l, lat_h, slack_s=slo - q_l - q_h)
-    lat_h = {b: s for b, s in lat_h.items() if b in drain_h}
     levels = (
         _levels(problem, light.defer_curve, objective)
         if heavy is not None and light.defer_curve is not None
         else []
     )
-    if heavy is None or not lat_h:
-        # Nothing can be deferred: only levels with f = 0 remain (t = 0 when none exist).
-        levels = [lv for lv in levels if lv.fraction == 0.0][:1] or [
-            _Level(0.0, 0.0, 0, _single_fid(problem))
-        ]
-        levels = [replace(lv, rank=0) for lv in levels]
+    if not any(lv.fraction == 0.0 for lv in levels):
+        levels.insert(0, _Level(0.0, 0.0, len(levels), _single_fid(problem)))
+    if heavy is None:
+        levels = [replace(lv, rank=0) for lv in levels if lv.fraction == 0.0][:1]
+    usable: list[tuple[_Level, _Stages]] = []
+    if problem.presolve:
+        # by rank: the first rank with a feasible level is the optimum's
+        for lv in sorted(levels, key=lambda lv: lv.rank):
+            if usable and lv.rank > usable[0][0].rank:
+                break
+            st = _stages(problem, lv)
+            if st is not None and _feasible(lv, st, demand=problem.demand_qps):
+                usable.append((lv, st))
+    else:
+        usable = [(lv, st) for lv in levels if (st := _stages(problem, lv)) is not None]
+    solved = [
+        found
+        for lv, st in usable
+        if (found := _solve_level(problem, lv, st, solver, solver_name, objective)) is not None
+    ]
+    if not solved:
+        return _best_effort(problem, objective, solver_name)
+    return min(solved, key=lambda pair: pair[0])[1]
 
+
+def _stages(problem: AllocationProblem, level: _Level) -> _Stages | None:
+    """The options and limits of one level; None when its paths cannot fit the SLO."""
+    light, heavy = problem.light, problem.heavy
+    demand = problem.demand_qps
+    q_l = max(0.0, problem.queue_light_s)
+    q_h = max(0.0, problem.queue_heavy_s)
+    slo = problem.slo_s + LATENCY_TOLERANCE_S
+    routed = level.router_share * (1.0 - problem.exploration) if level.fraction > 0 else 0.0
+    escalated = max(0.0, level.fraction - routed) if level.escalates else 0.0
+    tails = path_tails(
+        light_only=max(0.0, level.light_share - escalated),
+        routed=routed,
+        escalated=escalated,
+        total=problem.tail_probability,
+    )
+    opt_l = tuple(
+        o
+        for o in stage_options(
+            _latency_s(light),
+            problem.dispatch,
+            direct_tail=tails.light_only,
+            direct_s=slo - q_l,
+            escalated_tail=tails.escalated_light,
+        )
+        if o.batch_s + q_l <= slo
+    )
+    if not opt_l:
+        return None
+    slack = slo - q_l - q_h
+    opt_h: tuple[StageOption, ...] = ()
+    drain: dict[int, float] = {}
+    if heavy is not None and level.fraction > 0:
+        fastest_l = min(o.latency_s for o in opt_l)
+        candidates = [
+            o
+            for o in stage_options(
+                _latency_s(heavy),
+                problem.dispatch,
+                direct_tail=tails.routed,
+                direct_s=slo - q_h,
+                escalated_tail=tails.escalated_heavy,
+            )
+            if o.batch_s + q_h <= slo and (not level.escalates or fastest_l + o.latency_s <= slack)
+        ]
+        rates = _drain_rates(problem, fastest_l, candidates, slack_s=slack)
+        if level.escalates:
+            candidates = [o for k, o in enumerate(candidates) if k in rates]
+            drain = _drain_rates(problem, fastest_l, candidates, slack_s=slack)
+        opt_h = tuple(candidates)
+        if not opt_h:
+            return None
     g_l, g_h = light.gpus_per_replica, heavy.gpus_per_replica if heavy else 0
     min_l = max(1, problem.light_bounds.minimum)
     min_h = problem.heavy_bounds.minimum if heavy is not None else 0
-    base_gpus = g_h * min_h
-    if lat_l:
-        slowest_p = min(b / s for b, s in lat_l.items())
-        cap_l = (
-            (problem.gpu_budget - base_gpus) // g_l
-            if g_l > 0
-            else math.ceil(demand / slowest_p) + min_l + problem.previous.get(light.name, 0)
-        )
+    if g_l > 0:
+        cap_l = (problem.gpu_budget - g_h * min_h) // g_l
     else:
-        cap_l = 0
+        slowest = min(o.capacity_qps for o in opt_l)
+        cap_l = math.ceil(demand / slowest) + min_l + problem.previous.get(light.name, 0)
     u_l = _upper(problem.light_bounds, max(cap_l, 0))
-    u_h = 0
-    if heavy is not None:
-        if lat_h:
-            slowest_h = min(b / s for b, s in lat_h.items())
-            cap_h = (
-                (problem.gpu_budget - g_l * min_l) // g_h
-                if g_h > 0
-                else math.ceil(demand / slowest_h) + min_h + problem.previous.get(heavy.name, 0)
-            )
+    u_h = min_h
+    if heavy is not None and opt_h:
+        if g_h > 0:
+            cap_h = (problem.gpu_budget - g_l * min_l) // g_h
         else:
-            cap_h = min_h
+            slowest = min(o.capacity_qps for o in opt_h)
+            cap_h = math.ceil(demand / slowest) + min_h + problem.previous.get(heavy.name, 0)
         u_h = _upper(problem.heavy_bounds, max(cap_h, 0))
+    if u_l < min_l or u_h < min_h:
+        return None
+    budget = problem.gpu_budget - (g_h * min_h if not opt_h else 0)
+    return _Stages(
+        light=opt_l,
+        heavy=opt_h,
+        drain=drain,
+        limits_l=(g_l, min_l, u_l),
+        limits_h=(g_h, min_h, u_h),
+        budget=budget,
+        slack_s=slack,
+    )
 
-    if not lat_l or u_l < min_l or (heavy is not None and u_h < min_h):
-        return _best_effort(problem, objective, solver_name)
-    if problem.presolve and lat_h:
-        levels = _prune_levels(
-            levels,
-            demand=demand,
-            lat_l=lat_l,
-            lat_h=lat_h,
-            slack_s=slo - q_l - q_h,
-            light=(g_l, min_l, u_l),
-            heavy=(g_h, min_h, u_h),
-            budget=problem.gpu_budget,
-            drain_h=drain_h,
-        )
 
+def _solve_level(
+    problem: AllocationProblem,
+    level: _Level,
+    stages: _Stages,
+    solver: Any,
+    solver_name: str,
+    objective: Objective,
+) -> tuple[tuple[float, ...], Allocation] | None:
+    """The MILP of one level: options and replicas; (sort key, allocation) or None."""
+    light, heavy = problem.light, problem.heavy
+    demand = problem.demand_qps
+    opt_l, opt_h = stages.light, stages.heavy
+    g_l, min_l, u_l = stages.limits_l
+    g_h, min_h, u_h = stages.limits_h
     prev_l = problem.previous.get(light.name, 0)
     prev_h = problem.previous.get(heavy.name, 0) if heavy is not None else 0
     c_l, c_h = _cost_units(light), _cost_units(heavy) if heavy else 0
     max_changes = u_l + u_h + prev_l + prev_h
-    max_cost = c_l * u_l + c_h * u_h
     w_changes = 1
     w_cost = max_changes + 1
-    w_rank = (max_cost + 1) * w_cost
-    lat_norm = 1.0 + 1.0001 * (max(lat_l.values()) + (max(lat_h.values()) if lat_h else 0.0))
+    lat_norm = 1.0 + 1.0001 * (
+        max(o.latency_s for o in opt_l) + (max(o.latency_s for o in opt_h) if opt_h else 0.0)
+    )
 
     model = pulp.LpProblem("cascade", pulp.LpMinimize)
     var = model.add_variable
-    x_l = {b: var(f"xl_{b}", 0, u_l, cat=pulp.LpInteger) for b in lat_l}
-    y_l = {b: var(f"yl_{b}", 0, 1, cat=pulp.LpBinary) for b in lat_l}
-    x_h = {b: var(f"xh_{b}", 0, u_h, cat=pulp.LpInteger) for b in lat_h}
-    y_h = {b: var(f"yh_{b}", 0, 1, cat=pulp.LpBinary) for b in lat_h}
-    w_h = {b: var(f"wh_{b}", 0, 1) for b in lat_h}  # heavy path in use (only when deferring)
-    z = {i: var(f"z_{i}", 0, 1, cat=pulp.LpBinary) for i in range(len(levels))}
+    ks_l, ks_h = range(len(opt_l)), range(len(opt_h))
+    x_l = {k: var(f"xl_{k}", 0, u_l, cat=pulp.LpInteger) for k in ks_l}
+    y_l = {k: var(f"yl_{k}", 0, 1, cat=pulp.LpBinary) for k in ks_l}
+    x_h = {k: var(f"xh_{k}", 0, u_h, cat=pulp.LpInteger) for k in ks_h}
+    y_h = {k: var(f"yh_{k}", 0, 1, cat=pulp.LpBinary) for k in ks_h}
     d_l = var("dl", 0)  # |light replicas - previous|
     d_h = var("dh", 0)
 
     sum_xl = pulp.lpSum(x_l.values())
     sum_xh = pulp.lpSum(x_h.values())
-    defers = pulp.lpSum(z[i] for i, lv in enumerate(levels) if lv.fraction > 0)
-    light_latency = pulp.lpSum(lat_l[b] * y_l[b] for b in lat_l)
-    heavy_latency = pulp.lpSum(lat_h[b] * w_h[b] for b in lat_h)
+    light_latency = pulp.lpSum(opt_l[k].latency_s * y_l[k] for k in ks_l)
+    heavy_latency = pulp.lpSum(opt_h[k].latency_s * y_h[k] for k in ks_h)
+    heavy_fixed = min_h if not opt_h else 0  # a level deferring nothing keeps heavy's minimum
 
     model += (
-        w_rank * pulp.lpSum(lv.rank * z[i] for i, lv in enumerate(levels))
-        + w_cost * (c_l * sum_xl + c_h * sum_xh)
+        w_cost * (c_l * sum_xl + c_h * sum_xh)
         + w_changes * (d_l + d_h)
         + (light_latency + heavy_latency) * (1.0 / lat_norm)
     )
     model += pulp.lpSum(y_l.values()) == 1
-    model += pulp.lpSum(z.values()) == 1
-    for b in lat_l:
-        model += x_l[b] <= u_l * y_l[b]
+    for k in ks_l:
+        model += x_l[k] <= u_l * y_l[k]
     model += sum_xl >= min_l
-    model += pulp.lpSum((b / lat_l[b]) * x_l[b] for b in lat_l) >= (demand - CAPACITY_TOLERANCE_QPS)
-    if lat_h:
-        model += pulp.lpSum(y_h.values()) <= 1
-        for b in lat_h:
-            model += x_h[b] <= u_h * y_h[b]
-            model += w_h[b] <= y_h[b]
-        model += sum_xh >= min_h
-        model += sum_xh >= defers
-        model += pulp.lpSum(w_h.values()) >= defers
-        model += pulp.lpSum((b / lat_h[b]) * x_h[b] for b in lat_h) >= (
-            demand * pulp.lpSum(lv.fraction * z[i] for i, lv in enumerate(levels))
-            - CAPACITY_TOLERANCE_QPS
-        )
-        if any(drain_h.values()):
-            model += pulp.lpSum((b / lat_h[b]) * x_h[b] for b in lat_h) >= (
-                pulp.lpSum(drain_h[b] * w_h[b] for b in lat_h) - CAPACITY_TOLERANCE_QPS
+    model += pulp.lpSum(opt_l[k].capacity_qps * x_l[k] for k in ks_l) >= (
+        demand * level.light_share - CAPACITY_TOLERANCE_QPS
+    )
+    if opt_h:
+        model += pulp.lpSum(y_h.values()) == 1
+        for k in ks_h:
+            model += x_h[k] <= u_h * y_h[k]
+        model += sum_xh >= max(min_h, 1)
+        heavy_capacity = pulp.lpSum(opt_h[k].capacity_qps * x_h[k] for k in ks_h)
+        model += heavy_capacity >= demand * level.fraction - CAPACITY_TOLERANCE_QPS
+        if any(stages.drain.values()):
+            model += heavy_capacity >= (
+                pulp.lpSum(stages.drain.get(k, 0.0) * y_h[k] for k in ks_h) - CAPACITY_TOLERANCE_QPS
             )
-        model += light_latency + heavy_latency + q_h * pulp.lpSum(w_h.values()) <= slo - q_l
-    else:
-        model += light_latency <= slo - q_l
-    model += g_l * sum_xl + g_h * sum_xh <= problem.gpu_budget - (g_h * min_h if not lat_h else 0)
+        if level.escalates:
+            model += light_latency + heavy_latency <= stages.slack_s
+    model += g_l * sum_xl + g_h * sum_xh <= stages.budget
     model += d_l >= sum_xl - prev_l
     model += d_l >= prev_l - sum_xl
-    if lat_h:
-        model += d_h >= sum_xh - prev_h
-        model += d_h >= prev_h - sum_xh
+    model += d_h >= sum_xh + heavy_fixed - prev_h
+    model += d_h >= prev_h - sum_xh - heavy_fixed
 
     model.solve(solver)
     if pulp.LpStatus[model.status] != "Optimal":
-        return _best_effort(problem, objective, solver_name)
+        return None
 
     def chosen(ys: Mapping[int, pulp.LpVariable]) -> int | None:
-        picked = [b for b, y in ys.items() if (y.value() or 0.0) > 0.5]
+        picked = [k for k, y in ys.items() if (y.value() or 0.0) > 0.5]
         return picked[0] if picked else None
 
-    b_l = chosen(y_l)
-    assert b_l is not None
+    k_l = chosen(y_l)
+    assert k_l is not None
+    o_l = opt_l[k_l]
     n_l = round(sum(v.value() or 0.0 for v in x_l.values()))
-    level = next(lv for i, lv in enumerate(levels) if (z[i].value() or 0.0) > 0.5)
+    q_l = max(0.0, problem.queue_light_s)
+    q_h = max(0.0, problem.queue_heavy_s)
+    latency = o_l.latency_s + q_l if level.light_share > 0 else 0.0
+    tie_latency = o_l.latency_s
     heavy_alloc: StageAllocation | None = None
-    latency = lat_l[b_l] + q_l
+    o_h: StageOption | None = None
+    n_h = heavy_fixed
     if heavy is not None:
-        b_h = chosen(y_h)
-        n_h = round(sum(v.value() or 0.0 for v in x_h.values())) if lat_h else min_h
-        if b_h is None or n_h == 0:
+        k_h = chosen(y_h) if opt_h else None
+        if k_h is not None:
+            o_h = opt_h[k_h]
+            n_h = round(sum(v.value() or 0.0 for v in x_h.values()))
+            latency = max(latency, o_h.latency_s + q_h)
+            if level.escalates:
+                latency = max(latency, o_l.latency_s + q_l + o_h.latency_s + q_h)
+            tie_latency += o_h.latency_s
+            b_h = o_h.batch
+        else:
             b_h = _max_throughput_batch(heavy, problem.slo_s)
-        if level.fraction > 0:
-            latency += _latency_s(heavy)[b_h] + q_h
         heavy_alloc = StageAllocation(heavy.name, n_h, b_h)
-    return _allocation(
+    result = _allocation(
         problem,
         objective,
         solver_name,
         SolverStatus.OPTIMAL,
-        StageAllocation(light.name, n_l, b_l),
+        StageAllocation(light.name, n_l, o_l.batch),
         heavy_alloc,
         level,
         latency,
+        capacity=(o_l.capacity_qps, o_h.capacity_qps if o_h is not None else None),
     )
+    changes = abs(n_l - prev_l) + abs(n_h - prev_h)
+    key = (float(level.rank), float(c_l * n_l + c_h * n_h), float(changes), tie_latency)
+    return key, result
 
 
 def _drain_rates(
     problem: AllocationProblem,
-    lat_l: Mapping[int, float],
-    lat_h: Mapping[int, float],
+    fastest_l: float,
+    opt_h: Sequence[StageOption],
     *,
     slack_s: float,
 ) -> dict[int, float]:
-    """Per heavy batch size: the heavy capacity (qps) that clears the heavy backlog in time.
+    """Per heavy option (index): the heavy capacity (qps) that clears the heavy backlog in time.
 
-    A query deferred now queues behind `backlog_heavy` images and waits backlog / capacity;
-    it has the SLO minus the fastest light batch, the queueing terms and its own heavy batch
-    left. Batch sizes that leave no time are absent (they cannot serve a deferral now). With
-    capacity >= demand x f as well the queue does not grow, so no later deferral waits
-    longer. Without a backlog every batch maps to 0.
+    A query escalated now queues behind `backlog_heavy` images and waits backlog / capacity;
+    it has the SLO minus the fastest light option, the queueing terms and its own heavy
+    option left. Options that leave no time are absent (they cannot serve an escalation now).
+    With capacity >= demand x f as well the queue does not grow, so no later escalation waits
+    longer. Without a backlog every option maps to 0.
     """
     backlog = max(0.0, problem.backlog_heavy)
-    if backlog <= 0.0 or not lat_l:
-        return {b: 0.0 for b in lat_h}
-    fastest_l = min(lat_l.values())
+    if backlog <= 0.0:
+        return {k: 0.0 for k in range(len(opt_h))}
     rates = {}
-    for b, s in lat_h.items():
-        horizon = slack_s - fastest_l - s
+    for k, o in enumerate(opt_h):
+        horizon = slack_s - fastest_l - o.latency_s
         if horizon > LATENCY_TOLERANCE_S:
-            rates[b] = backlog / horizon
+            rates[k] = backlog / horizon
     return rates
 
 
 def _single_fid(problem: AllocationProblem) -> float | None:
+    if problem.fid_alone is not None:
+        return problem.fid_alone
     if problem.quality is None:
         return None
     return fid_at(problem.quality, problem.single_light_share)
@@ -534,16 +701,26 @@ def _allocation(
     level: _Level,
     latency_s: float,
     message: str = "",
+    capacity: tuple[float, float | None] | None = None,
 ) -> Allocation:
-    cap_l = light.replicas * light.batch_size / _latency_s(problem.light)[light.batch_size]
-    throughput = cap_l
+    """The allocation's figures; `capacity` is the per-replica rate of each stage's option
+    (default: the batch's full rate, b / latency)."""
+    per_l, per_h = capacity if capacity is not None else (None, None)
+    if per_l is None:
+        per_l = light.batch_size / _latency_s(problem.light)[light.batch_size]
+    cap_l = light.replicas * per_l
+    throughput = cap_l / level.light_share if level.light_share > 0 else math.inf
     if heavy is not None and problem.heavy is not None and level.fraction > 0:
-        cap_h = heavy.replicas * heavy.batch_size / _latency_s(problem.heavy)[heavy.batch_size]
-        throughput = min(cap_l, cap_h / level.fraction)
-    if problem.heavy is None:
+        if per_h is None:
+            per_h = heavy.batch_size / _latency_s(problem.heavy)[heavy.batch_size]
+        cap_h = heavy.replicas * per_h
+        throughput = min(throughput, cap_h / level.fraction)
+    if level.row is not None:
+        fid: float | None = level.row.fid
+    elif problem.heavy is None:
         fid = _single_fid(problem)
     elif problem.quality is None:
-        fid = None
+        fid = level.fid if level.fraction == 0 else None
     else:
         fid = fid_at(problem.quality, 1.0 - level.fraction)
     gpus = light.replicas * problem.light.gpus_per_replica
@@ -563,6 +740,8 @@ def _allocation(
         solver=solver_name,
         solve_ms=0.0,
         message=message,
+        router_share=level.router_share,
+        row=level.row,
     )
 
 
@@ -609,9 +788,14 @@ def _best_effort(problem: AllocationProblem, objective: Objective, solver_name: 
 
 def _binding_constraint(problem: AllocationProblem) -> str:
     light, heavy = problem.light, problem.heavy
-    lat = _latency_s(light)
     q_l = max(0.0, problem.queue_light_s)
-    fastest = min(lat.values())
+    options = stage_options(
+        _latency_s(light),
+        problem.dispatch,
+        direct_tail=problem.tail_probability,
+        direct_s=problem.slo_s - q_l,
+    )
+    fastest = min(_latency_s(light).values())
     if fastest + q_l > problem.slo_s + LATENCY_TOLERANCE_S:
         return (
             f"latency: the fastest {light.name} batch ({fastest * 1000:.0f} ms) plus queueing "
@@ -625,8 +809,10 @@ def _binding_constraint(problem: AllocationProblem) -> str:
         return (
             f"budget: minimum replicas need {floor} GPUs, above the budget of {problem.gpu_budget}"
         )
-    fitting = {b: s for b, s in lat.items() if s + q_l <= problem.slo_s + LATENCY_TOLERANCE_S}
-    best_p = max(b / s for b, s in fitting.items())
+    best_p = max(
+        (o.capacity_qps for o in options if o.batch_s + q_l <= problem.slo_s + LATENCY_TOLERANCE_S),
+        default=0.0,
+    )
     room = problem.gpu_budget - g_h * min_h
     n_l = room // light.gpus_per_replica if light.gpus_per_replica > 0 else 10**9
     if problem.light_bounds.maximum is not None:
@@ -642,10 +828,13 @@ def _binding_constraint(problem: AllocationProblem) -> str:
 
 @dataclass(frozen=True)
 class CascadeProblem:
-    """Every variant of a cascade, entered at its first variant (the Service every query hits).
+    """Every variant of a cascade and what may be tried of it.
 
-    `solve_cascade` tries what the drivers can route: the first variant deferring to each later
-    variant, and (with `include_single`) the first variant alone.
+    Without a quality table the cascade is entered at its first variant (the Service every
+    query hits) and `solve_cascade` tries what the drivers can route: the first variant
+    deferring to each later variant, and (with `include_single`) the first variant alone.
+    With `entries` (a quality table) every named variant may be the entry, alone or deferring
+    to a later one; `rows` add router shares to the pairs they measure.
     """
 
     variants: tuple[VariantProfile, ...]  # ordered light -> heavy
@@ -664,6 +853,13 @@ class CascadeProblem:
     #: Variants a plan may enter at (the drivers route arrivals to the plan's entry stage);
     #: None: the first variant only, the Service every query hits today.
     entries: tuple[str, ...] | None = None
+    #: A quality table's measured rows (pair, r, c -> FID): levels with a router share.
+    rows: tuple[QualityRow, ...] = ()
+    #: Measured FID of each variant serving alone (a quality table's single FIDs).
+    single_fid: Mapping[str, float] = field(default_factory=dict)
+    exploration: float = 0.0  # see AllocationProblem.exploration
+    dispatch: Dispatch = Dispatch.LEAST_LOADED
+    tail_probability: float = TAIL_PROBABILITY
 
 
 @dataclass(frozen=True)
@@ -680,13 +876,19 @@ class CascadeAllocation:
 
 
 def sort_key(allocation: Allocation) -> tuple[float, ...]:
-    """Orders allocations of one cascade: feasible first, then by the objective, GPUs, latency."""
-    infeasible = 1.0 if allocation.status is SolverStatus.INFEASIBLE else 0.0
+    """Orders allocations of one cascade: feasible first, then by the objective, GPUs, latency.
+
+    Among best-effort (infeasible) allocations the one that sustains the most demand comes
+    first: under overload the plan that sheds least, not the best-looking one that serves
+    least (HADIS falls back to its worst configuration; a heavy variant alone would be worse).
+    """
+    if allocation.status is SolverStatus.INFEASIBLE:
+        return (1.0, -allocation.predicted_throughput_qps, float(allocation.gpus), 0.0)
     if allocation.objective is Objective.MIN_EXPECTED_FID:
         primary = allocation.predicted_fid if allocation.predicted_fid is not None else math.inf
     else:
         primary = -allocation.threshold
-    return (infeasible, primary, float(allocation.gpus), allocation.predicted_latency_s)
+    return (0.0, primary, float(allocation.gpus), allocation.predicted_latency_s)
 
 
 def solve_cascade(problem: CascadeProblem) -> CascadeAllocation:
@@ -718,8 +920,8 @@ def pair_problem(problem: CascadeProblem, light: str, heavy: str | None) -> Allo
     """The two-stage problem of one candidate (heavy None: the variant alone) of a cascade.
 
     Variants outside the candidate keep their minimum replicas, whose GPUs leave the budget.
-    A variant alone takes its FID from the light end of the pair it leads, else the heavy end
-    of the pair it closes.
+    A variant alone takes its measured single FID when the table has one, else its FID from
+    the light end of the pair it leads, else the heavy end of the pair it closes.
     """
     by_name = {v.name: v for v in problem.variants}
     names = [v.name for v in problem.variants]
@@ -737,6 +939,7 @@ def pair_problem(problem: CascadeProblem, light: str, heavy: str | None) -> Allo
             share = 0.0
         else:
             quality = problem.quality
+    rows = tuple(r for r in problem.rows if r.pair == (light, heavy)) if heavy is not None else ()
     used = {light} if heavy is None else {light, heavy}
     return AllocationProblem(
         light=lp,
@@ -756,6 +959,11 @@ def pair_problem(problem: CascadeProblem, light: str, heavy: str | None) -> Allo
         previous=problem.previous,
         solver=problem.solver,
         single_light_share=share,
+        fid_alone=problem.single_fid.get(light),
+        rows=rows,
+        exploration=problem.exploration,
+        dispatch=problem.dispatch,
+        tail_probability=problem.tail_probability,
     )
 
 

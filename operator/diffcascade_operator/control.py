@@ -30,7 +30,8 @@ from diffcascade_operator.allocator import (
 )
 from diffcascade_operator.demand import DemandEstimate, estimate_demand
 from diffcascade_operator.plan import Plan, SolverOutcome, SolverStatus, VariantAllocation
-from diffcascade_operator.profiles import CascadeProfiles, VariantProfile
+from diffcascade_operator.profiles import CascadeProfiles, VariantProfile, batch_latency_ms
+from diffcascade_operator.queueing import Dispatch, steady_queue
 from diffcascade_operator.snapshot import Snapshot
 from diffcascade_operator.spec import CascadeSpec, Objective
 
@@ -41,24 +42,28 @@ MIN_ARRIVAL_QPS = 1e-6
 # --- inputs ------------------------------------------------------------------------------------
 
 
-def queue_terms(snapshot: Snapshot) -> dict[str, float]:
+def queue_terms(
+    snapshot: Snapshot, *, excess: Mapping[str, float] | None = None
+) -> dict[str, float]:
     """Little's law per stage: waiting time = queue depth / arrival rate, capped at the SLO.
 
     Example: 6 images queued at a stage receiving 12 qps wait about 0.5 s. A stage with no
-    arrivals contributes 0 (its queue, if any, is not a rate problem).
+    arrivals contributes 0 (its queue, if any, is not a rate problem). `excess` replaces a
+    stage's queue depth (the part not planned for already, see `queue_inputs`).
     """
     slo = snapshot.spec.slo_seconds
     terms: dict[str, float] = {}
     for name, stage in snapshot.stages.items():
-        if stage.arrival_qps > MIN_ARRIVAL_QPS and stage.queue_depth > 0:
-            terms[name] = min(slo, stage.queue_depth / stage.arrival_qps)
+        depth = stage.queue_depth if excess is None else excess.get(name, stage.queue_depth)
+        if stage.arrival_qps > MIN_ARRIVAL_QPS and depth > 0:
+            terms[name] = min(slo, depth / stage.arrival_qps)
         else:
             terms[name] = 0.0
     return terms
 
 
 def queue_inputs(
-    snapshot: Snapshot, entry: str | None = None
+    snapshot: Snapshot, entry: str | None = None, *, previous: Plan | None = None
 ) -> tuple[dict[str, float], dict[str, float]]:
     """What the allocator is told about queues: (waiting time by stage, backlog by stage).
 
@@ -68,15 +73,39 @@ def queue_inputs(
     (queue / arrival rate) ignores how much capacity the plan gives the stage, so a short
     burst made deferral look impossible exactly when the heavy stage needed its full batch
     size to catch up (and, with scale-down at once, stranded the queued deferrals).
+
+    Under random dispatch a stage always holds some queue (`queueing.steady_queue` at the
+    utilisation `previous` runs it at), which the allocator's waiting allowances already
+    plan for; only the queue beyond it is a backlog or a waiting time.
     """
-    terms = queue_terms(snapshot)
+    excess = _excess_queues(snapshot, previous)
+    terms = queue_terms(snapshot, excess=excess)
     entry = entry if entry is not None else snapshot.spec.variants[0].name
     backlog: dict[str, float] = {}
     for name, stage in snapshot.stages.items():
         if name != entry:
             terms[name] = 0.0
-            backlog[name] = max(0.0, stage.queue_depth)
+            backlog[name] = max(0.0, excess.get(name, stage.queue_depth))
     return terms, backlog
+
+
+def _excess_queues(snapshot: Snapshot, previous: Plan | None) -> dict[str, float]:
+    """Per stage, its queue beyond what random dispatch keeps at the previous plan's
+    utilisation (the whole queue under queue-aware dispatch or without a previous plan)."""
+    out = {name: max(0.0, stage.queue_depth) for name, stage in snapshot.stages.items()}
+    if snapshot.dispatch is not Dispatch.RANDOM or previous is None:
+        return out
+    batches = {v.name: v.batch_size for v in previous.variants}
+    for profile in snapshot.profiles.variants:
+        stage = snapshot.stages.get(profile.name)
+        replicas = snapshot.ready_replicas.get(profile.name, 0)
+        batch = batches.get(profile.name)
+        if stage is None or replicas <= 0 or batch is None:
+            continue
+        per_image = batch_latency_ms(profile.batch_latency_ms, batch) / 1000.0 / batch
+        rho = stage.arrival_qps * per_image / replicas
+        out[profile.name] = max(0.0, stage.queue_depth - steady_queue(rho, replicas))
+    return out
 
 
 def replica_bounds(spec: CascadeSpec) -> dict[str, ReplicaBounds]:
@@ -95,8 +124,18 @@ def _cascade_problem(
     queue_s: Mapping[str, float],
     previous: Mapping[str, int],
     backlog: Mapping[str, float] | None = None,
+    dispatch: Dispatch = Dispatch.LEAST_LOADED,
 ) -> CascadeProblem:
+    """The whole cascade as one problem. With a quality table: every variant may be the
+    entry, alone or deferring to any later one, priced by the table's discriminator-only pair
+    curves and measured single FIDs, and (with a router that routes) by its rows with a
+    router share r; the entry stage is charged (1 - r) of the demand, each path its stages."""
     table = profiles.table
+    router = spec.router
+    routes = router is not None and router.routes()
+    rows = (
+        () if table is None else tuple(row for row in table.rows if routes or not row.router_share)
+    )
     return CascadeProblem(
         variants=profiles.variants,
         demand_qps=demand_qps,
@@ -104,8 +143,6 @@ def _cascade_problem(
         gpu_budget=spec.gpu_budget,
         objective=spec.objective,
         quality=profiles.quality,
-        # A quality table's discriminator-only pair curves (r = 0) price each pair; its
-        # router rows are not planned here yet.
         pair_quality=dict(table.pair_curves) if table is not None else {},
         queue_s=queue_s,
         backlog=backlog or {},
@@ -114,9 +151,13 @@ def _cascade_problem(
         # Beyond a pair the first variant alone is a cascade of its own (with two variants it
         # is the pair's defer-nothing option already).
         include_single=len(profiles.variants) > 2,
-        # With a quality table the plan may enter at any variant (the simulator routes
-        # arrivals to the plan's entry stage).
+        # With a quality table the plan may enter at any variant (the router sends arrivals
+        # to the plan's entry stage).
         entries=tuple(v.name for v in profiles.variants) if table is not None else None,
+        rows=rows,
+        single_fid=dict(table.single) if table is not None else {},
+        exploration=router.effective_exploration() if router is not None and routes else 0.0,
+        dispatch=dispatch,
     )
 
 
@@ -168,6 +209,13 @@ def _describe(
     if estimate is not None:
         arrow = " (step)" if estimate.step else " (↑ trend)" if estimate.rising else ""
         parts.append(f"demand {estimate.qps:.1f} qps{arrow} → ")
+    if allocation.row is not None or allocation.router_share > 0:
+        pair = allocation.light.name + (
+            f"→{allocation.heavy.name}"
+            if allocation.heavy is not None and allocation.defer_fraction > 0
+            else ""
+        )
+        parts.append(f"{pair} r={allocation.router_share:.2g} ")
     parts.append(f"t={allocation.threshold:.3g} f={allocation.defer_fraction:.2f} ")
     parts.append(", ".join(f"{v.name} x{v.replicas} b{v.batch_size}" for v in variants))
     if allocation.predicted_fid is not None:
@@ -217,14 +265,23 @@ def _plan(
         decided_at=now,
         scale_down_since=dict(scale_down_since),
         entry_stage=entry,
+        router_share=allocation.router_share,
+        row=allocation.row,
     )
 
 
-def initial_plan(spec: CascadeSpec, profiles: CascadeProfiles, now: float) -> Plan:
+def initial_plan(
+    spec: CascadeSpec,
+    profiles: CascadeProfiles,
+    now: float,
+    dispatch: Dispatch = Dispatch.LEAST_LOADED,
+) -> Plan:
     """The plan before any demand is seen: minimum replicas (at least one to enter the cascade
     and one for the stage receiving deferrals), threshold at the objective's optimum if it fits.
     """
-    problem = _cascade_problem(spec, profiles, demand_qps=0.0, queue_s={}, previous={})
+    problem = _cascade_problem(
+        spec, profiles, demand_qps=0.0, queue_s={}, previous={}, dispatch=dispatch
+    )
     result = solve_cascade(problem)
     best = result.best
     status = SolverStatus.INITIAL if best.status is SolverStatus.OPTIMAL else best.status
@@ -256,7 +313,7 @@ def _held(snapshot: Snapshot, previous: Plan | None, why: str) -> Plan:
     """Keep the previous plan (status Held), or start from the initial plan when there is none."""
     names = [v.name for v in snapshot.spec.variants]
     if previous is None or [v.name for v in previous.variants] != names:
-        plan = initial_plan(snapshot.spec, snapshot.profiles, snapshot.now)
+        plan = initial_plan(snapshot.spec, snapshot.profiles, snapshot.now, snapshot.dispatch)
         return replace(plan, reason=f"{why}; {plan.reason}")
     return replace(
         previous,
@@ -344,7 +401,7 @@ def starting_replicas(
     Those the previous plan asked for that are not ready yet, plus new ones of a variant whose
     profile needs start-up time. A stage the snapshot reports no readiness for counts as ready.
     """
-    entry = snapshot.spec.variants[0].name
+    entry = previous.entry() if previous is not None else snapshot.spec.variants[0].name
     before = previous.replicas() if previous is not None else {}
     out: dict[str, int] = {}
     for profile in snapshot.profiles.variants:
@@ -381,7 +438,9 @@ def decide(snapshot: Snapshot, previous: Plan | None) -> Plan:
     if estimate.empty:
         return _held(snapshot, previous, "no demand samples yet")
     # the entry stage is the one the plan in force sends arrivals to
-    queue_s, backlog = queue_inputs(snapshot, previous.entry() if previous is not None else None)
+    queue_s, backlog = queue_inputs(
+        snapshot, previous.entry() if previous is not None else None, previous=previous
+    )
     previous_replicas = previous.replicas() if previous is not None else {}
     problem = _cascade_problem(
         spec,
@@ -390,6 +449,7 @@ def decide(snapshot: Snapshot, previous: Plan | None) -> Plan:
         queue_s=queue_s,
         previous=previous_replicas,
         backlog=backlog,
+        dispatch=snapshot.dispatch,
     )
     try:
         result = solve_cascade(problem)

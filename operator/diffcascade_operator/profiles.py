@@ -190,6 +190,24 @@ def defer_fraction(curve: DeferCurve, t: float) -> float:
     return curve.at(t)
 
 
+def threshold_for_share(curve: DeferCurve, share: float) -> float:
+    """The smallest threshold t with f(t) >= share: the gate threshold that escalates the
+    lowest `share` of the confidence distribution (HADIS's escalation share c is such a
+    percentile). Piecewise-linear inverse of f; 1.0 when f never reaches the share."""
+    if share <= 0.0:
+        return 0.0
+    ts, fs = curve.thresholds, curve.fractions
+    for k, f in enumerate(fs):
+        if f >= share:
+            if k == 0:
+                return ts[0]
+            lo_t, lo_f = ts[k - 1], fs[k - 1]
+            if f <= lo_f:
+                return ts[k]
+            return lo_t + (ts[k] - lo_t) * (share - lo_f) / (f - lo_f)
+    return 1.0
+
+
 def fid_at(quality: QualityCurve, light_share: float) -> float:
     """FID at a light share, piecewise linear between profiled points (not the quadratic fit)."""
     return interpolate(quality.light_shares, quality.fids, light_share)
@@ -499,8 +517,11 @@ def quality_table_from_spec(table: QualityTableSpec, variants: Sequence[str]) ->
     return loaded
 
 
-def router_scores_from_spec(router: RouterSpec) -> tuple[float, ...]:
-    """Per-prompt router scores of the spec's router (a bundled reference)."""
+def router_scores_from_spec(router: RouterSpec) -> tuple[float, ...] | None:
+    """Per-prompt router scores of the spec's router on the reference prompts (its bundled
+    `reference`); None when it names none (a live scorer only, nothing to replay)."""
+    if router.reference is None:
+        return None
     return reference_router_scores(router.reference)
 
 

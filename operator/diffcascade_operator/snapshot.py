@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from diffcascade_operator.profiles import CascadeProfiles
+from diffcascade_operator.queueing import Dispatch
 from diffcascade_operator.spec import CascadeSpec
 
 
@@ -35,3 +36,7 @@ class Snapshot:
     stages: Mapping[str, StageSample] = field(default_factory=dict)  # by variant name
     ready_replicas: Mapping[str, int] = field(default_factory=dict)  # by variant name
     metrics_available: bool = True
+    #: How the cluster spreads a stage's queries over its replicas (the driver knows: a
+    #: Kubernetes Service picks at random, `up`'s router the least loaded, the simulator
+    #: what its scenario runs); the allocator plans the waiting it causes.
+    dispatch: Dispatch = Dispatch.LEAST_LOADED

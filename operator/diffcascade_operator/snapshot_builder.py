@@ -20,6 +20,7 @@ from diffcascade_operator.live_profiles import (
 from diffcascade_operator.metrics_source import MetricsReading, MetricsSource, MetricsUnavailable
 from diffcascade_operator.plan import Plan
 from diffcascade_operator.profiles import CascadeProfiles
+from diffcascade_operator.queueing import Dispatch
 from diffcascade_operator.snapshot import DemandSample, Snapshot
 from diffcascade_operator.spec import CascadeSpec
 
@@ -47,6 +48,7 @@ def build_snapshot(
     history: MutableSequence[DemandSample],
     reading: MetricsReading | None,
     ready_replicas: Mapping[str, int],
+    dispatch: Dispatch = Dispatch.LEAST_LOADED,
 ) -> Snapshot:
     """Record the reading's demand in `history`, then the snapshot of this instant.
 
@@ -64,6 +66,7 @@ def build_snapshot(
         stages=reading.stages if reading is not None else {},
         ready_replicas=ready_replicas,
         metrics_available=reading is not None,
+        dispatch=dispatch,
     )
 
 

@@ -12,6 +12,7 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from diffcascade_worker.deferral import DeferCurveError, validate_curve
+from diffcascade_worker.protocol import MAX_EXPLORATION_SHARE, RouterScorerName
 from diffcascade_worker.storage.uris import StorageError, parse_uri
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
@@ -236,12 +237,51 @@ class QualityTableSpec(_Model):
         return self
 
 
-class RouterSpec(_Model):
-    """The pre-generation router: which per-prompt scorer ranks prompts by difficulty."""
+#: The exploration share a learning router keeps by default (labels keep coming).
+DEFAULT_EXPLORATION_SHARE = 0.05
 
-    reference: str = Field(
-        min_length=1, description="Bundled per-prompt scores, e.g. hadis-rule (HADIS's rule)"
+
+class RouterSpec(_Model):
+    """The pre-generation router: which scorer ranks prompts by difficulty, and how.
+
+    `scorer`: `rule` (HADIS's fixed-weight rule), `learned` (hashed n-grams trained online on
+    the gate's confidences) or `none`. `reference`: bundled per-prompt scores of the reference
+    prompts (e.g. `hadis-rule`), what the simulator routes by; with it and no scorer the
+    scorer is the rule. `explorationShare`: of the prompts the router would send straight to
+    the heavy stage, the share it sends through the gated entry stage anyway so the learner
+    keeps getting labels (default 0.05 for `learned`, 0 otherwise); the planner charges the
+    entry stage for them.
+    """
+
+    scorer: RouterScorerName | None = None
+    reference: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Bundled per-prompt scores, e.g. hadis-rule (HADIS's rule)",
     )
+    exploration_share: float | None = Field(default=None, ge=0.0, le=MAX_EXPLORATION_SHARE)
+
+    @model_validator(mode="after")
+    def _scorer_or_reference(self) -> RouterSpec:
+        if self.scorer is None and self.reference is None:
+            raise ValueError("router needs a scorer (rule, learned, none) or a reference")
+        if self.scorer == "none" and self.exploration_share:
+            raise ValueError("router.explorationShare needs a scorer: 'none' routes nothing")
+        return self
+
+    def effective_scorer(self) -> RouterScorerName:
+        if self.scorer is not None:
+            return self.scorer
+        return "rule"  # a reference names per-prompt scores of the rule
+
+    def effective_exploration(self) -> float:
+        if self.exploration_share is not None:
+            return self.exploration_share
+        return DEFAULT_EXPLORATION_SHARE if self.effective_scorer() == "learned" else 0.0
+
+    def routes(self) -> bool:
+        """Whether plans may send a share of prompts straight to the heavy stage."""
+        return self.effective_scorer() != "none"
 
 
 class ControlSpec(_Model):
@@ -308,6 +348,18 @@ class CascadeSpec(_Model):
         floor = sum(v.min_replicas * v.gpus_per_replica for v in self.variants)
         if floor > self.gpu_budget:
             raise ValueError(f"minReplicas need {floor} GPUs, above gpuBudget {self.gpu_budget}")
+        order = {name: i for i, name in enumerate(names)}
+        for row in (self.quality_table.rows or []) if self.quality_table is not None else []:
+            if row.light not in order or row.heavy not in order:
+                raise ValueError(
+                    "qualityTable rows must name variants of spec.variants "
+                    f"({row.light} -> {row.heavy})"
+                )
+            if order[row.light] >= order[row.heavy]:
+                raise ValueError(
+                    "a qualityTable row's light variant must come before its heavy one in "
+                    f"spec.variants ({row.light} -> {row.heavy})"
+                )
         return self
 
 

@@ -415,3 +415,51 @@ def test_every_plan_of_a_random_demand_walk_fits_budget_bounds_and_capacity(seed
             assert cap_l >= plan.demand_qps - 1e-6
             assert cap_h >= plan.demand_qps * defer_fraction(curve, plan.threshold) - 1e-6
             assert plan.predicted_latency_s <= 5.0 + 1e-9
+
+
+# --- hybrid cascades (a quality table, a router, random dispatch) --------------------------------
+
+
+def hadis_spec(**overrides: Any) -> CascadeSpec:
+    from diffcascade_operator.sim.scenarios import load_scenario
+
+    raw = load_scenario("hadis-sd35").spec.model_dump(by_alias=True, exclude_none=True)
+    raw.update(overrides)
+    return parse_spec({k: v for k, v in raw.items() if v is not None})
+
+
+def test_with_a_table_and_a_router_the_plan_names_entry_pair_share_and_row() -> None:
+    from diffcascade_operator.queueing import Dispatch
+
+    spec = hadis_spec()
+    plan = decide(replace(snapshot(spec, now=100.0, qps=10.0), dispatch=Dispatch.RANDOM), None)
+    assert plan.solver.status is SolverStatus.OPTIMAL
+    names = [v.name for v in spec.variants]
+    assert plan.entry_stage in names and plan.entry() != names[0]
+    assert plan.row is not None and plan.router_share == plan.row.router_share > 0
+    entry = next(v for v in plan.variants if v.name == plan.entry())
+    assert entry.next_stage == plan.row.heavy
+    assert f"r={plan.router_share:.2g}" in plan.reason
+    # the heavy stage is charged its routed and escalated share, the entry the rest
+    assert plan.defer_fraction == pytest.approx(plan.row.heavy_share)
+
+
+def test_without_a_router_a_table_plans_the_gate_alone() -> None:
+    from diffcascade_operator.queueing import Dispatch
+
+    spec = hadis_spec(router=None)
+    for qps in (2.0, 10.0, 40.0):
+        snap = replace(snapshot(spec, now=100.0, qps=qps), dispatch=Dispatch.RANDOM)
+        assert decide(snap, None).router_share == 0.0
+
+
+def test_random_dispatch_plans_fewer_queries_per_replica_than_least_loaded() -> None:
+    from diffcascade_operator.queueing import Dispatch
+
+    spec = hadis_spec()
+    snap = snapshot(spec, now=100.0, qps=30.0)
+    pooled = decide(snap, None)
+    random_ = decide(replace(snap, dispatch=Dispatch.RANDOM), None)
+    assert pooled.predicted_fid is not None and random_.predicted_fid is not None
+    assert random_.predicted_fid > pooled.predicted_fid  # the same GPUs carry less
+    assert sum(random_.replicas().values()) <= spec.gpu_budget

@@ -43,6 +43,7 @@ from diffcascade_operator.metrics_source import (
 )
 from diffcascade_operator.plan import Plan, SolverStatus
 from diffcascade_operator.profiles import CascadeProfiles, ProfileError, profiles_from_spec
+from diffcascade_operator.queueing import Dispatch
 from diffcascade_operator.snapshot import DemandSample, Snapshot
 from diffcascade_operator.snapshot_builder import (
     LiveCache,
@@ -143,6 +144,7 @@ def starting_plan(
     profiles: CascadeProfiles,
     status: Mapping[str, Any],
     now: float,
+    dispatch: Dispatch = Dispatch.RANDOM,
 ) -> Plan:
     """The plan new children start from: the last one (memory, then status), else the initial."""
     if state.plan is None and not state.restored:
@@ -158,7 +160,7 @@ def starting_plan(
             state.history.append(DemandSample(at=at, qps=float(demand["measuredQps"])))
     if state.plan is not None:
         return state.plan
-    return control.initial_plan(spec=spec, profiles=profiles, now=now)
+    return control.initial_plan(spec=spec, profiles=profiles, now=now, dispatch=dispatch)
 
 
 def ensure_children(
@@ -218,7 +220,9 @@ def apply_children(
         return invalid_spec_status(exc, status=status, now=now, generation=generation), [
             ("Warning", spec_error_reason(exc), str(exc)[:1000])
         ]
-    plan = starting_plan(state, spec=spec, profiles=profiles, status=status, now=now)
+    plan = starting_plan(
+        state, spec=spec, profiles=profiles, status=status, now=now, dispatch=settings.dispatch
+    )
     results = ensure_children(
         api=api,
         owner=body,
@@ -372,7 +376,9 @@ def control_step(
     if not force and now - state.last_step < interval - 0.05:
         return None
     state.last_step = now
-    previous = starting_plan(state, spec=spec, profiles=profiles, status=status, now=now)
+    previous = starting_plan(
+        state, spec=spec, profiles=profiles, status=status, now=now, dispatch=settings.dispatch
+    )
     events: list[Event] = []
     router_missing = settings.router and manifests.ROUTER_INDEX_KEY not in deployment_replicas
     if router_missing or any(v.name not in deployment_replicas for v in spec.variants):
@@ -427,6 +433,7 @@ def control_step(
         history=state.history,
         reading=reading,
         ready_replicas=ready,
+        dispatch=settings.dispatch,
     )
     decide_started = time.perf_counter()
     plan = decide(snapshot, state.plan)  # None until a plan was decided or restored

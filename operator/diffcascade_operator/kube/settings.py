@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from diffcascade_operator.queueing import Dispatch
 from diffcascade_operator.snapshot_builder import DEMAND_HISTORY
 
 ENV_PREFIX = "DIFFCASCADE_"
@@ -90,6 +91,9 @@ class OperatorSettings:
     router_memory_request: str = "256Mi"
     router_exploration: float = 0.05  # share of would-be-heavy prompts still sent to the gate
     router_scorer: str = "learned"  # learned | rule | none
+    # How a worker Service spreads queries over its pods, what the allocator plans waiting
+    # for (`queueing.Dispatch`): kube-proxy's iptables mode picks at random, IPVS round-robin.
+    dispatch: Dispatch = Dispatch.RANDOM
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
@@ -145,4 +149,13 @@ class OperatorSettings:
             router_memory_request=get("ROUTER_MEMORY_REQUEST") or base.router_memory_request,
             router_exploration=float(get("ROUTER_EXPLORATION") or base.router_exploration),
             router_scorer=get("ROUTER_SCORER") or base.router_scorer,
+            dispatch=_dispatch(get("DISPATCH") or base.dispatch.value),
         )
+
+
+def _dispatch(value: str) -> Dispatch:
+    try:
+        return Dispatch(value)
+    except ValueError:
+        known = ", ".join(d.value for d in Dispatch)
+        raise ValueError(f"{ENV_PREFIX}DISPATCH must be one of {known}, got {value!r}") from None

@@ -37,6 +37,7 @@ from diffcascade_operator.metrics_source import (
 )
 from diffcascade_operator.plan import Plan
 from diffcascade_operator.profiles import CascadeProfiles
+from diffcascade_operator.queueing import Dispatch
 from diffcascade_operator.router_config import router_config
 from diffcascade_operator.snapshot import DemandSample
 from diffcascade_operator.snapshot_builder import build_snapshot, read_live_profiles, read_metrics
@@ -285,6 +286,7 @@ class LocalCascade:
             ready_replicas={
                 v: len(self.supervisor.of(v, WorkerState.READY)) for v in self.variants
             },
+            dispatch=Dispatch.LEAST_LOADED,  # the entry URL's router picks the least loaded
         )
         previous = self.plan
         plan = decide(snapshot, previous)
