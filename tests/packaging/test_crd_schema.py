@@ -128,10 +128,13 @@ def _schema_at(path: str) -> dict[str, Any] | None:
 
 PRINTER_COLUMNS = [
     ("Demand", "number", ".status.demand.qps", 0),
+    ("Pair", "string", ".status.allocation.pair", 0),
+    ("Router", "number", ".status.allocation.routerShare", 0),
     ("Threshold", "number", ".status.allocation.threshold", 0),
     ("Replicas", "string", ".status.replicasSummary", 0),
     ("FID", "number", ".status.allocation.predictedFID", 0),
     ("Ready", "string", '.status.conditions[?(@.type=="Ready")].status', 0),
+    ("Entry", "string", ".status.allocation.entryStage", 1),
     ("Drift", "number", ".status.profiles.maxDistance", 1),
     ("Source", "string", ".status.demand.source", 1),
     ("Solver", "string", ".status.allocation.solver.status", 1),
@@ -170,6 +173,18 @@ STATUS = {
         "predictedLatencySeconds": 3.1,
         "predictedThroughputQps": 14.0,
         "planId": "a1b2c3d4e5f6",
+        "entryStage": "sd-turbo",
+        "heavyStage": "sd-v1-5",
+        "pair": "sd-turbo->sd-v1-5",
+        "routerShare": 0.2,
+        "row": {
+            "light": "sd-turbo",
+            "heavy": "sd-v1-5",
+            "routerShare": 0.2,
+            "escalateShare": 0.5,
+            "heavyShare": 0.6,
+            "fid": 19.29,
+        },
         "variants": [
             {
                 "name": "sd-turbo",

@@ -195,6 +195,49 @@ CASES = [
         "either rows or reference",
     ),
     Case(
+        "quality-table-row-names-an-unknown-variant",
+        _set(
+            "spec.qualityTable",
+            {
+                "rows": [
+                    {
+                        "light": "nope",
+                        "heavy": "b",
+                        "routerShare": 0.2,
+                        "escalateShare": 0,
+                        "fid": 20,
+                    }
+                ]
+            },
+        ),
+        "qualityTable rows must name variants of spec.variants",
+        "qualityTable rows must name variants of spec.variants",
+    ),
+    Case(
+        "router-without-scorer-or-reference",
+        _set("spec.router", {}),
+        "router needs a scorer (rule, learned, none) or a reference",
+        "router needs a scorer (rule, learned, none) or a reference",
+    ),
+    Case(
+        "router-none-that-explores",
+        _set("spec.router", {"scorer": "none", "explorationShare": 0.1}),
+        "'none' routes nothing",
+        "'none' routes nothing",
+    ),
+    Case(
+        "router-unknown-scorer",
+        _set("spec.router", {"scorer": "oracle"}),
+        "'learned', 'rule' or 'none'",
+        "is not one of",
+    ),
+    Case(
+        "router-explores-too-much",
+        _set("spec.router", {"scorer": "learned", "explorationShare": 0.9}),
+        "less than or equal to 0.5",
+        "maximum of 0.5",
+    ),
+    Case(
         "profile-without-table-or-auto",
         _drop(f"{LIGHT}.profile.batchLatencyMs"),
         "needs batchLatencyMs, or auto",

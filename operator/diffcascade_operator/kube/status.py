@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from diffcascade_operator.live_profiles import LiveProfileResult, VariantLiveSummary
 from diffcascade_operator.plan import Plan, SolverOutcome, SolverStatus, VariantAllocation
+from diffcascade_operator.profiles import QualityRow
 
 ConditionStatus = Literal["True", "False", "Unknown"]
 
@@ -134,6 +135,42 @@ def allocation_doc(plan: Plan, *, ready: Mapping[str, int], plan_id: str) -> dic
     # Absent (not null) when unknown: a merge patch treats null as "delete".
     if plan.predicted_fid is not None:
         doc["predictedFID"] = _round(plan.predicted_fid)
+    doc.update(hybrid_doc(plan))
+    return doc
+
+
+def plan_pair(plan: Plan) -> tuple[str, str | None]:
+    """(entry stage, the stage it sends routed and escalated queries to; None: it serves
+    alone): what `kubectl get dcas` shows as the pair."""
+    entry = plan.entry()
+    chosen = next((v for v in plan.variants if v.name == entry), None)
+    heavy = chosen.next_stage if chosen is not None else None
+    if heavy is None and chosen is not None and chosen.threshold:
+        names = [v.name for v in plan.variants]
+        index = names.index(entry)
+        heavy = names[index + 1] if index + 1 < len(names) else None
+    return entry, heavy
+
+
+def hybrid_doc(plan: Plan) -> dict[str, Any]:
+    """The plan's entry stage, pair, router share and table row (`status.allocation`)."""
+    entry, heavy = plan_pair(plan)
+    doc: dict[str, Any] = {
+        "entryStage": entry,
+        "pair": entry if heavy is None else f"{entry}->{heavy}",
+        "routerShare": _round(plan.router_share, 4),
+    }
+    if heavy is not None:
+        doc["heavyStage"] = heavy
+    if plan.row is not None:
+        doc["row"] = {
+            "light": plan.row.light,
+            "heavy": plan.row.heavy,
+            "routerShare": plan.row.router_share,
+            "escalateShare": plan.row.escalate_share,
+            "heavyShare": plan.row.heavy_share,
+            "fid": plan.row.fid,
+        }
     return doc
 
 
@@ -155,6 +192,19 @@ def plan_from_status(status: Mapping[str, Any] | None) -> Plan | None:
         )
         solver = allocation.get("solver") or {}
         fid = allocation.get("predictedFID")
+        row_doc = allocation.get("row")
+        row = None
+        if isinstance(row_doc, Mapping):
+            row = QualityRow(
+                light=str(row_doc["light"]),
+                heavy=str(row_doc["heavy"]),
+                router_share=float(row_doc["routerShare"]),
+                escalate_share=float(row_doc["escalateShare"]),
+                heavy_share=float(row_doc["heavyShare"]),
+                fid=float(row_doc["fid"]),
+            )
+        names = [v.name for v in variants]
+        entry = allocation.get("entryStage")
         return Plan(
             variants=variants,
             threshold=float(allocation.get("threshold") or 0.0),
@@ -170,6 +220,9 @@ def plan_from_status(status: Mapping[str, Any] | None) -> Plan | None:
             ),
             reason=str(allocation.get("reason") or "restored from status"),
             decided_at=parse_iso(allocation.get("decidedAt")) or 0.0,
+            entry_stage=str(entry) if entry in names and entry != names[0] else None,
+            router_share=float(allocation.get("routerShare") or 0.0),
+            row=row,
         )
     except (KeyError, TypeError, ValueError):
         return None

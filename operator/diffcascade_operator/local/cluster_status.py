@@ -106,6 +106,18 @@ def render_cluster_status(obj: dict[str, Any]) -> RenderableType:
         f"{_num(demand.get('qps'))} qps planned, {_num(demand.get('measuredQps'))} measured "
         f"({demand.get('source', '-')})",
     )
+    pair = str(alloc.get("pair", "-"))
+    row = alloc.get("row")
+    if isinstance(row, dict):
+        pair += (
+            f"  (table row r={row.get('routerShare')} c={row.get('escalateShare')}: "
+            f"FID {row.get('fid')})"
+        )
+    grid.add_row(
+        "pair",
+        f"{pair}  entry {alloc.get('entryStage', '-')}, router share "
+        f"{_num(alloc.get('routerShare'))}",
+    )
     grid.add_row(
         "threshold",
         f"{_num(alloc.get('threshold'), '.3f')}  defer {_num(alloc.get('deferFraction'), '.0%')}"

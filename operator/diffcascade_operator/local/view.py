@@ -41,6 +41,7 @@ def render_state(state: dict[str, Any]) -> RenderableType:
         f"{demand_text(plan.get('demand_qps'), metrics.get('demand_qps'))}"
         f"  ({metrics.get('source') or 'no metrics'})",
     )
+    summary.add_row("pair", pair_text(plan))
     summary.add_row(
         "threshold",
         f"{_num(plan.get('threshold'), '.3f')}  defer {_num(plan.get('defer_fraction'), '.0%')}"
@@ -79,8 +80,28 @@ def demand_text(planned: Any, measured: Any) -> str:
     return f"planned {_num(planned, '.1f')} qps (measured {_num(measured, '.1f')})"
 
 
-#: The part of a plan's reason that repeats its numbers: `[demand 8.1 qps → ]t=0.1 f=0.4 ...`.
-_SUMMARY = re.compile(r"(demand \S+ qps.*→ )?t=\S+ f=\S+ ")
+def pair_text(plan: dict[str, Any]) -> str:
+    """`entry -> heavy, router share r (row r, c: FID)` of a plan as `plan_to_dict` writes it."""
+    variants = plan.get("variants") or []
+    if not variants:
+        return "-"
+    entry = plan.get("entry_stage") or variants[0].get("name")
+    chosen: dict[str, Any] = next((v for v in variants if v.get("name") == entry), {})
+    heavy = chosen.get("next_stage")
+    text = f"{entry} -> {heavy}" if heavy else f"{entry} alone"
+    text += f", router share {_num(plan.get('router_share') or 0.0)}"
+    row = plan.get("row")
+    if isinstance(row, dict):
+        text += (
+            f" (table row r={row.get('router_share')} c={row.get('escalate_share')}: "
+            f"FID {row.get('fid')})"
+        )
+    return text
+
+
+#: The part of a plan's reason that repeats its numbers:
+#: `[demand 8.1 qps → ][light→heavy r=0.2 ]t=0.1 f=0.4 ...`.
+_SUMMARY = re.compile(r"(demand \S+ qps.*?→ )?(\S+ r=\S+ )?t=\S+ f=\S+ ")
 
 
 def reason_tail(reason: Any) -> str:
@@ -99,8 +120,9 @@ def plan_line(state: dict[str, Any]) -> str:
         for name, info in (state.get("replicas") or {}).items()
     )
     demand = demand_text(plan.get("demand_qps"), metrics.get("demand_qps"))
+    hybrid = f"{pair_text(plan)}; " if plan.get("entry_stage") or plan.get("router_share") else ""
     return (
-        f"{time.strftime('%H:%M:%S')} {demand}: t={_num(plan.get('threshold'), '.3f')} "
+        f"{time.strftime('%H:%M:%S')} {demand}: {hybrid}t={_num(plan.get('threshold'), '.3f')} "
         f"defer {_num(plan.get('defer_fraction'), '.0%')} {replicas} "
         f"FID {_num(plan.get('predicted_fid'), '.1f')}; {reason_tail(plan.get('reason'))}"
     )

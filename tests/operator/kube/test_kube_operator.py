@@ -12,6 +12,7 @@ Emulator gaps these tests work around, where they matter:
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
@@ -169,11 +170,63 @@ def test_the_operator_runs_the_router_and_pushes_it_each_plan(
     finally:
         router.stop()
     assert held["entry_url"] == stages[0] and held["heavy_url"] == stages[1]
-    assert held["router_share"] == 0.0  # plans carry no share yet: everything through the gate
+    assert held["router_share"] == 0.0  # no quality table: everything through the gate
     assert service.spec.selector == {
         "diffcascade.dev/cascade": CASCADE,
         "diffcascade.dev/role": "router",
     }
+
+
+def test_a_table_whose_plan_enters_past_the_first_variant_routes_through_the_router(
+    cluster: Cluster,
+    workers: dict[str, WorkerProcess],
+    prometheus: PrometheusProcess,
+    tiny_models: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    """A quality table whose best row is (mid -> heavy, r = 0.5): the plan enters at the
+    second variant, and the router pods are told that entry, the heavy stage and r."""
+    ns = "hybrid"
+    manifest = cascade_manifest(CASCADE, models=tiny_models, gpu_budget=4)
+    light, heavy = manifest["spec"]["variants"]
+    mid = {**copy.deepcopy(light), "name": "mid", "minReplicas": 0}
+    manifest["spec"]["variants"] = [{**light, "minReplicas": 0}, mid, heavy]
+    manifest["spec"]["qualityTable"] = {
+        "rows": [
+            {"light": "light", "heavy": "mid", "routerShare": 0, "escalateShare": 0.5, "fid": 30},
+            {"light": "mid", "heavy": "heavy", "routerShare": 0.5, "escalateShare": 0, "fid": 10},
+        ]
+    }
+    manifest["spec"]["router"] = {"scorer": "learned", "explorationShare": 0.1}
+    stages = [f"http://{CASCADE}-{v}.{ns}.svc:8000" for v in ("light", "mid", "heavy")]
+    router = start_router(tmp_path, allowed=stages)
+    try:
+        cluster.create_token_secret(ns, CASCADE)
+        cluster.create_cascade(ns, manifest)
+        with Operator(namespace=ns, env=operator_env(prometheus_url=prometheus.url)):
+            wait_for(lambda: cluster.replicas(ns, CASCADE), what="the router Deployment")
+            cluster.register_pods(ns, CASCADE, workers)
+            cluster.register_router_pod(ns, CASCADE, router.port)
+            plan = wait_for(
+                lambda: (p := _plan(cluster, ns)) and p.get("entryStage") == "mid" and p,
+                timeout=60,
+                what="a plan entering at mid",
+            )
+            held = wait_for(
+                lambda: (
+                    (router.config() or {}).get("plan_id") == plan["planId"] and router.config()
+                ),
+                timeout=30,
+                what="the plan's router document on the router pod",
+            )
+    finally:
+        router.stop()
+    assert plan["pair"] == "mid->heavy" and plan["routerShare"] == 0.5
+    assert plan["row"]["fid"] == 10 and plan["predictedFID"] == 10
+    assert held["entry_variant"] == "mid" and held["entry_url"] == stages[1]
+    assert held["heavy_variant"] == "heavy" and held["heavy_url"] == stages[2]
+    assert held["router_share"] == 0.5
+    assert held["scorer"] == "learned" and held["exploration_share"] == 0.1
 
 
 def _kubectl(*args: str) -> str:
@@ -233,6 +286,8 @@ def test_kubectl_get_dcas_prints_the_printer_columns(
     assert table.splitlines()[0].split() == [
         "NAME",
         "DEMAND",
+        "PAIR",
+        "ROUTER",
         "THRESHOLD",
         "REPLICAS",
         "FID",
@@ -246,7 +301,10 @@ def test_kubectl_get_dcas_prints_the_printer_columns(
     assert row["REPLICAS"].startswith("light=") and " heavy=" in row["REPLICAS"]
     assert float(row["THRESHOLD"]) == pytest.approx(status["allocation"]["threshold"], abs=1e-3)
     assert float(row["FID"]) > 0
+    assert row["PAIR"] == status["allocation"]["pair"] and row["PAIR"].startswith("light")
+    assert float(row["ROUTER"]) == 0.0  # no quality table: nothing is routed
     wide_row = _columns(wide)[0]
+    assert wide_row["ENTRY"] == "light"
     assert wide_row["SOURCE"] in ("Prometheus", "DirectScrape")
     assert wide_row["SOLVER"] in ("Optimal", "Initial")
 

@@ -49,3 +49,38 @@ def test_the_plan_written_to_status_is_the_plan_read_back() -> None:
 
 def test_replicas_summary_reads_desired_over_ready() -> None:
     assert st.replicas_summary(_plan(2, 3, 0.1), {"light": 2}) == "light=2/2 heavy=3/0"
+
+
+def test_a_hybrid_plan_shows_and_restores_its_entry_pair_router_share_and_row() -> None:
+    import dataclasses
+
+    from diffcascade_operator.profiles import QualityRow
+
+    base = _plan(2, 3, 0.05, batch=2)
+    light = dataclasses.replace(base.variants[0], next_stage="heavy")
+    row = QualityRow("light", "heavy", 0.2, 0.5, 0.6, 19.29)
+    plan = dataclasses.replace(
+        base, variants=(light, base.variants[1]), router_share=0.2, row=row, entry_stage="light"
+    )
+    doc = st.allocation_doc(plan, ready={}, plan_id=plan_id(plan))
+    assert (doc["entryStage"], doc["heavyStage"], doc["pair"]) == ("light", "heavy", "light->heavy")
+    assert doc["routerShare"] == 0.2 and doc["row"]["fid"] == 19.29
+    restored = st.plan_from_status({"allocation": doc})
+    assert restored is not None
+    assert (restored.entry(), restored.router_share, restored.row) == ("light", 0.2, row)
+    # a plan serving one variant alone names no heavy stage
+    alone = dataclasses.replace(
+        base,
+        variants=(dataclasses.replace(light, threshold=0.0, next_stage=None), base.variants[1]),
+    )
+    assert st.allocation_doc(alone, ready={}, plan_id="x")["pair"] == "light"
+    # `diffcascade status` on a cluster reads the same fields
+    from diffcascade_operator.local.cluster_status import render_cluster_status
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(render_cluster_status({"metadata": {"name": "c"}, "status": {"allocation": doc}}))
+    text = console.export_text()
+    assert (
+        "light->heavy  (table row r=0.2 c=0.5: FID 19.29)  entry light, router share 0.20" in text
+    )

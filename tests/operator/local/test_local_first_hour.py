@@ -86,6 +86,38 @@ def test_plan_line_labels_the_planned_demand_and_says_each_number_once() -> None
     assert plan_line(state).endswith("FID 17.1; metrics unavailable; initial plan")
 
 
+def test_a_hybrid_plan_names_its_pair_and_router_share_in_the_line_and_the_panel() -> None:
+    from diffcascade_operator.local.view import render_state
+
+    state = {
+        "cascade": "c",
+        "plan": {
+            "demand_qps": 10.0,
+            "threshold": 0.11,
+            "defer_fraction": 0.46,
+            "predicted_fid": 21.6,
+            "entry_stage": "turbo",
+            "router_share": 0.4,
+            "row": {"router_share": 0.4, "escalate_share": 0.1, "fid": 21.6},
+            "variants": [
+                {"name": "lightning", "batch_size": 1},
+                {"name": "turbo", "batch_size": 2, "next_stage": "medium"},
+                {"name": "medium", "batch_size": 1},
+            ],
+            "reason": "demand 10.0 qps → turbo→medium r=0.4 t=0.11 f=0.46 turbo x2 b2, "
+            "medium x14 b1, FID 21.6; solved optimal in 40 ms",
+        },
+        "metrics": {"demand_qps": 9.5},
+        "replicas": {"turbo": {"ready": 2, "desired": 2}, "medium": {"ready": 14, "desired": 14}},
+    }
+    line = plan_line(state)
+    assert "turbo -> medium, router share 0.40 (table row r=0.4 c=0.1: FID 21.6)" in line
+    assert line.endswith("optimal, 40 ms"), line  # the reason's summary is not repeated
+    console = Console(width=200, record=True)
+    console.print(render_state(state))
+    assert "turbo -> medium, router share 0.40" in console.export_text()
+
+
 def test_a_signal_raises_interrupted_with_what_the_body_wound_down_to() -> None:
     """`up` and `demo` both turn this into exit code 130 (the runner's one rule)."""
     from diffcascade_operator.local import runner

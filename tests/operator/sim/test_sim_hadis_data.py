@@ -124,11 +124,17 @@ def test_a_quality_table_must_name_variants_of_the_cascade() -> None:
             }
         ]
     }
-    with pytest.raises(ProfileError, match="not in the cascade: nope"):
-        profiles_from_spec(parse_spec(raw))
+    # inline rows: the spec refuses them (same words in the CRD's CEL rule)
+    with pytest.raises(InvalidSpec, match="must name variants of spec.variants"):
+        parse_spec(raw)
     raw["qualityTable"]["reference"] = "hadis-hybrid"
     with pytest.raises(InvalidSpec, match="either rows or reference"):
         parse_spec(raw)
+    # a bundled table is read when profiles load: its rows must fit the cascade's names
+    raw["qualityTable"] = {"reference": "hadis-hybrid"}
+    raw["variants"][-1]["name"] = "sd35-xl"
+    with pytest.raises(ProfileError, match="not in the cascade: sd35-large"):
+        profiles_from_spec(parse_spec(raw))
 
 
 def test_the_scenario_states_hadis_worker_rules() -> None:
