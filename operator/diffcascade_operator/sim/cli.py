@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from diffcascade_operator.profiles import ProfileError
-from diffcascade_operator.sim.engine import Dispatch
+from diffcascade_operator.queueing import Dispatch
 from diffcascade_operator.sim.policies import POLICIES, PolicyError
 from diffcascade_operator.sim.report import write_outputs
 from diffcascade_operator.sim.run import simulate as run_simulation

@@ -45,11 +45,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Protocol
 
 from diffcascade_worker.deadline import should_drop
 from diffcascade_worker.deferral import should_defer
+from diffcascade_worker.routing.rule import Target, route
 
 from diffcascade_operator.live_profiles import (
     HistogramRecorder,
@@ -61,6 +61,8 @@ from diffcascade_operator.live_profiles import (
 from diffcascade_operator.metrics_source import MetricsReading
 from diffcascade_operator.plan import Plan
 from diffcascade_operator.profiles import CascadeProfiles
+from diffcascade_operator.queueing import Dispatch
+from diffcascade_operator.router_config import router_view
 from diffcascade_operator.sim.model import Directive, Routing, StageModel, WorkerRole
 from diffcascade_operator.sim.prometheus import SimulatedPrometheus
 from diffcascade_operator.sim.routing import escalation_cut, is_routed, router_cut
@@ -74,12 +76,6 @@ from diffcascade_operator.snapshot_builder import (
 from diffcascade_operator.spec import CascadeSpec
 
 NOT_SERVED = -1
-
-
-class Dispatch(StrEnum):
-    LEAST_LOADED = "least-loaded"
-    ROUND_ROBIN = "round-robin"
-    RANDOM = "random"  # uniform among the stage's ready workers (HADIS's load balancer)
 
 
 class Policy(Protocol):
@@ -303,6 +299,11 @@ class Simulation:
         self.defer_p = 0.0
         self.rng = random.Random(config.seed)
         self.dispatch_rng = random.Random(config.seed + 1)
+        self.route_rng = random.Random(config.seed + 2)  # the product router's draws
+        #: The product router of the plan in force (`rule.route`): entry stage index, heavy
+        #: stage index, router share, exploration share; None when it routes nothing.
+        self.product_router: tuple[int, int, float, float] | None = None
+        self.explored = [False] * n
         self.routed = [False] * n
         self.registrations: list[tuple[float, int]] = []
         self.registered = [0] * len(stages)  # per stage, cumulative (ClusterTick.arrivals)
@@ -407,10 +408,14 @@ class Simulation:
             self._dispatch(k, qid, picked)
             return
         index = len(self.stages) - 1 if self.routing == Routing.LAST_ONLY else self.entry_index
+        if self.product_router is not None and self.router_scores is not None:
+            self._route_product(qid)
+            return
         stage = self.stages[index]
         if self.router_scores is None or not any(w.router_cut is not None for w in stage.workers):
             self._dispatch(index, qid)
             return
+        # HADIS's router: inside the light worker, by its percentile index rule
         worker = self._pick(stage)
         if worker is not None and worker.router_cut is not None and worker.next_index is not None:
             score = self.router_scores[self.prompt[qid] % len(self.router_scores)]
@@ -422,6 +427,29 @@ class Simulation:
                 self._dispatch(worker.next_index, qid)
                 return
         self._dispatch(index, qid, worker)
+
+    def _route_product(self, qid: int) -> None:
+        """The product's router (the `<cascade>` Service): the worker package's own rule
+        (`routing.rule.route`: r = 0 routes nothing, ties at the cut split in proportion,
+        an exploration share of would-be-heavy prompts goes through the entry anyway), before
+        any worker sees the query; a routed query registers at the heavy stage only."""
+        assert self.product_router is not None and self.router_scores is not None
+        entry, heavy, share, exploration = self.product_router
+        score = self.router_scores[self.prompt[qid] % len(self.router_scores)]
+        decision = route(
+            score,
+            share=share,
+            sorted_scores=self._sorted_router,
+            exploration=exploration,
+            draw=self.route_rng.random(),
+            tie_draw=self.route_rng.random(),
+        )
+        if decision.target is Target.HEAVY:
+            self.routed[qid] = True
+            self._dispatch(heavy, qid)
+            return
+        self.explored[qid] = decision.explored
+        self._dispatch(entry, qid)
 
     def _register(self, index: int) -> None:
         self.registrations.append((self.now, index))
@@ -640,9 +668,15 @@ class Simulation:
         names = [stage.model.name for stage in self.stages]
         self.entry_index = names.index(plan.entry()) if plan.entry() in names else 0
         self.entry_pool = [names.index(n) for n in directive.entry_stages or () if n in names]
+        self.product_router = None
         if directive.roles is not None:
             self._apply_roles(directive.roles, names)
             return
+        view = router_view(plan, self.spec)
+        if view.share > 0 and view.heavy in names and self.spec.router is not None:
+            exploration = self.spec.router.effective_exploration()
+            heavy = names.index(view.heavy)
+            self.product_router = (self.entry_index, heavy, view.share, exploration)
         # batch sizes, thresholds and routes change in place (no reload), before replicas move
         for index, stage in enumerate(self.stages):
             alloc = by_name.get(stage.model.name)
@@ -653,9 +687,7 @@ class Simulation:
                     stage.next_index = names.index(alloc.next_stage)
                 else:
                     stage.next_index = index + 1 if index + 1 < len(names) else None
-            stage.router_cut = None
-            if index == self.entry_index and plan.router_share > 0 and self._sorted_router:
-                stage.router_cut = router_cut(self._sorted_router, plan.router_share)
+            stage.router_cut = None  # plans route in the product's router (`_route_product`)
             for worker in stage.workers:
                 worker.batch_size = stage.batch_size
                 worker.threshold = stage.threshold
@@ -761,6 +793,7 @@ class Simulation:
             history=self.history,
             reading=reading,
             ready_replicas={s.model.name: len(s.ready(now)) for s in self.stages},
+            dispatch=self.cfg.dispatch,
         )
 
     def read_live(

@@ -16,8 +16,9 @@ from diffcascade_operator.profiles import (
     reference_is_stand_in,
     router_scores_from_spec,
 )
+from diffcascade_operator.queueing import Dispatch
 from diffcascade_operator.sim.diffserve import DiffServeArtifactPolicy
-from diffcascade_operator.sim.engine import Dispatch, EngineConfig, SimResult, Simulation
+from diffcascade_operator.sim.engine import EngineConfig, SimResult, Simulation
 from diffcascade_operator.sim.hadis_scoring import HadisScore, hadis_score
 from diffcascade_operator.sim.metrics import Summary, summarize
 from diffcascade_operator.sim.model import StageModel, confidences_from_curve
@@ -147,7 +148,9 @@ def simulate(
     )
     result = sim.run()
     stand_in = (
-        spec.router is not None and reference_is_stand_in("router", spec.router.reference)
+        spec.router is not None
+        and spec.router.reference is not None
+        and reference_is_stand_in("router", spec.router.reference)
     ) or any(
         v.gate is not None
         and v.gate.defer_curve is not None

@@ -13,7 +13,9 @@ from diffcascade_operator.snapshot import Snapshot
 from diffcascade_operator.spec import CascadeSpec, parse_spec
 
 
-def two_stage_spec(*, slo: float = 5.0, gpus: int = 4) -> CascadeSpec:
+def two_stage_spec(
+    *, slo: float = 5.0, gpus: int = 4, router: dict[str, Any] | None = None
+) -> CascadeSpec:
     raw: dict[str, Any] = {
         "sloSeconds": slo,
         "gpuBudget": gpus,
@@ -30,6 +32,8 @@ def two_stage_spec(*, slo: float = 5.0, gpus: int = 4) -> CascadeSpec:
             "fidByLightShare": [{"lightShare": 0, "fid": 10}, {"lightShare": 1, "fid": 20}]
         },
     }
+    if router is not None:
+        raw["router"] = router
     return parse_spec(raw)
 
 

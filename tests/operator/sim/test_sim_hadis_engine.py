@@ -18,6 +18,7 @@ from diffcascade_operator.sim.engine import (
 from diffcascade_operator.sim.metrics import summarize
 from diffcascade_operator.sim.model import Directive, StageModel, WorkerRole
 from diffcascade_operator.snapshot import Snapshot
+from diffcascade_operator.spec import CascadeSpec
 from sim_helpers import plan, profiles_for, two_stage_spec
 
 LIGHT = StageModel("light", {1: 100.0})
@@ -49,10 +50,11 @@ def run(
     router: Sequence[float] | None = None,
     config: EngineConfig | None = None,
     policy: Fixed | None = None,
+    spec: CascadeSpec | None = None,
 ) -> SimResult:
     stages = (LIGHT, HEAVY)
     sim = Simulation(
-        spec=two_stage_spec(gpus=8),
+        spec=spec or two_stage_spec(gpus=8),
         profiles=profiles_for(stages),
         stages=stages,
         arrivals_s=arrivals,
@@ -65,19 +67,69 @@ def run(
     return sim.run()
 
 
-def test_the_router_sends_the_top_share_of_prompts_straight_to_the_heavy_stage() -> None:
-    base = plan([2, 2], [1, 1], 0.0, NAMES)
-    routed_plan = dataclasses.replace(base, router_share=0.3)
+def test_hadis_router_in_the_light_worker_routes_by_its_index_rule() -> None:
+    """`hadis` roles: the router runs in the light worker (`sim.routing`, HADIS's rule)."""
+    roles = (
+        WorkerRole("light", 1, router_share=0.3, next_stage="heavy"),
+        WorkerRole("light", 1, router_share=0.3, next_stage="heavy"),
+        WorkerRole("heavy", 1),
+        WorkerRole("heavy", 1),
+    )
+    start = dataclasses.replace(plan([2, 2], [1, 1], 0.0, NAMES), entry_stage="light")
     # prompt k scores k; HADIS's index rule cuts at sorted[int(10 x 0.7) - 1] = 6, so the
     # top 30 % routes four prompts of ten (r x N, plus the one at the cut)
     arrivals = [0.1 * k for k in range(10)]
     scores = [float(k) for k in range(10)]
-    result = run(Directive(plan=routed_plan), arrivals, router=scores, confidences=[1.0] * 10)
+    result = run(
+        Directive(plan=start, roles=roles), arrivals, router=scores, confidences=[1.0] * 10
+    )
     assert [k for k in range(10) if result.routed[k]] == [6, 7, 8, 9]
     assert [result.served_by[k] for k in range(10)] == [0] * 6 + [1] * 4
     # a routed query registers at the entry worker, then at the heavy stage; no image first
     assert sum(1 for _, s in result.registrations if s == 0) == 10
     assert not any(result.deferred)
+    # r = 0 still marks the top prompt hard under HADIS's rule
+    zero = tuple(dataclasses.replace(r, router_share=0.0) if r.router_share else r for r in roles)
+    result = run(Directive(plan=start, roles=zero), arrivals, router=scores, confidences=[1.0] * 10)
+    assert [k for k in range(10) if result.routed[k]] == [9]
+
+
+def test_a_plans_router_share_goes_through_the_products_routing_rule() -> None:
+    """`decide()`'s plans: the `<cascade>` router runs the worker package's own rule
+    (`routing.rule.route`) before any worker: the same cut, but r = 0 routes nothing, a
+    routed query never registers at the entry stage, and the exploration share of the
+    spec's router sends some would-be-heavy prompts through the entry stage anyway."""
+    base = plan([2, 2], [1, 1], 0.0, NAMES)
+    light = dataclasses.replace(base.variants[0], next_stage="heavy")
+    routed_plan = dataclasses.replace(
+        base, variants=(light, base.variants[1]), router_share=0.3, entry_stage="light"
+    )
+    arrivals = [0.1 * k for k in range(10)]
+    scores = [float(k) for k in range(10)]
+    spec = two_stage_spec(gpus=8, router={"scorer": "rule", "reference": "hadis-rule"})
+    result = run(
+        Directive(plan=routed_plan), arrivals, router=scores, confidences=[1.0] * 10, spec=spec
+    )
+    assert [k for k in range(10) if result.routed[k]] == [6, 7, 8, 9]
+    assert sum(1 for _, s in result.registrations if s == 0) == 6
+    assert sum(1 for _, s in result.registrations if s == 1) == 4
+    zero = dataclasses.replace(routed_plan, router_share=0.0)
+    result = run(Directive(plan=zero), arrivals, router=scores, confidences=[1.0] * 10, spec=spec)
+    assert not any(result.routed)
+    # everything would go heavy at r = 1; a 0.5 exploration share keeps about half at entry
+    explore = two_stage_spec(
+        gpus=8, router={"scorer": "learned", "reference": "hadis-rule", "explorationShare": 0.5}
+    )
+    many = [0.01 * k for k in range(200)]
+    result = run(
+        Directive(plan=dataclasses.replace(routed_plan, router_share=1.0)),
+        many,
+        router=[float(k) for k in range(200)],
+        confidences=[1.0] * 200,
+        spec=explore,
+    )
+    assert 70 <= sum(result.routed) <= 130
+    assert all(result.entered_at[k] == 0 for k in range(200) if not result.routed[k])
 
 
 def test_a_plan_that_names_its_entry_stage_receives_every_arrival_there() -> None:
