@@ -44,6 +44,10 @@ class RecordingApi(KubeApi):
     def read_token(self, namespace: str, name: str) -> str | None:
         return "token"
 
+    def apply(self, manifest: dict[str, Any]) -> str:
+        self.calls.append(("apply", f"{manifest['kind']}/{manifest['metadata']['name']}"))
+        return "created"
+
 
 class Replay:
     """A metrics source answering what the simulated Prometheus answered, tick by tick: the
