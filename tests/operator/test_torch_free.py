@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 #: The worker modules the operator may import: the HTTP contract, the deferral contract, the
-#: deadline rule and the storage-URI rules. Anything else of the worker may pull torch in.
+#: deadline rule, the storage-URI rules (and which files a pipeline loads) and the pipeline
+#: assembly fields. Anything else of the worker may pull torch in.
 CONTRACT = {
     "diffcascade_worker",
     "diffcascade_worker.protocol",
@@ -15,6 +16,9 @@ CONTRACT = {
     "diffcascade_worker.deadline",
     "diffcascade_worker.storage",
     "diffcascade_worker.storage.uris",
+    "diffcascade_worker.storage.pipeline_files",
+    "diffcascade_worker.models",
+    "diffcascade_worker.models.assembly",
 }
 
 

@@ -27,7 +27,11 @@ def three_stage() -> Any:
             "name": name,
             "model": f"m-{name}",
             "profile": {"batchLatencyMs": {"1": 100 * (k + 1)}},
-            **({"gate": {"deferCurve": CURVE}} if k < 2 else {}),
+            **(
+                {"gate": {"discriminator": {"uri": "gate.pt"}, "deferCurve": CURVE}}
+                if k < 2
+                else {}
+            ),
         }
         for k, name in enumerate(("light", "mid", "heavy"))
     ]

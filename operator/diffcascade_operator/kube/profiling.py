@@ -35,6 +35,7 @@ from diffcascade_operator.spec import (
     InvalidSpec,
     ProfileSpec,
     VariantSpec,
+    check_deployable,
     parse_spec,
 )
 
@@ -68,6 +69,9 @@ def profile_key(spec: CascadeSpec, variant: VariantSpec, settings: OperatorSetti
         "nodeSelector": variant.node_selector,
         "tolerations": variant.tolerations,
     }
+    assembly = variant.assembly().model_dump(mode="json", by_alias=True, exclude_defaults=True)
+    if assembly:  # a UNet, scheduler, weights or checker change measures another pipeline
+        material["assembly"] = assembly
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -112,6 +116,7 @@ def profile_job(
         f"--steps={variant.steps}",
         f"--guidance-scale={variant.guidance_scale:g}",
         f"--size={variant.resolution}",
+        *variant.assembly(unet=paths.unet).flags(),
         f"--variant={variant.name}",
         f"--key={key}",
         "--out=/tmp/profile.json",
@@ -486,6 +491,7 @@ def gate(
     memo.digest, memo.checked_at, memo.outcome = digest, now, None
     try:
         spec = parse_spec(raw)
+        check_deployable(spec)
         check_spec(spec, settings)
     except InvalidSpec:
         return None

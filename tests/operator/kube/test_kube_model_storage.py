@@ -50,7 +50,8 @@ def test_hub_models_are_fetched_by_an_init_container_and_loaded_offline() -> Non
     assert init["args"] == [
         "fetch",
         "--cache-dir=/models",
-        "hf://stabilityai/sd-turbo",
+        "--model=hf://stabilityai/sd-turbo",  # the pipeline: only what the worker loads of it
+        "--weights-variant=fp16",
         "hf://openai/clip-vit-base-patch32",
     ]
     assert {"name": "HF_HOME", "value": HF_HOME} in init["env"]
