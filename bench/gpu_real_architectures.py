@@ -377,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     rows: list[Row] = []
     built: tuple[str, Any] | None = None  # (architecture, pipe): Lightning reuses SDXL's
+    pipe: Any = None
     for name in models:
         doc = load_config(name, smoke=args.smoke)
         size = 64 if args.smoke else int(doc["resolution"])
@@ -389,12 +390,19 @@ def main(argv: list[str] | None = None) -> int:
             write_outputs(args.out, rows, meta)
             continue
         if built is None or built[0] != arch:
-            built = None
+            built = pipe = None  # free the previous model before building the next
             gc.collect()
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
             t = time.monotonic()
-            pipe, params = build(doc, device=device, dtype=dtype)
+            try:
+                pipe, params = build(doc, device=device, dtype=dtype)
+            except Exception as error:  # say so in the table and go on with the next model
+                reason = f"error: build: {type(error).__name__}: {error}"[:200]
+                rows += [Row(name, b, None, reason, steps) for b in sizes]
+                log(start, f"{name}: {reason}")
+                write_outputs(args.out, rows, meta)
+                continue
             built = (arch, pipe)
             meta["parameters"][arch] = params
             log(
