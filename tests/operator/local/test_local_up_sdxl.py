@@ -89,19 +89,23 @@ def test_up_serves_a_lightning_to_sdxl_cascade(
     )
     try:
         url = up.wait_for(READY, timeout_s=180).group(1)
-        deadline = time.monotonic() + 60
-        while True:  # until the first plan (defer everything) has reached the light stage
+        deadline = time.monotonic() + 90
+        images: list[dict[str, Any]] = []
+        answers: list[str] = []
+        while time.monotonic() < deadline:  # until the first plan (defer all) reached the light
             response = httpx.post(
                 f"{url}/v1/images/generations",
                 json={"prompt": "a lighthouse at dusk", "n": 2, "seed": 1},
                 timeout=60.0,
             )
-            assert response.status_code == 200, response.text
-            images = response.json()["data"]
-            if all(image["deferred"] for image in images) or time.monotonic() > deadline:
-                break
+            answers.append(f"{response.status_code} {response.text[:200]}")
+            if response.status_code == 200:
+                images = response.json()["data"]
+                if all(image["deferred"] for image in images):
+                    break
             time.sleep(0.5)
-        assert [(i["served_by"], i["deferred"]) for i in images] == [("sdxl", True)] * 2
+        summary = [(i["served_by"], i["deferred"]) for i in images]
+        assert summary == [("sdxl", True)] * 2, (answers[-3:], up.output[-2000:])
         assert all(i["confidence"] is not None for i in images)  # the clip-score gate ran
         # The light worker was started assembled as written (the flags the worker test shows
         # running timesteps [999, 499]); the heavy one is plain SDXL base.
