@@ -7,8 +7,9 @@ workers have. It hands its result back through the container's termination messa
 and stores it in a ConfigMap `<cascade>-profile-<variant>` annotated with the profile key.
 
 The key hashes what changes the measurement (model, gate, steps, guidance, resolution, batch
-sizes, image, resources, nodes): a spec change that touches any of them names a new Job, so
-the variant is profiled again; until every auto variant has a ConfigMap of its current key
+sizes, image, resources, nodes, and the pipeline's assembly: unet, scheduler, weights variant,
+safety checker): a spec change that touches any of them names a new Job, so the variant is
+profiled again; until every auto variant has a ConfigMap of its current key
 the operator creates no workers and decides no plan (what already runs is left alone).
 Planning then uses the spec with the measured table (and, for a gated variant, the measured
 f(t)) in place of what the spec wrote.
