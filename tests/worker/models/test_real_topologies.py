@@ -168,3 +168,12 @@ def test_the_safety_checker_is_off_unless_asked_and_then_its_black_images_are_fl
     assert flagged.images.amax() == 0  # what diffusers does to a flagged image: black
     with pytest.raises(ModelLoadError, match="has no safety checker"):
         _load(tiny_families["sd-turbo"], safety_checker=True)
+
+
+def test_flagged_batches_are_not_logged_again_beside_the_response_mark(
+    tiny_families: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    pipeline = _load(tiny_families["sd15-safety"], steps=2, safety_checker=True)
+    with caplog.at_level("WARNING"):
+        assert pipeline.generate_batch(["a cat"], [0]).nsfw_content_detected == [True]
+    assert "NSFW" not in caplog.text

@@ -112,6 +112,17 @@ class _DropTruncationNotice(logging.Filter):
 _TRUNCATION_FILTER = _DropTruncationNotice()
 
 
+class _DropFlaggedNotice(logging.Filter):
+    """The safety checker logs a warning on every batch it flags; the response already marks
+    each flagged image (`nsfw_content_detected`), so the log would only repeat it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Potential NSFW content was detected" not in record.getMessage()
+
+
+_FLAGGED_FILTER = _DropFlaggedNotice()
+
+
 def quiet_progress_bars() -> None:
     """Turn off diffusers' and transformers' tqdm bars (load/save), which flood server logs."""
     for name in ("diffusers.utils.logging", "transformers.utils.logging"):
@@ -222,6 +233,9 @@ class TextToImagePipeline:
             ) from error
         pipe.set_progress_bar_config(disable=True)
         logging.getLogger(type(pipe).__module__).addFilter(_TRUNCATION_FILTER)
+        checker = getattr(pipe, "safety_checker", None)
+        if checker is not None:
+            logging.getLogger(type(checker).__module__).addFilter(_FLAGGED_FILTER)
         return cls(config, pipe, device=device, dtype=dtype)
 
     def timesteps(self, steps: int | None = None) -> list[int]:
