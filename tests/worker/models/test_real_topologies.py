@@ -177,3 +177,33 @@ def test_flagged_batches_are_not_logged_again_beside_the_response_mark(
     with caplog.at_level("WARNING"):
         assert pipeline.generate_batch(["a cat"], [0]).nsfw_content_detected == [True]
     assert "NSFW" not in caplog.text
+
+
+def test_a_model_folders_diffcascade_json_assembles_what_the_engine_serves(
+    tiny_families: dict[str, Path], tmp_path: Path
+) -> None:
+    import json
+    import shutil
+
+    from diffcascade_worker.models.engine import DiffusersEngine
+    from diffcascade_worker.serving.settings import WorkerSettings
+
+    folder = tmp_path / "lightning-baked"
+    shutil.copytree(tiny_families["sdxl"], folder)
+    shutil.copy(tiny_families["sdxl-lightning"] / LIGHTNING_UNET_FILE, folder / "unet.safetensors")
+    record = {
+        "steps": 2,
+        "guidanceScale": 0,
+        "size": 64,
+        "unet": "unet.safetensors",  # relative to the folder
+        "scheduler": {
+            "class": "EulerDiscreteScheduler",
+            "config": {"timestep_spacing": "trailing"},
+        },
+    }
+    (folder / "diffcascade.json").write_text(json.dumps(record))
+    settings = WorkerSettings(model=str(folder), variant="v", device="cpu", dtype="float32")
+    engine = DiffusersEngine.load(settings)
+    assert engine._pipeline.timesteps() == [999, 499]
+    assert engine._pipeline.config.assembly.unet == str(folder / "unet.safetensors")
+    assert len(engine.run_batch(["a cat"], [0]).images) == 1
