@@ -43,6 +43,8 @@ bench: setup
 	$(BIN)/python -m bench.operator_tick
 	$(BIN)/python -m bench.operator_reaction
 	$(BIN)/python bench/router_auc.py
+	$(BIN)/python bench/sd15_unet_cpu.py
+	$(BIN)/python bench/gpu_real_architectures.py --smoke --out bench/results/tmp/gpu-smoke
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -33,6 +33,7 @@ class WorkerFiles:
 
     model: str
     gate: str | None = None
+    unet: str | None = None  # the replacement UNet, when the variant has one
 
 
 def _names(spec: CascadeSpec) -> list[str]:
@@ -135,6 +136,7 @@ def serve_args(
         f"--size={variant.resolution}",
         f"--slo-seconds={spec.slo_seconds:g}",
         f"--max-batch-wait-ms={spec.control.max_batch_wait_ms:g}",
+        *variant.assembly(unet=files.unet).flags(),
     ]
     if files.gate is not None:
         args.append(f"--gate={files.gate}")

@@ -187,6 +187,11 @@ class ImageData(BaseModel):
     degraded: bool = Field(
         default=False, description="A deferral failed or would miss the deadline: light image"
     )
+    nsfw_content_detected: bool | None = Field(
+        default=None,
+        description="The serving stage's safety checker flagged this image, which is then "
+        "black; null if no safety checker runs",
+    )
     queue_ms: float
     run_ms: float
     total_ms: float
@@ -238,6 +243,7 @@ class CompletedImageEvent(_ImageEvent):
     usage: ImageUsage = Field(default_factory=ImageUsage)
     deferred: bool
     degraded: bool = False
+    nsfw_content_detected: bool | None = None
     queue_ms: float
     run_ms: float
     total_ms: float

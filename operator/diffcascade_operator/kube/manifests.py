@@ -219,7 +219,7 @@ def _worker_args(
             spec,
             variant.name,
             cascade=cascade,
-            files=WorkerFiles(model=paths.model, gate=paths.gate),
+            files=WorkerFiles(model=paths.model, gate=paths.gate, unet=paths.unet),
             stage_url=lambda name: stage_url(
                 cascade=cascade, namespace=namespace, variant=name, port=port
             ),

@@ -50,7 +50,7 @@ from diffcascade_operator.snapshot_builder import (
     read_live_profiles,
     read_metrics,
 )
-from diffcascade_operator.spec import CascadeSpec, InvalidSpec, parse_spec
+from diffcascade_operator.spec import CascadeSpec, InvalidSpec, check_deployable, parse_spec
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ def load_spec(
     digest = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
     if digest != state.spec_hash or state.spec is None or state.profiles is None:
         spec = parse_spec(dict(raw))
+        check_deployable(spec)
         if settings is not None:
             check_spec(spec, settings)
         try:

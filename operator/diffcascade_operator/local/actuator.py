@@ -48,12 +48,17 @@ class MissingModel:
 
 
 def missing_models(spec: CascadeSpec, *, base_dir: Path) -> list[MissingModel]:
-    """Variants whose model (or gate) is a local path that does not exist."""
+    """Variants whose model (or replacement UNet, or gate) is a local path that does not
+    exist."""
     missing = []
     for variant in spec.variants:
         model = resolve_local_path(variant.model, base_dir=base_dir)
         if Path(model).is_absolute() and not Path(model).exists():  # hub ids stay relative
             missing.append(MissingModel(variant.name, model))
+        if variant.unet is not None:
+            unet = resolve_local_path(variant.unet, base_dir=base_dir)
+            if not Path(unet).exists():
+                missing.append(MissingModel(variant.name, unet))
         gate = variant.gate.discriminator if variant.gate else None
         if gate is not None:
             gate_path = resolve_local_path(gate.uri, base_dir=base_dir)
@@ -101,6 +106,11 @@ class LocalActuator:
         files = WorkerFiles(
             model=resolve_local_path(variant.model, base_dir=self.base_dir),
             gate=resolve_local_path(gate.uri, base_dir=self.base_dir) if gate else None,
+            unet=(
+                resolve_local_path(variant.unet, base_dir=self.base_dir)
+                if variant.unet is not None
+                else None
+            ),
         )
         return serve_args(
             self.spec,

@@ -19,7 +19,7 @@ import yaml
 from diffcascade_operator.local.actuator import missing_models
 from diffcascade_operator.local.cascade import LocalCascade, StartupFailed
 from diffcascade_operator.profiles import CascadeProfiles, ProfileError, profiles_from_spec
-from diffcascade_operator.spec import CascadeSpec, InvalidSpec, load_manifest
+from diffcascade_operator.spec import CascadeSpec, InvalidSpec, check_deployable, load_manifest
 
 DEFAULT_EXAMPLE = Path("examples") / "tiny-cpu.yaml"
 
@@ -64,9 +64,11 @@ def load_cascade_file(path: Path) -> tuple[str, CascadeSpec]:
     if len(docs) != 1 or not isinstance(docs[0], dict):
         raise LocalRunError(f"{path} must hold exactly one DiffusionCascade document")
     try:
-        return load_manifest(docs[0])
+        name, spec = load_manifest(docs[0])
+        check_deployable(spec)
     except InvalidSpec as exc:
         raise LocalRunError(f"{path}: invalid DiffusionCascade: {exc}") from None
+    return name, spec
 
 
 def prepare(path: Path, *, base_dir: Path) -> tuple[str, CascadeSpec, CascadeProfiles]:

@@ -17,6 +17,7 @@ def two_stage_spec(*, slo: float = 5.0, gpus: int = 4) -> CascadeSpec:
     raw: dict[str, Any] = {
         "sloSeconds": slo,
         "gpuBudget": gpus,
+        "simulatorOnly": True,
         "variants": [
             {
                 "name": "light",

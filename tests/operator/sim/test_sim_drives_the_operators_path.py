@@ -112,9 +112,14 @@ def test_a_ramp_gives_the_same_plans_through_the_simulator_and_the_operator() ->
     readings = [d.reading for d in decisions]
     assert sum(r is not None for r in readings) >= len(decisions) - 1
 
+    # The scenario is simulator-only (a reference curve, no gate): deployed, it needs a gate,
+    # which the operator's planning never reads.
+    deployed = scenario.spec.model_dump(by_alias=True, exclude_none=True, mode="json")
+    deployed["simulatorOnly"] = False
+    deployed["variants"][0]["gate"]["discriminator"] = {"uri": "gate.pt"}
     body: dict[str, Any] = {
         "metadata": {"name": "c", "namespace": "ns", "generation": 1, "uid": "u"},
-        "spec": scenario.spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
+        "spec": deployed,
         "status": {},
     }
     settings = OperatorSettings()

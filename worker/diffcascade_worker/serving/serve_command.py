@@ -28,6 +28,7 @@ import click
 import uvicorn
 from pydantic import SecretStr, ValidationError
 
+from diffcascade_worker.models.assembly import assembly_from_options, assembly_options
 from diffcascade_worker.protocol import EXIT_DRAIN_INCOMPLETE
 from diffcascade_worker.serving import settings as defaults
 from diffcascade_worker.serving.limits import (
@@ -287,6 +288,7 @@ def read_token(token: str | None, token_file: Path | None) -> str | None:
 )
 @click.option("--device", default=None, envvar=_option_env("device"), help="cpu, cuda, cuda:1 ...")
 @click.option("--dtype", default=None, envvar=_option_env("dtype"), help="float32, float16 ...")
+@assembly_options(envvar_prefix=_ENV)
 @click.option(
     "--threads",
     type=int,
@@ -371,6 +373,11 @@ def serve(
     drain_timeout: float,
     device: str | None,
     dtype: str | None,
+    unet: str | None,
+    weights_variant: str | None,
+    safety_checker: bool | None,
+    scheduler: str | None,
+    scheduler_config: str | None,
     threads: int | None,
     log_level: str,
     access_log: bool,
@@ -392,6 +399,13 @@ def serve(
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per deferral otherwise
     if model.startswith(("/", ".", "~")) and not Path(model).expanduser().exists():
         raise click.UsageError(f"--model {model}: no such folder")
+    assembly = assembly_from_options(
+        unet=unet,
+        scheduler=scheduler,
+        scheduler_config=scheduler_config,
+        weights_variant=weights_variant,
+        safety_checker=safety_checker,
+    )
     try:
         settings = WorkerSettings(
             model=model,
@@ -404,6 +418,7 @@ def serve(
             size=size,
             device=device,
             dtype=dtype,
+            assembly=assembly,
             threads=threads,
             batch_size=batch_size,
             max_batch_wait_ms=max_batch_wait_ms,

@@ -502,6 +502,7 @@ class WorkerService:
             and should_defer(confidence, config.threshold)
         )
         served_by = self.settings.variant
+        flagged = result.flagged
         b64: str | None = None
         outcome = Outcome.SERVED
         if defer:
@@ -534,6 +535,7 @@ class WorkerService:
             else:
                 outcome = Outcome.DEFERRED
                 b64, served_by = forwarded.image.b64_json, forwarded.image.served_by
+                flagged = forwarded.image.nsfw_content_detected
         if b64 is None:
             b64 = await self._encode(result.image)
         done = self._clock()
@@ -546,6 +548,7 @@ class WorkerService:
             confidence=confidence,
             deferred=defer,
             degraded=outcome is Outcome.DEGRADED,
+            nsfw_content_detected=flagged,
             queue_ms=(result.started - arrival) * 1000.0,
             run_ms=(done - result.started) * 1000.0,
             total_ms=(done - arrival) * 1000.0,

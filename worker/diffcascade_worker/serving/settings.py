@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from diffcascade_worker.models.assembly import PipelineAssembly
 from diffcascade_worker.protocol import (
     MAX_BATCH_SIZE,
     MIN_SLO_SECONDS,
@@ -49,6 +50,9 @@ class WorkerSettings(BaseModel):
     size: int | None = Field(default=None, ge=8, le=4096)
     device: str | None = None
     dtype: str | None = None
+    #: How the pipeline is assembled (replacement UNet, scheduler, weights variant, safety
+    #: checker); unset fields come from the model folder's diffcascade.json (`resolved`).
+    assembly: PipelineAssembly = Field(default_factory=PipelineAssembly)
     threads: int | None = Field(default=None, ge=1, le=1024, description="torch CPU threads")
     batch_size: int = Field(default=1, ge=1, le=MAX_BATCH_SIZE)
     max_batch_wait_ms: float = Field(default=0.0, ge=0.0, le=10_000.0)
@@ -117,7 +121,14 @@ class WorkerSettings(BaseModel):
         if guidance is None:
             guidance = found.get("guidance_scale", DEFAULT_GUIDANCE)
         size = self.size if self.size is not None else found.get("size", DEFAULT_SIZE)
-        values = {**self.model_dump(), "steps": steps, "guidance": guidance, "size": size}
+        assembly = self.assembly.over(found.get("assembly") or PipelineAssembly())
+        values = {
+            **self.model_dump(),
+            "steps": steps,
+            "guidance": guidance,
+            "size": size,
+            "assembly": assembly,
+        }
         return WorkerSettings.model_validate(values)
 
     def initial_config(self) -> CascadeConfig:
