@@ -32,7 +32,8 @@ def test_the_smoke_run_writes_the_reference_format_and_imports_no_diffcascade(
     tmp_path: Path,
 ) -> None:
     out = tmp_path / "out"
-    args = ["--smoke", "--out", str(out), "--models", "sd-turbo,sdxl-lightning,sdxl"]
+    models = "sd-turbo,sdxl-lightning,sdxl"
+    args = ["--smoke", "--extrapolate", "--out", str(out), "--models", models]
     done = subprocess.run(
         [sys.executable, "-c", _RUN.format(script=str(SCRIPT)), *args, "--batch-sizes", "1,2"],
         capture_output=True,
@@ -50,7 +51,7 @@ def test_the_smoke_run_writes_the_reference_format_and_imports_no_diffcascade(
     ]
     run = json.loads((out / "run.json").read_text())
     status = {(r["model"], r["batch_size"]): r["status"] for r in run["rows"]}
-    assert status[("sdxl", 1)].startswith("extrapolated")  # 50 steps: timed at 2 and 6
+    assert status[("sdxl", 1)].startswith("extrapolated")  # --extrapolate: timed at 2 and 6
     assert status[("sd-turbo", 1)] == "measured"
     assert all(r["reference_a100_ms"] for r in run["rows"])
     assert "SMOKE" in (out / "results.md").read_text()
