@@ -13,10 +13,8 @@ Without a config token the worker does not start, unless `--insecure-no-token` s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import resource
 import signal
 import socket
 import sys
@@ -35,8 +33,10 @@ from diffcascade_worker.serving.limits import (
     DEFAULT_KEEP_ALIVE_S,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_WRITE_TIMEOUT_S,
     BodyLimit,
     guarded_protocol,
+    raise_file_limit,
 )
 from diffcascade_worker.serving.settings import WorkerSettings
 
@@ -49,6 +49,7 @@ _FLAG_OF = {
     "allowed_next_stages": "allowed_next_stage",
     "header_timeout_s": "header_timeout",
     "keep_alive_s": "keep_alive_timeout",
+    "write_timeout_s": "write_timeout",
 }
 
 
@@ -109,6 +110,7 @@ def server_config(service: Any, *, log_level: str = "info", access_log: bool = F
         config.http_protocol_class,
         header_timeout_s=settings.header_timeout_s,
         max_connections=settings.max_connections,
+        write_timeout_s=settings.write_timeout_s,
     )
     return config
 
@@ -134,14 +136,6 @@ def _listen(host: str, port: int) -> socket.socket:
             f"cannot listen on {host}:{port}: {os.strerror(error.errno) if error.errno else error} "
             "(another process uses it? pick another --port)"
         ) from None
-
-
-def _raise_file_limit() -> None:
-    """Soft file limit up to the hard one: the connection limit, not the kernel, refuses."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard != resource.RLIM_INFINITY:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _option_env(name: str) -> str:
@@ -347,6 +341,15 @@ def read_token(token: str | None, token_file: Path | None) -> str | None:
     envvar=_option_env("keep_alive_timeout"),
     help="seconds an idle keep-alive connection stays open",
 )
+@click.option(
+    "--write-timeout",
+    type=float,
+    default=DEFAULT_WRITE_TIMEOUT_S,
+    show_default=True,
+    envvar=_option_env("write_timeout"),
+    help="seconds a response may wait on a client that reads nothing before the connection "
+    "is dropped",
+)
 @click.option("--access-log/--no-access-log", default=False, show_default=True)
 def serve(
     *,
@@ -380,6 +383,7 @@ def serve(
     max_connections: int,
     header_timeout: float,
     keep_alive_timeout: int,
+    write_timeout: float,
 ) -> None:
     """Serve one model variant: images API, gate, deferral, metrics.
 
@@ -423,6 +427,7 @@ def serve(
             max_connections=max_connections,
             header_timeout_s=header_timeout,
             keep_alive_s=keep_alive_timeout,
+            write_timeout_s=write_timeout,
         )
     except ValidationError as error:
         raise click.UsageError(_problems(error)) from None
@@ -433,7 +438,7 @@ def serve(
         )
     if settings.token is None:
         logger.warning("--insecure-no-token: the config API accepts unauthenticated changes")
-    _raise_file_limit()
+    raise_file_limit()
     listening = _listen(settings.host, settings.port)  # a busy port fails here, at once
 
     from diffcascade_worker.serving.service import WorkerService

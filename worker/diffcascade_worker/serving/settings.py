@@ -24,6 +24,7 @@ from diffcascade_worker.serving.limits import (
     DEFAULT_KEEP_ALIVE_S,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_WRITE_TIMEOUT_S,
 )
 
 DEFAULT_PORT = 8000
@@ -68,6 +69,7 @@ class WorkerSettings(BaseModel):
     max_connections: int = Field(default=DEFAULT_MAX_CONNECTIONS, ge=8, le=1_000_000)
     header_timeout_s: float = Field(default=DEFAULT_HEADER_TIMEOUT_S, gt=0.0, le=600.0)
     keep_alive_s: int = Field(default=DEFAULT_KEEP_ALIVE_S, ge=1, le=600)
+    write_timeout_s: float = Field(default=DEFAULT_WRITE_TIMEOUT_S, gt=0.0, le=600.0)
 
     @field_validator("size")
     @classmethod
