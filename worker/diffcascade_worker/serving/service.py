@@ -416,16 +416,28 @@ class WorkerService:
         watch = asyncio.ensure_future(disconnected())
         try:
             await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # Our caller was cancelled: the streaming route's own disconnect listener (or a
+            # server shutdown) got there first. The work must not run on for nobody.
+            self._abandon(work, items)
+            raise
         finally:
             watch.cancel()
         if work.done():
             return work.result()
-        work.cancel()  # cancels the images' futures, so the batcher skips them
+        self._abandon(work, items)
+        await asyncio.gather(work, return_exceptions=True)
+        raise ClientDisconnected("the client disconnected before its images were done")
+
+    def _abandon(self, work: asyncio.Future[GenerationResponse], items: list[WorkItem]) -> None:
+        """Stop a request's work: queued images are skipped by the batcher, a deferral in
+        flight is cancelled (the next stage sees its client go and drops it too)."""
+        if work.done():
+            return
+        work.cancel()
         for item in items:
             item.future.cancel()
-        await asyncio.gather(work, return_exceptions=True)
         self.metrics.completed(Outcome.ABANDONED, len(items))
-        raise ClientDisconnected("the client disconnected before its images were done")
 
     def _forward_deadline(self, item: WorkItem) -> float:
         """A deferral ends by the request's deadline, and by the drain deadline when draining."""
