@@ -319,7 +319,11 @@ class LocalCascade:
         for variant in self.variants:
             pool = self.router.pools[variant]
             workers = self.supervisor.of(
-                variant, WorkerState.STARTING, WorkerState.READY, WorkerState.DRAINING
+                variant,
+                WorkerState.STARTING,
+                WorkerState.READY,
+                WorkerState.UNREADY,
+                WorkerState.DRAINING,
             )
             stage = reading.stages.get(variant) if reading else None
             desired = self.plan.replicas().get(variant) if self.plan else None

@@ -6,6 +6,12 @@ next-stage URL the workers defer to, so replicas can come and go without reconfi
 stage before. Each request goes to the ready replica with the fewest outstanding requests.
 Streamed answers (`stream: true`, server-sent events) are relayed event by event.
 `GET /v1/models` lists the cascade and its variants.
+
+The router is a server clients reach, so it runs behind the workers' armour
+(`diffcascade_worker.serving.limits`): the same body limit (413), header, keep-alive and write
+timeouts, and a connection limit kept well under the file limit (which it raises), so that a
+flood of sockets never starves the control loop of sockets of its own. A client that hangs up
+is passed on: the request to the stage is cancelled, and the worker drops the work.
 """
 
 from __future__ import annotations
@@ -15,9 +21,9 @@ import contextlib
 import itertools
 import json
 import socket
-from collections.abc import AsyncIterator, Callable, Generator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import uvicorn
@@ -35,6 +41,15 @@ from diffcascade_worker.protocol import (
     ModelCard,
     ModelList,
 )
+from diffcascade_worker.serving.limits import (
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_KEEP_ALIVE_S,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CONNECTIONS,
+    BodyLimit,
+    guarded_protocol,
+    raise_file_limit,
+)
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
@@ -43,6 +58,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 PATH_PLAN = "/v1/cascade/plan"
+#: A client connection may take a second one to a stage, and the control loop, Prometheus and
+#: the worker processes need descriptors too: clients get at most a quarter of the file limit.
+FILES_PER_CLIENT_CONNECTION = 4
+
+T = TypeVar("T")
 _FORWARDED_HEADERS = ("content-type", HEADER_BUDGET_MS, HEADER_DEFERRED_FROM, HEADER_REQUEST_ID)
 _RETURNED_HEADERS = ("content-type", HEADER_RETRY_AFTER)
 
@@ -96,7 +116,9 @@ class _QuietServer(uvicorn.Server):
         yield
 
 
-def _error(status: int, message: str, *, code: str, retry_after: int | None = None) -> Response:
+def _error(
+    status: int, message: str, *, code: str | None, retry_after: int | None = None
+) -> Response:
     """OpenAI's error envelope, so SDK clients raise the matching exception class."""
     kind = "invalid_request_error" if status < 500 else "server_error"
     body = ErrorResponse(error=ErrorDetail(message=message, type=kind, code=code))
@@ -104,9 +126,14 @@ def _error(status: int, message: str, *, code: str, retry_after: int | None = No
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
+#: Starlette's own HTTP errors (no route; a chunked body over the limit) by status.
+_HTTP_ERROR_CODES = {404: "unknown_url", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
 async def _http_error(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    return _error(exc.status_code, str(exc.detail), code="unknown_url")
+    code = _HTTP_ERROR_CODES.get(exc.status_code)
+    return _error(exc.status_code, str(exc.detail), code=code)
 
 
 def _requested_model(body: bytes) -> str | None:
@@ -117,6 +144,42 @@ def _requested_model(body: bytes) -> str | None:
         return None
     model = parsed.get("model") if isinstance(parsed, dict) else None
     return model if isinstance(model, str) else None
+
+
+def connection_budget(file_limit: int) -> int:
+    """How many client connections the router holds at once under `file_limit` descriptors."""
+    return max(8, min(DEFAULT_MAX_CONNECTIONS, file_limit // FILES_PER_CLIENT_CONNECTION))
+
+
+class _ClientGone(Exception):
+    """The client hung up before the stage answered."""
+
+
+async def _until_disconnected(request: Request) -> None:
+    """Returns once the client's connection is gone (its body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_gone(request: Request, work: Awaitable[T]) -> T:
+    """`work`'s result, unless the client hangs up first: then `work` is cancelled, which
+    closes the connection to the stage, so the worker sees the hang-up and drops the work."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    raise _ClientGone
+
+
+def _gone() -> Response:
+    """What a client that hung up 'gets' (nobody reads it; the access log shows 499)."""
+    return _error(499, "the client disconnected", code="client_disconnected")
 
 
 async def _relay(
@@ -149,7 +212,12 @@ class Router:
         plan: Callable[[], dict[str, Any]],
         forward_timeout_s: float = 120.0,
         cascade: str | None = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
+        keep_alive_s: int = DEFAULT_KEEP_ALIVE_S,
+        max_connections: int | None = None,
     ) -> None:
+        """`max_connections` None: `connection_budget` of the file limit (raised at start)."""
         self.variants = list(variants)
         self.cascade = cascade
         self.pools = {v: ReplicaPool() for v in self.variants}
@@ -159,6 +227,10 @@ class Router:
         self._server: _QuietServer | None = None
         self._task: asyncio.Task[None] | None = None
         self.url = ""
+        self.max_body_bytes = max_body_bytes
+        self.header_timeout_s = header_timeout_s
+        self.keep_alive_s = keep_alive_s
+        self.max_connections = max_connections
         routes = [
             Route(PATH_GENERATIONS, self._entry, methods=["POST"]),
             Route("/stages/{variant}" + PATH_GENERATIONS, self._stage, methods=["POST"]),
@@ -191,13 +263,31 @@ class Router:
             raise
         bound = sock.getsockname()[1]
         self.url = f"http://{host}:{bound}"
+        file_limit = raise_file_limit()
+        if self.max_connections is None:
+            self.max_connections = connection_budget(file_limit)
         self._client = httpx.AsyncClient(
             timeout=self._timeout,
             trust_env=False,
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
+            limits=httpx.Limits(
+                max_connections=self.max_connections, max_keepalive_connections=128
+            ),
         )
         config = uvicorn.Config(
-            self.app, log_level="warning", access_log=False, timeout_keep_alive=30, lifespan="off"
+            BodyLimit(self.app, max_bytes=self.max_body_bytes),
+            log_level="warning",
+            access_log=False,
+            timeout_keep_alive=self.keep_alive_s,
+            lifespan="off",
+            # A burst is accepted all at once before any connection can make room; a backlog
+            # no deeper than the connection limit keeps that burst under the file limit.
+            backlog=self.max_connections,
+        )
+        config.load()
+        config.http_protocol_class = guarded_protocol(
+            config.http_protocol_class,
+            header_timeout_s=self.header_timeout_s,
+            max_connections=self.max_connections,
         )
         self._server = _QuietServer(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="router")
@@ -250,12 +340,18 @@ class Router:
                     replica.outstanding -= 1
 
             try:
-                upstream = await self._client.send(
-                    self._client.build_request(
-                        "POST", replica.url + PATH_GENERATIONS, content=body, headers=headers
+                upstream = await _unless_gone(
+                    request,
+                    self._client.send(
+                        self._client.build_request(
+                            "POST", replica.url + PATH_GENERATIONS, content=body, headers=headers
+                        ),
+                        stream=True,
                     ),
-                    stream=True,
                 )
+            except _ClientGone:
+                release()
+                return _gone()
             except (httpx.ConnectError, httpx.RemoteProtocolError):
                 release()
                 continue
@@ -277,7 +373,9 @@ class Router:
                     background=BackgroundTask(_close, upstream, release),
                 )
             try:
-                content = await upstream.aread()
+                content = await _unless_gone(request, upstream.aread())
+            except _ClientGone:
+                return _gone()
             except httpx.HTTPError as exc:
                 return _error(502, f"stage {variant}: {exc}", code="bad_gateway")
             finally:

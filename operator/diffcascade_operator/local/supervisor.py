@@ -98,6 +98,7 @@ def stop_processes(processes: list[subprocess.Popen[bytes]], *, grace_s: float) 
 class WorkerState(StrEnum):
     STARTING = "starting"  # process up, /readyz not yet 200
     READY = "ready"  # serving, in the router
+    UNREADY = "unready"  # was ready, stopped answering /readyz: out of the router until it does
     DRAINING = "draining"  # SIGTERM sent, finishing accepted requests
     EXITED = "exited"
 
@@ -114,6 +115,7 @@ class Worker:
     state: WorkerState = WorkerState.STARTING
     draining_since: float | None = None
     pushed: dict[str, Any] | None = field(default=None)  # last config the worker accepted
+    failed_probes: int = 0  # consecutive /readyz probes a ready worker failed
 
     @property
     def name(self) -> str:
@@ -125,7 +127,7 @@ class Worker:
 
     @property
     def alive(self) -> bool:
-        return self.state in (WorkerState.STARTING, WorkerState.READY)
+        return self.state in (WorkerState.STARTING, WorkerState.READY, WorkerState.UNREADY)
 
 
 def worker_command() -> list[str]:
@@ -230,7 +232,7 @@ class Supervisor:
         return died
 
     def of(self, variant: str, *states: WorkerState) -> list[Worker]:
-        wanted = states or (WorkerState.STARTING, WorkerState.READY)
+        wanted = states or (WorkerState.STARTING, WorkerState.READY, WorkerState.UNREADY)
         return [w for w in self.workers if w.variant == variant and w.state in wanted]
 
     def shutdown(self, *, grace_s: float | None = None) -> None:
