@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ParamSpec
 
 import click
 import httpx
@@ -20,12 +22,31 @@ from diffcascade_operator.local.runner import (
     Interrupted,
     LocalRunError,
     default_cascade_file,
+    interruptible,
     load_cascade_file,
     prepare,
     run_cascade,
 )
 from diffcascade_operator.local.state import DEFAULT_RUNS_DIR, STATE_FILE, pid_alive, read_state
 from diffcascade_operator.local.view import LiveView, render_state
+
+P = ParamSpec("P")
+
+
+def _exit_130_on_signals(command: Callable[P, None]) -> Callable[P, None]:
+    """Ctrl-C, SIGTERM or SIGHUP at any moment of the command, not only once the cascade
+    runs (say, during the first-run model build), stops it cleanly with exit code 130."""
+
+    @functools.wraps(command)
+    def run(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            with interruptible():
+                command(*args, **kwargs)
+        except Interrupted:
+            click.echo("diffcascade: interrupted; no process left running", err=True)
+            raise SystemExit(EXIT_INTERRUPTED) from None
+
+    return run
 
 
 def _cascade_file(file: Path | None) -> Path:
@@ -93,6 +114,7 @@ def _setup_logging(verbose: bool) -> None:
     "--duration", type=click.FloatRange(min=0), help="Stop after S seconds (default: Ctrl-C)"
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log worker starts, stops and pushes.")
+@_exit_130_on_signals
 def up(
     file: Path | None,
     host: str,
@@ -289,6 +311,7 @@ def status(
 )
 @click.option("--save-count", default=24, show_default=True, type=click.IntRange(min=0))
 @click.option("-v", "--verbose", is_flag=True)
+@_exit_130_on_signals
 def demo(
     out_dir: Path | None,
     cascade_file: Path | None,

@@ -95,6 +95,17 @@ def stop_processes(processes: list[subprocess.Popen[bytes]], *, grace_s: float) 
             os.killpg(process.pid, signal.SIGKILL)
 
 
+def run_tied(argv: list[str], *, log_path: Path, env: dict[str, str] | None = None) -> int:
+    """Run a child to completion (`spawn`: it dies with us); its exit code. Whatever ends the
+    wait early (a signal turned into an exception, say) stops the child before it propagates."""
+    process = spawn(argv, log_path=log_path, env=env)
+    try:
+        return process.wait()
+    except BaseException:
+        stop_processes([process], grace_s=2.0)
+        raise
+
+
 class WorkerState(StrEnum):
     STARTING = "starting"  # process up, /readyz not yet 200
     READY = "ready"  # serving, in the router
