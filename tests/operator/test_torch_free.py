@@ -7,7 +7,9 @@ import subprocess
 import sys
 
 #: The worker modules the operator may import: the HTTP contract, the deferral contract, the
-#: deadline rule and the storage-URI rules. Anything else of the worker may pull torch in.
+#: deadline rule, the storage-URI rules, and the HTTP armour and client API keys the `up`
+#: router shares with the workers (with the error envelope they answer in). Anything else of
+#: the worker may pull torch in.
 CONTRACT = {
     "diffcascade_worker",
     "diffcascade_worker.protocol",
@@ -15,6 +17,10 @@ CONTRACT = {
     "diffcascade_worker.deadline",
     "diffcascade_worker.storage",
     "diffcascade_worker.storage.uris",
+    "diffcascade_worker.serving",
+    "diffcascade_worker.serving.limits",
+    "diffcascade_worker.serving.api_keys",
+    "diffcascade_worker.serving.errors",
 }
 
 

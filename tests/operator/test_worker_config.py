@@ -103,3 +103,18 @@ def test_a_two_stage_config_leaves_the_next_stage_of_the_serve_arguments_alone()
     assert "--next-stage-url=http://heavy" in serve_args(
         pair, "light", cascade="c", files=WorkerFiles("m"), stage_url=url
     )
+
+
+def test_only_the_entry_stage_is_told_to_check_client_api_keys() -> None:
+    raw = three_stage().model_dump(by_alias=True, exclude_none=True)
+    files = WorkerFiles(model="/m", api_keys="/keys")
+    open_spec = parse_spec(raw)
+    keyed = parse_spec({**raw, "apiKeys": {"secretName": "client-keys"}})
+
+    def told(spec: Any, name: str) -> list[str]:
+        args = serve_args(spec, name, cascade="c", files=files, stage_url=url)
+        return [a for a in args if a.startswith("--api-keys")]
+
+    assert told(keyed, "light") == ["--api-keys=/keys"]
+    assert told(keyed, "mid") == told(keyed, "heavy") == []
+    assert told(open_spec, "light") == []

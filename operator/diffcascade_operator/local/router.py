@@ -12,12 +12,16 @@ The router is a server clients reach, so it runs behind the workers' armour
 timeouts, and a connection limit kept well under the file limit (which it raises), so that a
 flood of sockets never starves the control loop of sockets of its own. A client that hangs up
 is passed on: the request to the stage is cancelled, and the worker drops the work.
+With client API keys (`up --api-keys`), the entry and the model list need one of them, as an
+entry-stage worker does on a cluster, and the stage paths answer only this machine (the
+workers' deferrals).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import itertools
 import json
 import socket
@@ -41,6 +45,8 @@ from diffcascade_worker.protocol import (
     ModelCard,
     ModelList,
 )
+from diffcascade_worker.serving.api_keys import ApiKeys
+from diffcascade_worker.serving.errors import InvalidApiKey
 from diffcascade_worker.serving.limits import (
     DEFAULT_HEADER_TIMEOUT_S,
     DEFAULT_KEEP_ALIVE_S,
@@ -177,6 +183,13 @@ async def _unless_gone(request: Request, work: Awaitable[T]) -> T:
     raise _ClientGone
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _gone() -> Response:
     """What a client that hung up 'gets' (nobody reads it; the access log shows 499)."""
     return _error(499, "the client disconnected", code="client_disconnected")
@@ -216,8 +229,10 @@ class Router:
         header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
         keep_alive_s: int = DEFAULT_KEEP_ALIVE_S,
         max_connections: int | None = None,
+        api_keys: ApiKeys | None = None,
     ) -> None:
-        """`max_connections` None: `connection_budget` of the file limit (raised at start)."""
+        """`max_connections` None: `connection_budget` of the file limit (raised at start);
+        `api_keys` None: generation is open."""
         self.variants = list(variants)
         self.cascade = cascade
         self.pools = {v: ReplicaPool() for v in self.variants}
@@ -231,6 +246,7 @@ class Router:
         self.header_timeout_s = header_timeout_s
         self.keep_alive_s = keep_alive_s
         self.max_connections = max_connections
+        self.api_keys = api_keys
         routes = [
             Route(PATH_GENERATIONS, self._entry, methods=["POST"]),
             Route("/stages/{variant}" + PATH_GENERATIONS, self._stage, methods=["POST"]),
@@ -307,13 +323,31 @@ class Router:
         if self._client is not None:
             await self._client.aclose()
 
+    def _refused(self, request: Request) -> Response | None:
+        """A 401 in OpenAI's envelope unless generation is open or the request has a key."""
+        if self.api_keys is None:
+            return None
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        try:
+            self.api_keys.check(key.strip() if scheme.lower() == "bearer" else None)
+        except InvalidApiKey as error:
+            body = error.envelope().model_dump()
+            return JSONResponse(body, status_code=error.status_code, headers=error.headers())
+        return None
+
     async def _entry(self, request: Request) -> Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
         body = await request.body()
         model = _requested_model(body)
         variant = model if model in self.pools else self.entry_variant
         return await self._forward(variant, request)
 
     async def _stage(self, request: Request) -> Response:
+        peer = request.client.host if request.client else ""
+        if self.api_keys is not None and not _loopback(peer):
+            # With keys, a stage path would be a way around them: the workers defer from here.
+            return _error(403, "stage paths take this cascade's deferrals only", code="forbidden")
         variant = request.path_params["variant"]
         if variant not in self.pools:
             return _error(404, f"no stage named {variant!r}", code="unknown_stage")
@@ -385,6 +419,8 @@ class Router:
         return _error(503, f"no ready replica of stage {variant}", code="no_replica", retry_after=1)
 
     async def _models(self, request: Request) -> Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
         cards = [ModelCard(id=v, kind="variant") for v in self.variants]
         if self.cascade is not None:
             cards.insert(0, ModelCard(id=self.cascade, kind="cascade"))

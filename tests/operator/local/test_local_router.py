@@ -12,11 +12,14 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import uvicorn
 from diffcascade_operator.local.router import ReplicaPool, Router, connection_budget
+from diffcascade_worker.serving.api_keys import ApiKeys
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -285,3 +288,56 @@ def test_the_router_answers_probes_past_its_file_limit_under_a_flood() -> None:
         process.wait(timeout=10)
     assert int(budget) == connection_budget(256) == 64
     assert statuses == [200] * 5
+
+
+def _outward_address() -> str | None:
+    """An address of this machine that is not loopback (None when it has none)."""
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not address.address.startswith("127."):
+                return str(address.address)
+    return None
+
+
+async def test_with_api_keys_the_entry_needs_one_and_stage_paths_answer_this_machine_only(
+    tmp_path: Path,
+) -> None:
+    keys = tmp_path / "keys.txt"
+    keys.write_text("sk-team\n")
+    router = Router(variants=["light", "heavy"], plan=dict, api_keys=ApiKeys(keys))
+    await router.start(host="0.0.0.0")
+    port = int(router.url.rsplit(":", 1)[1])
+    light, heavy = Upstream("light-1"), Upstream("heavy-1")
+    try:
+        async with light.serve(), heavy.serve():
+            router.pools["light"].add(light.url)
+            router.pools["heavy"].add(heavy.url)
+            local = f"http://127.0.0.1:{port}"
+            async with httpx.AsyncClient(base_url=local) as client:
+                missing = await client.post("/v1/images/generations", json={"prompt": "a"})
+                wrong = await client.get("/v1/models", headers={"Authorization": "Bearer sk-x"})
+                good = {"Authorization": "Bearer sk-team"}
+                served = await client.post(
+                    "/v1/images/generations", json={"prompt": "a"}, headers=good
+                )
+                models = await client.get("/v1/models", headers=good)
+                health = await client.get("/healthz")
+                deferred = await client.post(
+                    "/stages/heavy/v1/images/generations", json={"prompt": "d"}
+                )
+            outward = _outward_address()
+            if outward is not None:
+                async with httpx.AsyncClient(base_url=f"http://{outward}:{port}") as client:
+                    around = await client.post(
+                        "/stages/heavy/v1/images/generations", json={"prompt": "d"}
+                    )
+                assert around.status_code == 403, around.text
+    finally:
+        await router.stop()
+    for refused in (missing, wrong):
+        assert refused.status_code == 401
+        assert refused.json()["error"]["code"] == "invalid_api_key"
+    assert served.json()["who"] == "light-1" and models.status_code == 200
+    assert health.status_code == 200
+    assert deferred.json()["who"] == "heavy-1"  # a worker's deferral, from this machine
+    assert heavy.calls == 1

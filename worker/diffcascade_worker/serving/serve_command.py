@@ -28,6 +28,7 @@ from pydantic import SecretStr, ValidationError
 
 from diffcascade_worker.protocol import EXIT_DRAIN_INCOMPLETE
 from diffcascade_worker.serving import settings as defaults
+from diffcascade_worker.serving.api_keys import ApiKeyError, read_keys
 from diffcascade_worker.serving.limits import (
     DEFAULT_HEADER_TIMEOUT_S,
     DEFAULT_KEEP_ALIVE_S,
@@ -248,6 +249,15 @@ def read_token(token: str | None, token_file: Path | None) -> str | None:
     help="read the token from a file",
 )
 @click.option(
+    "--api-keys",
+    "api_keys",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    envvar=_option_env("api_keys"),
+    help="client API keys: a file with one key per line, or a folder of such files (a mounted "
+    "Secret); generation then needs 'Authorization: Bearer <key>' [default: open]",
+)
+@click.option(
     "--slo-seconds",
     type=float,
     default=5.0,
@@ -368,6 +378,7 @@ def serve(
     next_stage_url: str | None,
     token: str | None,
     token_file: Path | None,
+    api_keys: Path | None,
     slo_seconds: float,
     queue_capacity: int,
     forward_timeout: float,
@@ -415,6 +426,7 @@ def serve(
             gate=gate_path,
             next_stage_url=next_stage_url,
             token=_secret(read_token(token, token_file)),
+            api_keys=api_keys,
             slo_seconds=slo_seconds,
             queue_capacity=queue_capacity,
             forward_timeout_s=forward_timeout,
@@ -438,6 +450,11 @@ def serve(
         )
     if settings.token is None:
         logger.warning("--insecure-no-token: the config API accepts unauthenticated changes")
+    if settings.api_keys is not None:
+        try:
+            read_keys(settings.api_keys)
+        except ApiKeyError as error:
+            raise click.UsageError(f"--api-keys: {error}") from None
     raise_file_limit()
     listening = _listen(settings.host, settings.port)  # a busy port fails here, at once
 
@@ -445,6 +462,8 @@ def serve(
 
     try:
         service = WorkerService(settings)
+    except ApiKeyError as error:  # the files changed since they were checked above
+        raise click.UsageError(f"--api-keys: {error}") from None
     except ValueError as error:
         raise click.UsageError(f"--next-stage-url: {error}") from None
     server = DrainingServer(

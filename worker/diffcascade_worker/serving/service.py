@@ -31,6 +31,7 @@ from diffcascade_worker.protocol import (
     Outcome,
     PartialImageEvent,
 )
+from diffcascade_worker.serving.api_keys import ApiKeys
 from diffcascade_worker.serving.batcher import Batcher, ItemResult, WorkItem
 from diffcascade_worker.serving.cascade import ForwardFailed, NextStageClient, NextStagePolicy
 from diffcascade_worker.serving.errors import (
@@ -112,6 +113,8 @@ class WorkerService:
             problem = self._next_stages.problem(settings.next_stage_url)
             if problem is not None:
                 raise ValueError(problem)
+        #: Client API keys; None: generation is open (raises ApiKeyError when unusable).
+        self.api_keys = None if settings.api_keys is None else ApiKeys(settings.api_keys)
         self._drain_deadline: float | None = None
         #: Accepted requests refused because the drain timeout passed (the exit code says so).
         self.refused_at_drain = 0
@@ -272,6 +275,11 @@ class WorkerService:
             token.encode(), expected.get_secret_value().encode()
         ):
             raise Unauthorized("a valid bearer token is required to read or change the config")
+
+    def authorize_client(self, key: str | None) -> None:
+        """Raise InvalidApiKey unless generation is open or `key` is one of the API keys."""
+        if self.api_keys is not None:
+            self.api_keys.check(key)
 
     @property
     def config(self) -> CascadeConfig:

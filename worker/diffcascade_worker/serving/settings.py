@@ -61,6 +61,8 @@ class WorkerSettings(BaseModel):
     allowed_next_stages: tuple[str, ...] = ()
     token: SecretStr | None = None
     insecure_no_token: bool = False
+    #: Client API keys (a file, or a mounted Secret's folder); None: generation is open.
+    api_keys: Path | None = None
     slo_seconds: float = Field(default=5.0, ge=MIN_SLO_SECONDS, le=3600.0)
     queue_capacity: int = Field(default=DEFAULT_QUEUE_CAPACITY, ge=1, le=100_000)
     forward_timeout_s: float = Field(default=30.0, gt=0.0, le=3600.0)
