@@ -257,3 +257,36 @@ async def test_a_connection_pipelining_past_the_cap_is_dropped() -> None:
             after = await client.get(url + PATH_HEALTHZ)
     assert answered < asked  # dropped, not served to the end
     assert after.status_code == 200
+
+
+async def test_a_flood_evicts_its_own_sockets_before_a_client_in_use() -> None:
+    """Over the limit, a connection that never sent a request goes first: a client that opened
+    its connection long before a flood of idle sockets and keeps using it is not cut off."""
+
+    def ask(sock: socket.socket) -> bytes:
+        """One GET /healthz on `sock`: the status line of its answer (b"" if closed)."""
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        with contextlib.suppress(ConnectionError):
+            while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            if not head:
+                return b"closed"
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            while len(body) < length and (chunk := sock.recv(65536)):
+                body += chunk
+        return data.split(b"\r\n", 1)[0]
+
+    async with _worker(max_connections=16, header_timeout_s=30.0) as url:
+        client = socket.create_connection(("127.0.0.1", _port(url)))
+        client.settimeout(5.0)
+        answers = [await asyncio.to_thread(ask, client)]
+        with _idle_connections(_port(url), 8):
+            await asyncio.sleep(0.2)
+            answers.append(await asyncio.to_thread(ask, client))  # the flood idles longer
+            with _idle_connections(_port(url), 200):
+                await asyncio.sleep(0.5)
+                answers.append(await asyncio.to_thread(ask, client))
+        client.close()
+    assert answers == [b"HTTP/1.1 200 OK"] * 3

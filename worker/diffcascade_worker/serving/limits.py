@@ -8,8 +8,8 @@ and accepts connections until the file limit, after which even the kubelet's pro
 limit); `guarded_protocol` closes connections that do not send their request headers in time,
 aborts those whose pending output makes no progress for the write timeout, caps pipelined
 requests, and over the connection limit makes room for a new connection (a probe): first a
-stalled writer, then the longest-idle connection. The worker and the `up` router both run
-behind them.
+stalled writer, then an idle connection (one that never sent a request before one in use).
+The worker and the `up` router both run behind them.
 """
 
 from __future__ import annotations
@@ -135,13 +135,14 @@ def guarded_protocol(
     class GuardedProtocol(base):  # type: ignore[valid-type,misc]
         _header_timer: asyncio.TimerHandle | None = None
         _header_mark: Any = None
-        _opened_at = 0.0
+        _idle_since = 0.0  # when the connection last finished an answer (or opened)
+        _answered = 0  # answers completed on this connection
         _write_timer: asyncio.TimerHandle | None = None
         _write_mark: tuple[Any, int] = (None, 0)  # (request, unsent bytes) when armed
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
-            self._opened_at = time.monotonic()
+            self._idle_since = time.monotonic()
             self._arm_header_timer()
             if len(self.connections) > max_connections:
                 self._make_room()
@@ -153,6 +154,8 @@ def guarded_protocol(
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
+            self._idle_since = time.monotonic()
+            self._answered += 1
             self._arm_header_timer()
             self._arm_write_timer()  # a response handed over is not yet a response sent
 
@@ -250,11 +253,11 @@ def guarded_protocol(
             others = [c for c in self.connections if c is not self]
             stalled = [c for c in others if _is_stalled(c)]
             if stalled:
-                min(stalled, key=_opened_at).drop()
+                min(stalled, key=_eviction_order).drop()
                 return
             idle = [c for c in others if _is_idle(c)]
             if idle:
-                min(idle, key=_opened_at)._close_or_drop()
+                min(idle, key=_eviction_order)._close_or_drop()
                 return
             self.transport.close()  # every other connection is working: refuse this one
 
@@ -274,8 +277,11 @@ def _kernel_unsent(transport: Any) -> int:
     return int(struct.unpack("i", queued)[0])
 
 
-def _opened_at(connection: Any) -> float:
-    return float(getattr(connection, "_opened_at", 0.0))
+def _eviction_order(connection: Any) -> tuple[bool, float]:
+    """Connections that never sent a request first (a flood's sockets), then the longest idle:
+    a client that keeps using its connection is the last to lose it."""
+    used = bool(getattr(connection, "_answered", 0))
+    return used, float(getattr(connection, "_idle_since", 0.0))
 
 
 def _is_stalled(connection: Any) -> bool:
