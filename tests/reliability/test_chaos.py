@@ -12,8 +12,8 @@ kills it. Stated bounds:
 - probes answer under the floods, the worker's and the router's; the workers' and `up`'s
   memory stays within `RSS_GROWTH_MB` of the start;
 - a client that hangs up through the router is counted abandoned by the stage working for it;
-- a stopped light worker leaves the router (requests get 503 at once) and is back within
-  `RECOVER_UNREADY_S` of SIGCONT;
+- a stopped light worker leaves the router (requests get 503 at once) within
+  `RECOVER_UNREADY_S` of SIGSTOP, and is back within as long of SIGCONT;
 - deferrals are served by the heavy stage again within `RECOVER_STOP_S` of SIGCONT and within
   `RECOVER_KILL_S` of SIGKILL (a new heavy process must start);
 - after Ctrl-C no process `up` started is left.
@@ -56,7 +56,8 @@ LATE_MARGIN_S = 3.0  # router + loaded-machine slack past the SLO
 RSS_GROWTH_MB = 150.0
 RECOVER_STOP_S = 15.0
 RECOVER_KILL_S = 120.0
-RECOVER_UNREADY_S = 5.0
+#: Two failed 1-s probes, the state document's 2-s update, polling, a loaded machine.
+RECOVER_UNREADY_S = 8.0
 FLOOD = 1000
 NONREADERS = 130  # each pipelining 400 requests it never reads
 HANG_UPS = 8
@@ -148,12 +149,14 @@ async def test_cascade_survives_floods_bad_input_a_stopped_and_a_killed_worker(
         # 3e. the light worker stopped for 8 s: out of the router at once, back after SIGCONT
         os.kill(light.pid, signal.SIGSTOP)
         try:
-            out = await wait_for(lambda: _state_of(up, light.pid) == "unready", timeout_s=8)
+            out = await wait_for(
+                lambda: _state_of(up, light.pid) == "unready", timeout_s=RECOVER_UNREADY_S
+            )
         finally:
             await asyncio.sleep(max(0.0, 8 - (out or 0)))
             os.kill(light.pid, signal.SIGCONT)
         back = await wait_for(lambda: _state_of(up, light.pid) == "ready", timeout_s=30)
-        assert out is not None and out <= 5.0, out
+        assert out is not None and out <= RECOVER_UNREADY_S, out
         assert back is not None and back <= RECOVER_UNREADY_S, back
 
         # 4. the heavy worker stopped for 20 s: deferrals degrade, then come back
