@@ -313,6 +313,16 @@ class StorageSpec(_Model):
     s3_region: str | None = None
 
 
+class ApiKeysSpec(_Model):
+    """Client API keys the entry stage requires (off when the spec has none)."""
+
+    secret_name: str = Field(
+        pattern=_OBJECT_NAME,
+        max_length=253,
+        description="Secret whose every key holds client API keys, one per line",
+    )
+
+
 class CascadeSpec(_Model):
     slo_seconds: float = Field(gt=0.0, le=3600.0)
     gpu_budget: int = Field(ge=1, le=100_000)
@@ -329,6 +339,7 @@ class CascadeSpec(_Model):
         description="Only for `diffcascade simulate`: its stages may defer without a gate "
         "(reference curves); the operator and `diffcascade up` refuse it",
     )
+    api_keys: ApiKeysSpec | None = None
 
     @model_validator(mode="after")
     def _cascade_rules(self) -> CascadeSpec:

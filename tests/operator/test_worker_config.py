@@ -140,3 +140,18 @@ def test_assembly_fields_reach_the_worker_as_it_reads_them() -> None:
     )
     assert read == spec.variants[0].assembly(unet="/cache/unet.safetensors")
     assert set(PipelineAssembly.model_fields) <= set(type(spec.variants[0]).model_fields)
+
+
+def test_only_the_entry_stage_is_told_to_check_client_api_keys() -> None:
+    raw = three_stage().model_dump(by_alias=True, exclude_none=True)
+    files = WorkerFiles(model="/m", api_keys="/keys")
+    open_spec = parse_spec(raw)
+    keyed = parse_spec({**raw, "apiKeys": {"secretName": "client-keys"}})
+
+    def told(spec: Any, name: str) -> list[str]:
+        args = serve_args(spec, name, cascade="c", files=files, stage_url=url)
+        return [a for a in args if a.startswith("--api-keys")]
+
+    assert told(keyed, "light") == ["--api-keys=/keys"]
+    assert told(keyed, "mid") == told(keyed, "heavy") == []
+    assert told(open_spec, "light") == []

@@ -101,6 +101,11 @@ def build_schedule(
 )
 @click.option("--save-count", default=16, show_default=True, type=click.IntRange(min=0))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option(
+    "--api-key",
+    envvar="DIFFCASCADE_API_KEY",
+    help="Client API key, for a cascade that requires them (env DIFFCASCADE_API_KEY).",
+)
 def load(
     trace: str | None,
     qps: float | None,
@@ -117,6 +122,7 @@ def load(
     save_images: Path | None,
     save_count: int,
     as_json: bool,
+    api_key: str | None,
 ) -> None:
     """Replay a trace or Poisson arrivals against URL and report SLO violations and deferrals."""
     try:
@@ -150,6 +156,7 @@ def load(
             save_images=save_images,
             save_count=save_count if save_images is not None else 0,
             console=console,
+            api_key=api_key,
         )
     )
     if as_json:

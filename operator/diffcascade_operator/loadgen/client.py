@@ -77,6 +77,7 @@ async def run_load(
     save_count: int = 0,
     on_record: Callable[[RequestRecord], None] | None = None,
     stop: asyncio.Event | None = None,
+    api_key: str | None = None,
 ) -> LoadResult:
     """Replay `schedule` against `url`; ends at most ~2 x timeout_s after the last arrival.
 
@@ -99,7 +100,9 @@ async def run_load(
     limits = httpx.Limits(max_connections=max_inflight, max_keepalive_connections=max_inflight)
     timeout = httpx.Timeout(timeout_s, connect=min(10.0, timeout_s))
     started_at = time.time()
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+    # A cascade that requires client API keys takes them as OpenAI's clients send them.
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    async with httpx.AsyncClient(limits=limits, timeout=timeout, headers=headers) as client:
         start = loop.time()
 
         async def send(index: int, arrival: Arrival) -> None:

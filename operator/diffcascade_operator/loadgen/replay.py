@@ -43,6 +43,7 @@ async def replay(
     save_count: int = 0,
     console: Console | None = None,
     stop: asyncio.Event | None = None,
+    api_key: str | None = None,
 ) -> ReplayOutcome:
     """Send, then write the report, CSV and plots; `stop` ends it early with a partial report."""
     console = console or Console(stderr=True)
@@ -82,6 +83,7 @@ async def replay(
             save_count=save_count,
             on_record=on_record,
             stop=stop,
+            api_key=api_key,
         )
     report = summarize(result, slo_seconds=slo_seconds)
     plots: tuple[Path, ...] = ()

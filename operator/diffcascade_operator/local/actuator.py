@@ -2,7 +2,10 @@
 
 The local counterpart of the Kubernetes actuator: scaling up starts processes that join the
 router once `/readyz` is 200 (with the plan's config pushed first); scaling down removes the
-idlest replica from the router and drains it with SIGTERM.
+idlest replica from the router and drains it with SIGTERM. Like a kubelet's readiness probe,
+`/readyz` keeps being asked of every ready worker: one that stops answering (stopped, hung,
+or saying it cannot serve) leaves the router after `UNREADY_AFTER_FAILURES` probes and comes
+back when it answers again.
 """
 
 from __future__ import annotations
@@ -24,6 +27,11 @@ from diffcascade_operator.spec import CascadeSpec, VariantSpec
 from diffcascade_operator.worker_config import WorkerFiles, config_body, serve_args
 
 logger = logging.getLogger(__name__)
+
+#: Seconds a worker has to answer /readyz.
+PROBE_TIMEOUT_S = 1.0
+#: Consecutive failed /readyz probes that take a ready worker out of the router.
+UNREADY_AFTER_FAILURES = 2
 
 
 def resolve_local_path(value: str, *, base_dir: Path) -> str:
@@ -158,17 +166,45 @@ class LocalActuator:
             logger.warning("%s exited unexpectedly; see %s", worker.name, worker.log_path)
             if worker.state is WorkerState.EXITED and worker.pushed is None:
                 self._start_failures.setdefault(worker.variant, []).append(worker.log_path)
-        starting = [w for w in self.supervisor.workers if w.state is WorkerState.STARTING]
-        if not starting:
+        probed = [
+            w
+            for w in self.supervisor.workers
+            if w.state in (WorkerState.STARTING, WorkerState.READY, WorkerState.UNREADY)
+        ]
+        if not probed:
             return
-        ready = await asyncio.gather(*(self._is_ready(w) for w in starting))
+        ready = await asyncio.gather(*(self._is_ready(w) for w in probed))
         async with self._lock:
-            for worker, ok in zip(starting, ready, strict=True):
-                if ok and worker.state is WorkerState.STARTING and await self._push(worker):
-                    worker.state = WorkerState.READY
-                    self._start_failures.pop(worker.variant, None)
-                    self.router.pools[worker.variant].add(worker.url)
-                    logger.info("%s ready", worker.name)
+            for worker, ok in zip(probed, ready, strict=True):
+                if worker.state is WorkerState.STARTING:
+                    if ok and await self._push(worker):
+                        worker.state = WorkerState.READY
+                        self._start_failures.pop(worker.variant, None)
+                        self.router.pools[worker.variant].add(worker.url)
+                        logger.info("%s ready", worker.name)
+                elif worker.state in (WorkerState.READY, WorkerState.UNREADY):
+                    await self._follow_readiness(worker, ok=ok)
+
+    async def _follow_readiness(self, worker: Worker, *, ok: bool) -> None:
+        """A ready worker that fails its probes leaves the router; it comes back (with the
+        config in force) as soon as it answers again."""
+        pool = self.router.pools[worker.variant]
+        if not ok:
+            worker.failed_probes += 1
+            if worker.state is WorkerState.READY and worker.failed_probes >= UNREADY_AFTER_FAILURES:
+                worker.state = WorkerState.UNREADY
+                pool.remove(worker.url)
+                logger.warning(
+                    "%s stopped answering /readyz (%d probes): out of the router until it does",
+                    worker.name,
+                    worker.failed_probes,
+                )
+            return
+        worker.failed_probes = 0
+        if worker.state is WorkerState.UNREADY and await self._push(worker):
+            worker.state = WorkerState.READY
+            pool.add(worker.url)
+            logger.warning("%s answers again: back in the router", worker.name)
 
     def start_failures(self) -> list[tuple[str, Path | None]]:
         """(variant, last log) for variants whose workers keep dying before turning ready."""
@@ -179,7 +215,7 @@ class LocalActuator:
 
     async def _is_ready(self, worker: Worker) -> bool:
         with contextlib.suppress(httpx.HTTPError):
-            response = await self._client.get(worker.url + PATH_READYZ, timeout=1.0)
+            response = await self._client.get(worker.url + PATH_READYZ, timeout=PROBE_TIMEOUT_S)
             return response.status_code == 200
         return False
 

@@ -19,6 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from diffcascade_worker.serving.api_keys import ApiKeys
+
 from diffcascade_operator.kube.status import profile_drift_condition, profiles_doc
 from diffcascade_operator.live_profiles import LiveProfileResult, LiveProfileSettings
 from diffcascade_operator.local.actuator import LocalActuator
@@ -51,6 +53,8 @@ _RECONCILE_S = 0.5
 
 #: Workers of one variant that may die before any of them turns ready, before `up` gives up.
 MAX_START_FAILURES = 3
+#: What the router gives a stage beyond the SLO before it answers 504.
+STAGE_GRACE_S = 2.0
 
 
 class StartupFailed(RuntimeError):
@@ -73,6 +77,7 @@ class LocalCascade:
         use_prometheus: bool | None = None,
         drain_timeout_s: float = 10.0,
         on_update: Callable[[dict[str, Any], bool], None] | None = None,
+        api_keys: ApiKeys | None = None,
     ) -> None:
         self.name = name
         self.spec = spec
@@ -84,7 +89,15 @@ class LocalCascade:
         self.on_update = on_update
         self.variants = [v.name for v in spec.variants]
         token = secrets.token_urlsafe(24)
-        self.router = Router(variants=self.variants, plan=self.state, cascade=name)
+        self.router = Router(
+            variants=self.variants,
+            plan=self.state,
+            cascade=name,
+            api_keys=api_keys,
+            # A worker answers within the SLO (it drops or degrades what cannot make it):
+            # one that takes longer is hung, and its client gets a 504 instead of a long wait.
+            forward_timeout_s=spec.slo_seconds + STAGE_GRACE_S,
+        )
         self.supervisor = Supervisor(
             cascade=name,
             log_dir=run_dir / "logs",
@@ -330,7 +343,11 @@ class LocalCascade:
         for variant in self.variants:
             pool = self.router.pools[variant]
             workers = self.supervisor.of(
-                variant, WorkerState.STARTING, WorkerState.READY, WorkerState.DRAINING
+                variant,
+                WorkerState.STARTING,
+                WorkerState.READY,
+                WorkerState.UNREADY,
+                WorkerState.DRAINING,
             )
             stage = reading.stages.get(variant) if reading else None
             desired = self.plan.replicas().get(variant) if self.plan else None

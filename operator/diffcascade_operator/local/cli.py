@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, ParamSpec
 
 import click
 import httpx
@@ -20,12 +22,36 @@ from diffcascade_operator.local.runner import (
     Interrupted,
     LocalRunError,
     default_cascade_file,
+    interruptible,
     load_cascade_file,
     prepare,
     run_cascade,
 )
 from diffcascade_operator.local.state import DEFAULT_RUNS_DIR, STATE_FILE, pid_alive, read_state
 from diffcascade_operator.local.view import LiveView, render_state
+
+if TYPE_CHECKING:
+    from diffcascade_worker.serving.api_keys import ApiKeys
+
+    from diffcascade_operator.spec import CascadeSpec
+
+P = ParamSpec("P")
+
+
+def _exit_130_on_signals(command: Callable[P, None]) -> Callable[P, None]:
+    """Ctrl-C, SIGTERM or SIGHUP at any moment of the command, not only once the cascade
+    runs (say, during the first-run model build), stops it cleanly with exit code 130."""
+
+    @functools.wraps(command)
+    def run(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            with interruptible():
+                command(*args, **kwargs)
+        except Interrupted:
+            click.echo("diffcascade: interrupted; no process left running", err=True)
+            raise SystemExit(EXIT_INTERRUPTED) from None
+
+    return run
 
 
 def _cascade_file(file: Path | None) -> Path:
@@ -63,6 +89,25 @@ def claim_run_dir(preferred: Path, *, explicit: bool) -> tuple[Path, IO[str]]:
     raise click.ClickException(f"every run folder {preferred}[-N] is in use")
 
 
+def _client_keys(path: Path | None, spec: CascadeSpec) -> ApiKeys | None:
+    """The router's client API keys (`--api-keys`); a cascade whose spec names a keys Secret
+    is served open without it, and `up` says so."""
+    from diffcascade_worker.serving.api_keys import ApiKeyError, ApiKeys
+
+    if path is None:
+        if spec.api_keys is not None:
+            click.echo(
+                f"diffcascade: spec.apiKeys names Secret {spec.api_keys.secret_name}, which a "
+                "cluster mounts; here give the keys with --api-keys FILE (now: no key needed)",
+                err=True,
+            )
+        return None
+    try:
+        return ApiKeys(path)
+    except ApiKeyError as error:
+        raise click.UsageError(f"--api-keys: {error}") from None
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
@@ -92,7 +137,14 @@ def _setup_logging(verbose: bool) -> None:
 @click.option(
     "--duration", type=click.FloatRange(min=0), help="Stop after S seconds (default: Ctrl-C)"
 )
+@click.option(
+    "--api-keys",
+    type=click.Path(exists=True, path_type=Path),
+    help="Client API keys (a file, one per line, or a folder of such files): the entry URL "
+    "then answers only 'Authorization: Bearer <key>' [default: open]",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log worker starts, stops and pushes.")
+@_exit_130_on_signals
 def up(
     file: Path | None,
     host: str,
@@ -102,6 +154,7 @@ def up(
     live: bool | None,
     ready_timeout: float,
     duration: float | None,
+    api_keys: Path | None,
     verbose: bool,
 ) -> None:
     """Run the cascade in FILE (default examples/tiny-cpu.yaml) on this machine until Ctrl-C.
@@ -124,6 +177,7 @@ def up(
         name, spec, profiles = prepare(path, base_dir=base_dir)
     except LocalRunError as exc:
         raise click.ClickException(str(exc)) from None
+    keys = _client_keys(api_keys, spec)
     view = LiveView(console, live=live)
     folder, _lock = claim_run_dir(run_dir or DEFAULT_RUNS_DIR / name, explicit=run_dir is not None)
     try:
@@ -137,6 +191,7 @@ def up(
             port=port,
             use_prometheus=prometheus,
             on_update=view.update,
+            api_keys=keys,
         )
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
@@ -289,6 +344,7 @@ def status(
 )
 @click.option("--save-count", default=24, show_default=True, type=click.IntRange(min=0))
 @click.option("-v", "--verbose", is_flag=True)
+@_exit_130_on_signals
 def demo(
     out_dir: Path | None,
     cascade_file: Path | None,

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 from diffcascade_operator.loadgen.cli import load
 from diffcascade_operator.local.router import Router
 from diffcascade_operator.local.supervisor import Worker
+from diffcascade_worker.serving.api_keys import ApiKeys
 
 REPORT_KEYS = {
     "slo_violation_ratio",
@@ -86,8 +89,14 @@ def test_nobody_listening_counts_connection_errors_and_fails(tmp_path: Path) -> 
 @pytest.fixture
 def empty_router() -> Iterator[str]:
     """The local router with no replica: every generation gets 503 + Retry-After."""
+    with _router_in_a_thread() as url:
+        yield url
+
+
+@contextlib.contextmanager
+def _router_in_a_thread(**options: Any) -> Iterator[str]:
     loop = asyncio.new_event_loop()
-    router = Router(variants=["light", "heavy"], plan=dict)
+    router = Router(variants=["light", "heavy"], plan=dict, **options)
     url = loop.run_until_complete(router.start())
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -109,6 +118,19 @@ def test_http_errors_are_counted_by_status(empty_router: str, tmp_path: Path) ->
     doc = json.loads(report.read_text())
     assert set(doc["errors"]) == {"http_503"}
     assert doc["errors"]["http_503"] == doc["total"] > 0
+
+
+def test_the_api_key_is_sent_as_openais_clients_send_it(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.txt"
+    keys.write_text("sk-load\n")
+    report = tmp_path / "r.json"
+    errors = []
+    with _router_in_a_thread(api_keys=ApiKeys(keys)) as url:  # keyed, and no replica
+        for extra in ([], ["--api-key", "sk-load"]):
+            args = ["--url", url, "--qps", "20", "--duration", "0.3", "--report", str(report)]
+            _invoke(*args, *extra)
+            errors.append(set(json.loads(report.read_text())["errors"]))
+    assert errors == [{"http_401"}, {"http_503"}]  # refused; then past the key check
 
 
 @pytest.mark.slow

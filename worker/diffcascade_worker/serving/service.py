@@ -31,6 +31,7 @@ from diffcascade_worker.protocol import (
     Outcome,
     PartialImageEvent,
 )
+from diffcascade_worker.serving.api_keys import ApiKeys
 from diffcascade_worker.serving.batcher import Batcher, ItemResult, WorkItem
 from diffcascade_worker.serving.cascade import ForwardFailed, NextStageClient, NextStagePolicy
 from diffcascade_worker.serving.errors import (
@@ -112,6 +113,8 @@ class WorkerService:
             problem = self._next_stages.problem(settings.next_stage_url)
             if problem is not None:
                 raise ValueError(problem)
+        #: Client API keys; None: generation is open (raises ApiKeyError when unusable).
+        self.api_keys = None if settings.api_keys is None else ApiKeys(settings.api_keys)
         self._drain_deadline: float | None = None
         #: Accepted requests refused because the drain timeout passed (the exit code says so).
         self.refused_at_drain = 0
@@ -273,6 +276,11 @@ class WorkerService:
         ):
             raise Unauthorized("a valid bearer token is required to read or change the config")
 
+    def authorize_client(self, key: str | None) -> None:
+        """Raise InvalidApiKey unless generation is open or `key` is one of the API keys."""
+        if self.api_keys is not None:
+            self.api_keys.check(key)
+
     @property
     def config(self) -> CascadeConfig:
         return self._config
@@ -416,16 +424,28 @@ class WorkerService:
         watch = asyncio.ensure_future(disconnected())
         try:
             await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # Our caller was cancelled: the streaming route's own disconnect listener (or a
+            # server shutdown) got there first. The work must not run on for nobody.
+            self._abandon(work, items)
+            raise
         finally:
             watch.cancel()
         if work.done():
             return work.result()
-        work.cancel()  # cancels the images' futures, so the batcher skips them
+        self._abandon(work, items)
+        await asyncio.gather(work, return_exceptions=True)
+        raise ClientDisconnected("the client disconnected before its images were done")
+
+    def _abandon(self, work: asyncio.Future[GenerationResponse], items: list[WorkItem]) -> None:
+        """Stop a request's work: queued images are skipped by the batcher, a deferral in
+        flight is cancelled (the next stage sees its client go and drops it too)."""
+        if work.done():
+            return
+        work.cancel()
         for item in items:
             item.future.cancel()
-        await asyncio.gather(work, return_exceptions=True)
         self.metrics.completed(Outcome.ABANDONED, len(items))
-        raise ClientDisconnected("the client disconnected before its images were done")
 
     def _forward_deadline(self, item: WorkItem) -> float:
         """A deferral ends by the request's deadline, and by the drain deadline when draining."""

@@ -25,6 +25,7 @@ from diffcascade_worker.serving.limits import (
     DEFAULT_KEEP_ALIVE_S,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_WRITE_TIMEOUT_S,
 )
 
 DEFAULT_PORT = 8000
@@ -64,6 +65,8 @@ class WorkerSettings(BaseModel):
     allowed_next_stages: tuple[str, ...] = ()
     token: SecretStr | None = None
     insecure_no_token: bool = False
+    #: Client API keys (a file, or a mounted Secret's folder); None: generation is open.
+    api_keys: Path | None = None
     slo_seconds: float = Field(default=5.0, ge=MIN_SLO_SECONDS, le=3600.0)
     queue_capacity: int = Field(default=DEFAULT_QUEUE_CAPACITY, ge=1, le=100_000)
     forward_timeout_s: float = Field(default=30.0, gt=0.0, le=3600.0)
@@ -72,6 +75,7 @@ class WorkerSettings(BaseModel):
     max_connections: int = Field(default=DEFAULT_MAX_CONNECTIONS, ge=8, le=1_000_000)
     header_timeout_s: float = Field(default=DEFAULT_HEADER_TIMEOUT_S, gt=0.0, le=600.0)
     keep_alive_s: int = Field(default=DEFAULT_KEEP_ALIVE_S, ge=1, le=600)
+    write_timeout_s: float = Field(default=DEFAULT_WRITE_TIMEOUT_S, gt=0.0, le=600.0)
 
     @field_validator("size")
     @classmethod
