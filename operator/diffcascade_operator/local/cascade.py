@@ -26,6 +26,7 @@ from diffcascade_operator.local.prometheus import LocalPrometheus, prometheus_bi
 from diffcascade_operator.local.router import Router
 from diffcascade_operator.local.state import STATE_FILE, plan_to_dict, write_state
 from diffcascade_operator.local.supervisor import Supervisor, WorkerState
+from diffcascade_operator.measured_slo import MeasuredSlo, SloSettings, read_slo, slo_summary
 from diffcascade_operator.metrics_source import (
     FallbackSource,
     MetricsReading,
@@ -116,6 +117,9 @@ class LocalCascade:
         self.live_settings = LiveProfileSettings()
         self.live: LiveProfileResult | None = None
         self.live_note: str | None = None
+        self.slo_settings = SloSettings()
+        self.measured_slo: MeasuredSlo | None = None
+        self.slo_note: str | None = None
         self.started_at = time.time()
         self._demand: deque[DemandSample] = deque()
         self._tasks: list[asyncio.Task[None]] = []
@@ -274,6 +278,14 @@ class LocalCascade:
             settings=self.live_settings,
         )
         self.live = live
+        self.measured_slo, self.slo_note = await asyncio.to_thread(
+            read_slo,
+            live_source_for(self.source, reading),
+            cascade=self.name,
+            variants=self.variants,
+            slo_s=self.spec.slo_seconds,
+            settings=self.slo_settings,
+        )
         snapshot = build_snapshot(
             spec=self.spec,
             profiles=live.profiles,
@@ -359,6 +371,13 @@ class LocalCascade:
             },
             "plan": plan_to_dict(self.plan) if self.plan else None,
             "profiles": self._profiles_state(),
+            "slo": slo_summary(
+                self.measured_slo,
+                plan=self.plan,
+                slo_s=self.spec.slo_seconds,
+                settings=self.slo_settings,
+                note=self.slo_note,
+            ),
             "replicas": replicas,
             "history": list(self.history),
         }
