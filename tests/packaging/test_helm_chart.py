@@ -54,6 +54,18 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "nodeSelector": {"kubernetes.io/os": "linux"},
         "tolerations": [{"key": "ops", "operator": "Exists", "effect": "NoSchedule"}],
     },
+    "locked-down": {
+        "nameOverride": "dc-op",
+        "workerImage": {
+            "repository": "registry.example.com/worker",
+            "digest": "sha256:" + "0" * 64,
+        },
+        "allowedImageRegistries": ["registry.example.com"],
+        "allowedEnvSecrets": ["hf-token", "s3-keys"],
+        "modelCache": {"claimName": "models"},
+        "workerResources": {"requests": {"cpu": 2, "memory": "8Gi"}},
+        "networkPolicy": {"enabled": False, "clients": [{"podSelector": {}}]},
+    },
     "external-service-account": {
         "serviceAccount": {"create": False, "name": "ops-bot"},
         "rbac": {"create": False},
@@ -393,7 +405,7 @@ def test_operator_cli_accepts_the_rendered_arguments(values: dict[str, Any]) -> 
     assert params["standalone"] == values.get("peering", {}).get("standalone", True)
     assert params["namespaces"] == tuple(values.get("watchNamespaces", []))
     assert params["all_namespaces"] is not bool(values.get("watchNamespaces"))
-    assert env["DIFFCASCADE_WORKER_IMAGE"].endswith((":0.1.0", ":e2e"))
+    assert env["DIFFCASCADE_WORKER_IMAGE"].endswith((":0.1.0", ":e2e", "@sha256:" + "0" * 64))
 
 
 def test_unknown_log_level_fails_the_render_with_a_clear_message() -> None:
@@ -469,3 +481,38 @@ def test_images_are_pinned_by_digest_when_one_is_given() -> None:
 def test_a_malformed_digest_fails_the_render_with_a_clear_message() -> None:
     with pytest.raises(helm.HelmError, match=r"workerImage.digest must be sha256:<64 hex"):
         render({"workerImage": {"digest": "latest"}})
+
+
+_FLAG_ENV = {"--prometheus-url": "DIFFCASCADE_PROMETHEUS_URL", "--interval": "DIFFCASCADE_INTERVAL"}
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=list(VALUE_SETS))
+def test_render_command_reads_the_values_as_the_charts_operator_does(
+    values: dict[str, Any],
+) -> None:
+    """`diffcascade render` maps chart values to the operator's settings itself (no Helm on a
+    user's path): what it derives must be what the chart hands the operator."""
+    from diffcascade_operator.kube.render import chart_env, merge_values
+
+    _, container = _operator(values)
+    given: dict[str, str] = {}
+    for entry in container["env"]:
+        if not entry["name"].startswith("DIFFCASCADE_"):
+            continue
+        if "valueFrom" in entry:  # the pod's own namespace
+            assert entry["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+            given[entry["name"]] = NAMESPACE
+        else:
+            given[entry["name"]] = entry["value"]
+    for arg in container["args"]:
+        flag, _, value = arg.partition("=")
+        if flag in _FLAG_ENV:  # the CLI copies these flags into the environment
+            given[_FLAG_ENV[flag]] = value
+    chart = load_yaml(CHART_DIR / "Chart.yaml")
+    derived = chart_env(
+        merge_values(load_yaml(CHART_DIR / "values.yaml"), values),
+        release=RELEASE,
+        namespace=NAMESPACE,
+        app_version=chart["appVersion"],
+    )
+    assert derived == given
