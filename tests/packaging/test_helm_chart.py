@@ -66,6 +66,11 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "workerResources": {"requests": {"cpu": 2, "memory": "8Gi"}},
         "networkPolicy": {"enabled": False, "clients": [{"podSelector": {}}]},
     },
+    "dashboard-and-alerts": {
+        "serviceMonitor": {"enabled": True},
+        "grafanaDashboard": {"enabled": True, "namespace": "grafana"},
+        "prometheusRule": {"enabled": True, "labels": {"release": "prom"}},
+    },
     "external-service-account": {
         "serviceAccount": {"create": False, "name": "ops-bot"},
         "rbac": {"create": False},
@@ -141,10 +146,25 @@ def _validate_pod_monitor(doc: Doc) -> None:
     assert doc["apiVersion"] == "monitoring.coreos.com/v1"
     spec = doc["spec"]
     assert set(spec) == {"selector", "namespaceSelector", "podMetricsEndpoints"}
-    assert spec["selector"] == {"matchLabels": {"app.kubernetes.io/name": "diffcascade-worker"}}
     [endpoint] = spec["podMetricsEndpoints"]
-    assert endpoint["port"] == "http" and endpoint["path"] == "/metrics"
+    if doc["metadata"]["name"].endswith("-operator"):  # the control loop's own series
+        assert spec["selector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
+        assert endpoint["port"] == "metrics" and endpoint["honorLabels"] is True
+    else:
+        workers = {"app.kubernetes.io/name": "diffcascade-worker"}
+        assert spec["selector"] == {"matchLabels": workers}
+        assert endpoint["port"] == "http"
+    assert endpoint["path"] == "/metrics"
     assert re.fullmatch(r"\d+(ms|s|m)", endpoint["interval"])
+
+
+def _validate_prometheus_rule(doc: Doc) -> None:
+    # Not in kubernetes-validate's schemas either; promtool checks the rules themselves
+    # (tests/packaging/test_chart_monitoring.py).
+    assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+    assert set(doc["spec"]) == {"groups"}
+    for group in doc["spec"]["groups"]:
+        assert group["name"] and group["rules"]
 
 
 def _validate_peering(doc: Doc) -> None:
@@ -158,6 +178,7 @@ def _validate_peering(doc: Doc) -> None:
 
 SPECIAL_KINDS = {
     "PodMonitor": _validate_pod_monitor,
+    "PrometheusRule": _validate_prometheus_rule,
     "KopfPeering": _validate_peering,
     "ClusterKopfPeering": _validate_peering,
 }
@@ -208,10 +229,14 @@ def test_operator_command_from_default_values() -> None:
         "--standalone",
         "--prometheus-url=http://prometheus-operated.monitoring.svc:9090",
         "--liveness=http://0.0.0.0:8080/healthz",
+        "--metrics-port=8081",
     ]
     probe = container["livenessProbe"]["httpGet"]
     assert probe == {"path": "/healthz", "port": "health"}
-    assert container["ports"] == [{"name": "health", "containerPort": 8080}]
+    assert container["ports"] == [
+        {"name": "health", "containerPort": 8080},
+        {"name": "metrics", "containerPort": 8081},
+    ]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["DIFFCASCADE_WORKER_IMAGE"] == "ghcr.io/diffcascade/worker:0.1.0"
     assert container["image"] == "ghcr.io/diffcascade/operator:0.1.0"
@@ -229,6 +254,7 @@ def test_operator_command_from_tuned_values() -> None:
         "--priority=0",
         "--interval=2",
         "--liveness=http://0.0.0.0:8080/healthz",
+        "--metrics-port=8081",
         "--debug",
     ]
     env = {e["name"]: e.get("value") for e in container["env"]}
@@ -239,11 +265,17 @@ def test_operator_command_from_tuned_values() -> None:
 
 def test_monitor_is_rendered_only_when_enabled() -> None:
     assert by_kind(render({}), "PodMonitor") == []
-    [monitor] = by_kind(render(VALUE_SETS["monitoring"]), "PodMonitor")
+    monitor, operator = by_kind(render(VALUE_SETS["monitoring"]), "PodMonitor")
     assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert operator["metadata"]["labels"]["release"] == "prom"
     assert monitor["spec"]["namespaceSelector"] == {"any": True}
-    [scoped] = by_kind(render(VALUE_SETS["namespaced-monitoring"]), "PodMonitor")
+    assert operator["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    scoped, _ = by_kind(render(VALUE_SETS["namespaced-monitoring"]), "PodMonitor")
     assert scoped["spec"]["namespaceSelector"] == {"matchNames": ["team-a"]}
+    without = {**VALUE_SETS["monitoring"], "metrics": {"enabled": False}}
+    assert [m["metadata"]["name"] for m in by_kind(render(without), "PodMonitor")] == [
+        f"{RELEASE}-diffcascade-workers"
+    ]
 
 
 def test_peering_objects_only_with_peering() -> None:
@@ -387,7 +419,8 @@ def test_values_file_documents_every_top_level_key() -> None:
                 "controlIntervalSeconds", "logLevel", "serviceAccount", "rbac", "serviceMonitor",
                 "podSecurityContext", "securityContext", "resources", "nodeSelector",
                 "tolerations", "affinity", "allowedImageRegistries", "allowedEnvSecrets",
-                "workerResources", "networkPolicy"):  # fmt: skip
+                "workerResources", "networkPolicy", "metrics", "grafanaDashboard",
+                "prometheusRule"):  # fmt: skip
         assert key in values, key
     assert all(k[0].islower() and "_" not in k for k in values)
     assert text.count("# --") >= 10
@@ -483,7 +516,11 @@ def test_a_malformed_digest_fails_the_render_with_a_clear_message() -> None:
         render({"workerImage": {"digest": "latest"}})
 
 
-_FLAG_ENV = {"--prometheus-url": "DIFFCASCADE_PROMETHEUS_URL", "--interval": "DIFFCASCADE_INTERVAL"}
+_FLAG_ENV = {
+    "--prometheus-url": "DIFFCASCADE_PROMETHEUS_URL",
+    "--interval": "DIFFCASCADE_INTERVAL",
+    "--metrics-port": "DIFFCASCADE_METRICS_PORT",
+}
 
 
 @pytest.mark.parametrize("values", VALUE_SETS.values(), ids=list(VALUE_SETS))

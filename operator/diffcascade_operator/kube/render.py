@@ -114,6 +114,9 @@ def chart_env(
         env["PROMETHEUS_URL"] = str(prometheus)
     if values.get("controlIntervalSeconds") is not None:
         env["INTERVAL"] = _text(values["controlIntervalSeconds"])
+    metrics = values.get("metrics") or {}
+    if metrics.get("enabled"):
+        env["METRICS_PORT"] = _text(metrics.get("port"))
     out = {ENV_PREFIX + k: v for k, v in env.items()}
     for extra in values.get("extraEnv") or []:
         if isinstance(extra, Mapping) and "value" in extra:
