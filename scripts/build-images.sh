@@ -25,7 +25,8 @@ REGISTRY="${REGISTRY%/}"
 PUSH="${PUSH:-1}"
 DRY_RUN="${DRY_RUN:-0}"
 PLATFORM="${PLATFORM:-linux/amd64}"
-VERSION="$(python3 -c "import tomllib; print(tomllib.load(open('pyproject.toml', 'rb'))['project']['version'])")"
+VERSION="$(python3 -c "import tomllib; print(tomllib.load(open('pyproject.toml', 'rb'))['project']['version'])")" \
+  || die "cannot read the version from pyproject.toml (needs python3 >= 3.11)"
 TAG="${TAG:-$VERSION}"
 
 run() {  # print a command; run it unless DRY_RUN=1

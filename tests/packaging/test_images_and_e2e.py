@@ -229,7 +229,8 @@ def test_make_images_builds_both_dockerfiles_tagged_with_the_package_version(
 
 def test_make_images_refuses_to_start_without_docker(tmp_path: Path) -> None:
     # A PATH with only what the script needs before docker (bash, python3 for the version).
-    for tool in ("bash", "python3", "dirname", "make"):
+    (tmp_path / "python3").symlink_to(sys.executable)
+    for tool in ("bash", "dirname", "make"):
         found = subprocess.run(["bash", "-c", f"command -v {tool}"], capture_output=True, text=True)
         (tmp_path / tool).symlink_to(found.stdout.strip())
     done = subprocess.run(
