@@ -263,3 +263,12 @@ def test_dependabot_keeps_the_pinned_bases_current() -> None:
     config = yaml.safe_load((REPO / ".github" / "dependabot.yml").read_text())
     docker = {u["directory"] for u in config["updates"] if u["package-ecosystem"] == "docker"}
     assert docker == {"/operator", "/worker"}
+
+
+def test_the_package_declares_its_licence_as_an_spdx_string() -> None:
+    """A TOML-table licence makes setuptools warn at every install (three times a `make demo`)."""
+    import tomllib
+
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert pyproject["project"]["license"] == "Apache-2.0"
+    assert pyproject["build-system"]["requires"] == ["setuptools>=77"]

@@ -46,6 +46,11 @@ logger = logging.getLogger(__name__)
 _DEMAND_WINDOW_S = 120.0
 _HISTORY = 200
 _RECONCILE_S = 0.5
+_TIMELINE = 7200  # ticks kept for plan.png (four hours at a 2-s interval)
+#: A threshold move smaller than this, with nothing else changed, is pushed to the workers but
+#: not logged as a plan change: near a flat stretch of the quality curve the optimum jitters
+#: between neighbouring grid points as the live-profile window slides, even with no traffic.
+THRESHOLD_LOG_STEP = 0.01
 
 
 #: Workers of one variant that may die before any of them turns ready, before `up` gives up.
@@ -111,6 +116,10 @@ class LocalCascade:
         self._scrape: ScrapeSource | None = None
         self.plan: Plan | None = None
         self.history: deque[dict[str, Any]] = deque(maxlen=_HISTORY)
+        #: Every tick (not only plan changes): planned and measured demand, threshold, desired,
+        #: ready and starting replicas per stage; what plan.png draws.
+        self.timeline: deque[dict[str, Any]] = deque(maxlen=_TIMELINE)
+        self._logged: Plan | None = None  # the last plan logged as a change
         self.ticks = 0
         self.last_reading: MetricsReading | None = None
         self.metrics_error: str | None = None
@@ -298,11 +307,13 @@ class LocalCascade:
         )
         previous = self.plan
         plan = decide(snapshot, previous)
-        changed = previous is None or not plan.same_allocation(previous)
+        changed = notable_change(plan, self._logged)
         self.plan = plan
         self.ticks += 1
         await self.actuator.apply(plan)
+        self.timeline.append(self._moment(plan, reading))
         if changed:
+            self._logged = plan
             self.history.append(
                 {
                     "at": time.time(),
@@ -322,6 +333,20 @@ class LocalCascade:
         await asyncio.to_thread(write_state, self.state_path, state)
         if self.on_update is not None:
             self.on_update(state, changed)
+
+    def _moment(self, plan: Plan, reading: MetricsReading | None) -> dict[str, Any]:
+        desired = plan.replicas()
+        return {
+            "at": time.time(),
+            "demand_qps": round(plan.demand_qps, 3),
+            "measured_qps": round(reading.demand_qps, 3) if reading else None,
+            "threshold": plan.threshold,
+            "desired": desired,
+            "ready": {v: len(self.supervisor.of(v, WorkerState.READY)) for v in self.variants},
+            "starting": {
+                v: len(self.supervisor.of(v, WorkerState.STARTING)) for v in self.variants
+            },
+        }
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -398,3 +423,18 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+def notable_change(plan: Plan, logged: Plan | None) -> bool:
+    """Whether `plan` differs from the last logged one in what a reader of the log cares
+    about: replicas, batch sizes, routing, solver outcome, or the threshold by more than
+    `THRESHOLD_LOG_STEP`."""
+    if logged is None:
+        return True
+    shape = [(v.name, v.replicas, v.batch_size, v.next_stage) for v in plan.variants]
+    before = [(v.name, v.replicas, v.batch_size, v.next_stage) for v in logged.variants]
+    return (
+        shape != before
+        or plan.solver.status is not logged.solver.status
+        or abs(plan.threshold - logged.threshold) > THRESHOLD_LOG_STEP + 1e-9
+    )

@@ -22,6 +22,18 @@ from diffcascade_operator.local.cluster_status import (
     source_text,
 )
 
+#: Off a terminal lines are never wrapped; this only bounds tables laid out to a width.
+UNWRAPPED_WIDTH = 400
+
+
+def make_console(*, stderr: bool = False) -> Console:
+    """A console that wraps at the terminal's width on a terminal, and off one (a pipe, CI, a
+    log file) never splits a line: rich would otherwise wrap at 80 columns, mid-word."""
+    console = Console(stderr=stderr)
+    if console.is_terminal:
+        return console
+    return Console(stderr=stderr, soft_wrap=True, width=UNWRAPPED_WIDTH)
+
 
 def _num(value: Any, fmt: str = ".2f", missing: str = "-") -> str:
     return missing if value is None else format(value, fmt)
@@ -57,7 +69,9 @@ def render_state(state: dict[str, Any]) -> RenderableType:
     )
     solved = re.compile(r"\w+, \d+ ms$")  # the solver row says it
     notes = [p for p in reason_tail(plan.get("reason")).split("; ") if not solved.fullmatch(p)]
-    summary.add_row("reason", "; ".join(notes) or "-")
+    notes = [n for n in notes if n and n != "-"]
+    if notes:  # nothing beyond the numbers above: no row (not `reason -`)
+        summary.add_row("reason", "; ".join(notes))
     slo = slo_line(state.get("slo"))
     if slo is not None:
         summary.add_row("SLO", Text(slo, style="red" if slo.startswith("MISSED") else ""))
