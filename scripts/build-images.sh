@@ -31,7 +31,7 @@ TAG="${TAG:-$VERSION}"
 
 run() {  # print a command; run it unless DRY_RUN=1
   printf '+ %s\n' "$*" >&2
-  if [[ "$DRY_RUN" != "1" ]]; then "$@"; fi
+  if [[ "$DRY_RUN" != "1" ]]; then "$@" >&2; fi  # stdout is for the values alone
 }
 
 if [[ "$DRY_RUN" != "1" ]]; then

@@ -275,6 +275,7 @@ def to_yaml(rendered: Rendered) -> str:
 @click.command("render")
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
 @click.option(
+    "-f",
     "--values",
     "values_file",
     type=click.Path(path_type=Path, dir_okay=False, exists=True),
