@@ -60,8 +60,12 @@ for image in operator worker; do
 done
 
 if [[ "$PUSH" == "1" ]]; then
+  if [[ "$DRY_RUN" == "1" ]]; then
+    echo "# Dry run: after a push this prints the Helm values that install exactly those images:"
+  else
+    echo "# Pushed. Install exactly these images (Helm values; a digest wins over the tag):"
+  fi
   cat <<VALUES
-# Pushed. Install exactly these images (Helm values; a digest wins over the tag):
 image:
   repository: $REGISTRY/operator
   digest: ${DIGESTS[operator]}

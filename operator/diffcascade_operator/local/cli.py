@@ -188,6 +188,7 @@ def _fetch_models(path: Path, folder: Path, cache_dir: Path, console: Console) -
         document = fetch_curves(document, cache_dir=cache_dir / "curves")
     except FetchFailed as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        offline = offline and "HF_HUB_OFFLINE" not in str(exc)  # the hub's message says it
         hint = " (HF_HUB_OFFLINE is set: only what the hub cache holds can be used)"
         raise click.ClickException(f"{exc}{hint if offline else ''}") from None
     for item in fetched:
