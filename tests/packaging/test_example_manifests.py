@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 from diffcascade_operator.profiles import profiles_from_spec
 from diffcascade_operator.spec import CascadeSpec, load_manifest
@@ -256,3 +258,21 @@ def test_gpu_examples_gate_every_deferring_stage_without_training(example: str) 
     assert all(v.profile.auto for v in spec.variants)
     assert not spec.simulator_only
     assert not any("runwayml" in v.model for v in spec.variants)  # left the hub in 2024
+
+
+def _commands_in(text: str) -> list[str]:
+    return re.findall(r"`diffcascade ([^`]+)`", text)
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_diffcascade_command_an_example_mentions_exists_and_parses(path: Path) -> None:
+    import shlex
+
+    from diffcascade_operator.cli import main
+
+    for line in _commands_in(path.read_text()):
+        name, *args = shlex.split(line)
+        command = main.get_command(click.Context(main), name)
+        assert command is not None, f"{path.name}: no command `diffcascade {name}`"
+        with command.make_context(name, args):  # raises on an unknown option
+            pass

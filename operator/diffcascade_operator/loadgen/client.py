@@ -58,11 +58,15 @@ class LoadResult:
 
 
 def generations_url(url: str) -> str:
-    """The generations endpoint of an entry URL given as a base or as the full endpoint."""
+    """The generations endpoint of an entry URL given as a base (`http://host:port`), as the
+    OpenAI SDK's base URL (`.../v1`) or as the full endpoint."""
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"URL must start with http:// or https://, got {url!r}")
     base = url.rstrip("/")
-    return base if base.endswith(PATH_GENERATIONS) else base + PATH_GENERATIONS
+    if base.endswith(PATH_GENERATIONS):
+        return base
+    api_root = PATH_GENERATIONS.split("/images", 1)[0]  # "/v1", the SDK's base URL ends so
+    return base.removesuffix(api_root) + PATH_GENERATIONS
 
 
 async def run_load(

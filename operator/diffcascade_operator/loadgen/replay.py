@@ -134,7 +134,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     errors = ", ".join(f"{k}={v}" for k, v in report["errors"].items()) or "none"
     share = report["light_share"]
     head = (
-        [f"interrupted after {report['wall_s']:.0f} s: the report covers the requests sent"]
+        [
+            f"interrupted after {report['wall_s']:.0f} s: the report covers the requests "
+            f"answered; {report.get('cancelled', 0)} in flight were cancelled (not counted)"
+        ]
         if report.get("interrupted")
         else []
     )

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 from diffcascade_worker.protocol import PATH_CONFIG, PATH_READYZ
 
+from diffcascade_operator.local.gpus import GpuAssigner, visible_gpus
 from diffcascade_operator.local.router import Router
 from diffcascade_operator.local.supervisor import Supervisor, Worker, WorkerState
 from diffcascade_operator.plan import Plan
@@ -85,8 +86,11 @@ class LocalActuator:
         token: str,
         base_dir: Path,
         max_start_failures: int = 3,
+        gpus: tuple[str, ...] | None = None,
     ) -> None:
         self.spec = spec
+        # Each worker its own GPUs, as the device plugin gives each pod its own.
+        self.gpus = GpuAssigner(visible_gpus() if gpus is None else gpus)
         self.max_start_failures = max_start_failures
         # Per variant: workers that died before turning ready since the last one that did.
         self._start_failures: dict[str, list[Path]] = {}
@@ -120,14 +124,16 @@ class LocalActuator:
                 else None
             ),
         )
-        return serve_args(
+        args = serve_args(
             self.spec,
             variant.name,
             cascade=self.supervisor.cascade,
             files=files,
             stage_url=self.router.stage_url,
-            extra={"threads": "1", "log-level": "warning"},
+            extra={"threads": "1", "log-level": "info"},
         )
+        # The run folder's worker logs: load, ready and config lines, one line per request.
+        return [*args, "--access-log"]
 
     async def apply(self, plan: Plan) -> None:
         """Scale every variant to the plan and push its config to every ready worker."""
@@ -139,9 +145,23 @@ class LocalActuator:
 
     def _scale(self, name: str, replicas: int) -> None:
         live = self.supervisor.of(name)
+        self.gpus.keep_only(w for w in self.supervisor.workers if w.state is not WorkerState.EXITED)
+        variant = self._variant(name)
         for _ in range(replicas - len(live)):
-            worker = self.supervisor.launch(name, self._serve_args(self._variant(name)))
-            logger.info("started %s on %s", worker.name, worker.url)
+            devices = self.gpus.pick(variant.gpus_per_replica)
+            if devices is None:
+                logger.warning(
+                    "no free GPU for another %s worker (%d GPUs here, all in use): the plan "
+                    "wants more than this machine has",
+                    name,
+                    len(self.gpus.gpus),
+                )
+                break
+            worker = self.supervisor.launch(
+                name, self._serve_args(variant), env=self.gpus.env(devices)
+            )
+            self.gpus.hold(worker, devices)
+            logger.info("started %s on %s (GPUs: %s)", worker.name, worker.url, devices or "-")
         surplus = len(live) - replicas
         if surplus > 0:
             pool = self.router.pools[name]
@@ -163,7 +183,12 @@ class LocalActuator:
         """Between ticks: notice deaths, admit workers that turned ready."""
         for worker in self.supervisor.poll():
             self.router.pools[worker.variant].remove(worker.url)
-            logger.warning("%s exited unexpectedly; see %s", worker.name, worker.log_path)
+            logger.warning(
+                "%s exited unexpectedly (exit code %s); see %s",
+                worker.name,
+                worker.process.returncode,
+                worker.log_path,
+            )
             if worker.state is WorkerState.EXITED and worker.pushed is None:
                 self._start_failures.setdefault(worker.variant, []).append(worker.log_path)
         probed = [

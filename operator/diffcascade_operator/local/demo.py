@@ -184,7 +184,7 @@ def run_demo(
         console.print("interrupted: shut down cleanly, no worker left running")
         return EXIT_INTERRUPTED
     plan_png = plot_plan(
-        list(cascade.history),
+        list(cascade.timeline),
         started_at=outcome.report["started_at"],
         end_s=outcome.report["wall_s"],
         path=out / "plan.png",
@@ -209,7 +209,10 @@ def _list_every_file(outcome: ReplayOutcome, out: Path) -> None:
 
 
 def _print_summary(console: Console, outcome: ReplayOutcome, history: Any, started: float) -> None:
-    console.rule("report")
+    if console.is_terminal:
+        console.rule("report")
+    else:  # a rule would span the unwrapped console's whole width
+        console.print("--- report ---", highlight=False)
     for line in summary_lines(outcome.report):
         console.print(line, highlight=False)
     console.print("plan changes:", highlight=False)

@@ -170,9 +170,10 @@ class Supervisor:
         self._serial = 0
         self._closed = False
 
-    def launch(self, variant: str, args: list[str]) -> Worker:
+    def launch(self, variant: str, args: list[str], *, env: dict[str, str] | None = None) -> Worker:
         """Start one worker of `variant`; `args` are its `serve` options besides host, port and
-        drain (`worker_config.serve_args`, which names the variant and the cascade)."""
+        drain (`worker_config.serve_args`, which names the variant and the cascade); `env` is
+        added to its environment (e.g. its own CUDA_VISIBLE_DEVICES)."""
         if self._closed:
             raise RuntimeError("the supervisor is shut down")
         self._serial += 1
@@ -189,7 +190,7 @@ class Supervisor:
             f"{self.drain_timeout_s:g}",
             *args,
         ]
-        env = dict(os.environ)
+        env = {**os.environ, **(env or {})}
         env["DIFFCASCADE_TOKEN"] = self._token  # not on the command line, where ps shows it
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -7,6 +7,7 @@ import contextlib
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from diffcascade_operator.loadgen.cli import load
+from diffcascade_operator.loadgen.client import generations_url
 from diffcascade_operator.local.router import Router
 from diffcascade_operator.local.supervisor import Worker
 from diffcascade_worker.serving.api_keys import ApiKeys
@@ -65,25 +67,39 @@ def _closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_nobody_listening_counts_connection_errors_and_fails(tmp_path: Path) -> None:
+def test_nobody_listening_fails_at_once_instead_of_after_the_whole_replay(
+    tmp_path: Path,
+) -> None:
     report = tmp_path / "r.json"
+    started = time.monotonic()
     code, output = _invoke(
         "--url",
         f"http://127.0.0.1:{_closed_port()}",
         "--qps",
         "10",
         "--duration",
-        "0.5",
-        "--timeout",
-        "2",
+        "30",
         "--report",
         str(report),
     )
-    assert code == 1
-    assert "no request succeeded" in output
-    doc = json.loads(report.read_text())
-    assert doc["errors"] == {"connection": doc["total"]}
-    assert doc["slo_violation_ratio"] == 1.0
+    assert code == 1 and time.monotonic() - started < 10
+    assert "cannot connect to http://127.0.0.1:" in output and "diffcascade up" in output
+    assert not report.exists()
+
+
+@pytest.mark.parametrize(
+    ("given", "endpoint"),
+    [
+        ("http://h:8080", "http://h:8080/v1/images/generations"),
+        ("http://h:8080/", "http://h:8080/v1/images/generations"),
+        ("http://h:8080/v1", "http://h:8080/v1/images/generations"),  # the SDK's base_url
+        ("http://h:8080/v1/", "http://h:8080/v1/images/generations"),
+        ("http://h/v1/images/generations", "http://h/v1/images/generations"),
+        ("http://h/stages/heavy", "http://h/stages/heavy/v1/images/generations"),
+    ],
+)
+def test_load_takes_the_entry_the_sdk_base_url_or_the_endpoint(given: str, endpoint: str) -> None:
+    assert generations_url(given) == endpoint
 
 
 @pytest.fixture
@@ -107,6 +123,16 @@ def _router_in_a_thread(**options: Any) -> Iterator[str]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=5)
         loop.close()
+
+
+def test_a_url_answering_404_gets_a_hint_naming_the_urls_load_takes(
+    empty_router: str, tmp_path: Path
+) -> None:
+    code, output = _invoke(
+        "--url", f"{empty_router}/nothing/here", "--qps", "10", "--duration", "0.3"
+    )
+    assert code == 1
+    assert "got 404 from " in output and "the OpenAI SDK's base URL (http://HOST:PORT/v1)" in output
 
 
 def test_http_errors_are_counted_by_status(empty_router: str, tmp_path: Path) -> None:

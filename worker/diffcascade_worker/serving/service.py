@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
 from typing import Literal
 
-from diffcascade_worker.deferral import should_defer
+from diffcascade_worker.deferral import quality_defers
 from diffcascade_worker.models.engine import DiffusersEngine, Engine, resolve_settings
 from diffcascade_worker.protocol import (
     MAX_SEED,
@@ -374,6 +374,7 @@ class WorkerService:
             request_id=request_id,
             defer_allowed=not alone and not deferred_from,
             on_partial=on_partial if request.partial_images else None,
+            quality=request.quality,
         )
         try:
             if disconnected is None:
@@ -475,6 +476,7 @@ class WorkerService:
         request_id: str | None,
         defer_allowed: bool = True,
         on_partial: PartialSink | None = None,
+        quality: str | None = None,
     ) -> GenerationResponse:
         outcomes = await asyncio.gather(*(item.future for item in items), return_exceptions=True)
         for outcome in outcomes:
@@ -496,6 +498,7 @@ class WorkerService:
                 request_id=request_id,
                 defer_allowed=defer_allowed,
                 on_partial=on_partial,
+                quality=quality,
             )
             for item, result in zip(items, results, strict=True)
         ]
@@ -512,14 +515,14 @@ class WorkerService:
         request_id: str | None,
         defer_allowed: bool = True,
         on_partial: PartialSink | None = None,
+        quality: str | None = None,
     ) -> ImageData:
         config = self._config
         confidence = result.confidence
         defer = (
             defer_allowed
             and config.next_stage_url is not None
-            and confidence is not None
-            and should_defer(confidence, config.threshold)
+            and quality_defers(quality, confidence, config.threshold)
         )
         served_by = self.settings.variant
         flagged = result.flagged
