@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test check lint typecheck pytest bench clean
+.PHONY: setup demo test check lint typecheck pytest bench images clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,13 @@ bench: setup
 	$(BIN)/python -m bench.operator_tick
 	$(BIN)/python -m bench.operator_reaction
 	$(BIN)/python bench/router_auc.py
+	$(BIN)/python bench/sd15_unet_cpu.py
+	$(BIN)/python bench/gpu_real_architectures.py --smoke --out bench/results/tmp/gpu-smoke
+
+## The operator and worker images, tagged with the package version, pushed to REGISTRY:
+##   make images REGISTRY=ghcr.io/you   (PUSH=0: build only; DRY_RUN=1: print the commands)
+images:
+	@scripts/build-images.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -104,6 +104,7 @@ def measure_decide(repeats: int) -> dict[str, float]:
         {
             "sloSeconds": 5,
             "gpuBudget": 16,
+            "simulatorOnly": True,  # the reference gate curve: planning only
             "variants": [
                 {
                     "name": "sd-turbo",

@@ -1,12 +1,15 @@
-"""Soak: the chaos cascade under Poisson load for 10 minutes, with a fault every two minutes.
+"""Soak: the chaos cascade under Poisson load for 10 minutes, with a fault every minute.
 
     python bench/soak.py [--duration 600] [--qps 1.5] [--out bench/results/soak.json]
 
 A light + heavy cascade of the tiny CPU models runs under `diffcascade up`; the load goes
 through its router. Every `--fault-every` seconds one fault from the chaos suite hits it in
 turn (1,000 idle connections at the light worker, oversized and malformed bodies plus bad
-configs, the heavy worker stopped for 20 s, the heavy worker killed). Reports requests, errors
-by kind, p50/p99 per minute and overall, and the RSS of every process over time.
+configs, the heavy worker stopped for 20 s, the heavy worker killed, 130 clients pipelining
+requests they never read at the light worker, 1,000 idle connections and a 64 MB body at the
+router, clients hanging up through the router, the light worker stopped for 8 s). Reports
+requests, errors by kind, p50/p99 per minute and overall, and the RSS of every process over
+time.
 """
 
 from __future__ import annotations
@@ -32,8 +35,12 @@ from chaos import (  # noqa: E402 - the harness lives with the chaos suite
     Up,
     bad_bodies,
     bad_configs,
+    big_body,
+    hang_ups,
     heavy_serves,
     idle_flood,
+    outcomes,
+    pipelining_nonreaders,
     probe,
     rss_mb,
     running_cascade,
@@ -50,8 +57,20 @@ async def _heavy_back(up: Up, seed: int, timeout_s: float) -> float | None:
     return await wait_for(twice, timeout_s=timeout_s)
 
 
+FAULTS = (
+    "flood",
+    "nonreaders",
+    "bad-input",
+    "router-flood",
+    "stop-heavy",
+    "hang-ups",
+    "stop-light",
+    "kill-heavy",
+)
+
+
 async def _fault(up: Up, index: int) -> dict[str, Any]:
-    kind = ("flood", "bad-input", "stop-heavy", "kill-heavy")[index % 4]
+    kind = FAULTS[index % len(FAULTS)]
     light = up.worker("light")
     record: dict[str, Any] = {"fault": kind}
     if kind == "flood":
@@ -69,6 +88,29 @@ async def _fault(up: Up, index: int) -> dict[str, Any]:
         await asyncio.sleep(20)
         os.kill(heavy.pid, signal.SIGCONT)
         record["deferrals_back_after_s"] = await _heavy_back(up, 10_000 + index, 60)
+    elif kind == "nonreaders":
+        with pipelining_nonreaders(light.port, 130, 400):
+            await asyncio.sleep(2)
+            record["healthz"] = await probe(light.url, "/healthz", 5)
+            record["readyz"] = await probe(light.url, "/readyz", 5)
+    elif kind == "router-flood":
+        with idle_flood(up.port, 1000):
+            await asyncio.sleep(1)
+            record["router_healthz"] = await probe(up.url, "/healthz", 5)
+        record["body_64mb"] = list(await big_body(up.url, 64))[:2]
+    elif kind == "hang-ups":
+        heavy = up.worker("heavy")
+        before = outcomes(heavy.url)["abandoned"]
+        await hang_ups(up.url, 8, after_s=0.2, body={"prompt": "x", "model": "heavy"})
+        await asyncio.sleep(3)
+        record["heavy_abandoned_of_8"] = outcomes(heavy.url)["abandoned"] - before
+    elif kind == "stop-light":
+        os.kill(light.pid, signal.SIGSTOP)
+        await asyncio.sleep(8)
+        os.kill(light.pid, signal.SIGCONT)
+        record["light_back_after_s"] = await wait_for(
+            lambda: any(w.pid == light.pid for w in up.workers("light")), timeout_s=30
+        )
     else:
         heavy = up.worker("heavy")
         os.kill(heavy.pid, signal.SIGKILL)
@@ -135,7 +177,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=600.0)
     parser.add_argument("--qps", type=float, default=1.5)
-    parser.add_argument("--fault-every", type=float, default=120.0)
+    parser.add_argument("--fault-every", type=float, default=60.0)
     parser.add_argument("--models", type=Path, default=None, help="tiny models (built if absent)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "soak.json")
     args = parser.parse_args()

@@ -26,6 +26,8 @@ TIMEOUT="${E2E_TIMEOUT:-600}"
 TORCH="${E2E_TORCH:-torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu}"
 KEEP="${E2E_KEEP:-0}"
 SKIP_BUILD="${E2E_SKIP_BUILD:-0}"
+# The CPU worker's base: the operator image's base, pinned by digest (operator/Dockerfile).
+PYTHON_IMAGE="python:3.11-slim@sha256:9c900dea9e8fb7e16277c179b555cc72d29a352dbc33cff48ad5a0412fd5bfc7"
 CASCADE="tiny"
 LOCAL_PORT=18080
 WORK="$ROOT/e2e/.work"
@@ -71,7 +73,7 @@ if [[ "$SKIP_BUILD" != "1" ]]; then
   docker build -f operator/Dockerfile -t diffcascade-operator:dev .
   # shellcheck disable=SC2086  # TORCH holds pip arguments
   docker build -f worker/Dockerfile -t diffcascade-worker:dev \
-    --build-arg BASE_IMAGE=python:3.11-slim --build-arg EXPECT_CUDA=false \
+    --build-arg BASE_IMAGE="$PYTHON_IMAGE" --build-arg EXPECT_CUDA=false \
     --build-arg TORCH_INSTALL="$TORCH" .
   docker build -f e2e/Dockerfile --target worker -t diffcascade-worker:e2e \
     --build-arg WORKER_IMAGE=diffcascade-worker:dev --build-arg OPERATOR_IMAGE=diffcascade-operator:dev .

@@ -25,3 +25,14 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("models")
     return {kind: make_tiny_model(kind, root / kind) for kind in ("light", "heavy")}
+
+
+@pytest.fixture(scope="session")
+def tiny_families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """{family: DIR} of the real models' topologies at toy widths, built offline, once:
+    sd-turbo, sdxs, sdxl (pipeline folders), sdxl-lightning (a folder of one UNet file, as on
+    the hub) and sd15-safety (SD 1.x with a safety checker that flags every image)."""
+    from diffcascade_worker.models.tiny_families import FAMILIES, make_tiny_family
+
+    root = tmp_path_factory.mktemp("families")
+    return {family: make_tiny_family(family, root / family) for family in FAMILIES}

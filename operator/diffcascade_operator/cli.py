@@ -18,6 +18,7 @@ _COMMANDS = {
     "status": "diffcascade_operator.local.cli:status",
     "demo": "diffcascade_operator.local.cli:demo",
     "load": "diffcascade_operator.loadgen.cli:load",
+    "render": "diffcascade_operator.kube.render:render",
 }
 
 

@@ -25,10 +25,13 @@ import httpx
 from diffcascade_worker.protocol import (
     ARRIVALS,
     BATCH_SECONDS,
+    COMPLETIONS,
     GATE_CONFIDENCE,
     LABEL_BATCH_SIZE,
     LABEL_CASCADE,
+    LABEL_OUTCOME,
     LABEL_VARIANT,
+    LATENCY_SECONDS,
     QUEUE_DEPTH,
 )
 from prometheus_client.parser import text_string_to_metric_families
@@ -41,6 +44,7 @@ from diffcascade_operator.live_profiles import (
     VariantTotals,
     histogram_from_buckets,
 )
+from diffcascade_operator.measured_slo import EntryTotals, SloObservations, SloWindow, entry_totals
 from diffcascade_operator.snapshot import StageSample
 
 SourceName = Literal["Prometheus", "DirectScrape"]
@@ -48,6 +52,7 @@ SourceName = Literal["Prometheus", "DirectScrape"]
 #: The label that tells the parts of the one live-profile query apart, and its values.
 _STAT = "diffcascade_stat"
 _LIVE_TAGS = ("bucket", "count", "sum")
+_SLO_TAGS = ("latency", "outcome")
 
 
 class MetricsUnavailable(RuntimeError):
@@ -262,6 +267,51 @@ class PrometheusSource:
             at=self._clock(),
         )
 
+    def slo_query(
+        self, *, cascade: str, variant: str, window_s: float, namespace: str | None = None
+    ) -> str:
+        """The entry stage's latency buckets and outcomes over the window, as one query."""
+        sel = f'{self._selector(cascade, namespace)},{LABEL_VARIANT}="{_quote(variant)}"'
+        window = f"{max(1, round(window_s))}s"
+        parts = (
+            f"sum by (le) (increase({LATENCY_SECONDS.name}_bucket{{{sel}}}[{window}]))",
+            f"sum by ({LABEL_OUTCOME}) (increase({COMPLETIONS.exposed}{{{sel}}}[{window}]))",
+        )
+        return " or ".join(
+            f'label_replace({q}, "{_STAT}", "{tag}", "", "")'
+            for q, tag in zip(parts, _SLO_TAGS, strict=True)
+        )
+
+    def read_slo(
+        self, *, cascade: str, variant: str, window_s: float, namespace: str | None = None
+    ) -> SloObservations:
+        """What the entry stage answered, and how fast, over `window_s` (see measured_slo)."""
+        rows = self._rows(
+            self.slo_query(cascade=cascade, variant=variant, window_s=window_s, namespace=namespace)
+        )
+        if not rows:
+            raise MetricsUnavailable(
+                f"Prometheus at {self.url} has no {LATENCY_SECONDS.name} series for "
+                f"{cascade}/{variant} yet"
+            )
+        buckets: dict[float, float] = {}
+        outcomes: dict[str, float] = {}
+        for labels, value in rows:
+            tag = labels.get(_STAT)
+            if tag == _SLO_TAGS[0]:
+                try:
+                    buckets[float(labels.get("le", ""))] = value
+                except ValueError:
+                    continue
+            elif tag == _SLO_TAGS[1] and labels.get(LABEL_OUTCOME):
+                outcomes[labels[LABEL_OUTCOME]] = value
+        return SloObservations(
+            totals=entry_totals(buckets, outcomes),
+            window_s=window_s,
+            source="Prometheus",
+            at=self._clock(),
+        )
+
 
 @dataclass(frozen=True)
 class WorkerSample:
@@ -326,6 +376,30 @@ def parse_live_totals(text: str, *, cascade: str | None = None) -> dict[str, Var
     return {v: _totals(buckets.get(v, {}), batches.get(v, {})) for v in {*buckets, *batches}}
 
 
+def parse_entry_totals(text: str, *, cascade: str | None, variant: str) -> EntryTotals:
+    """Cumulative latency buckets and outcome counts of one variant on a /metrics page."""
+    buckets: dict[float, float] = {}
+    outcomes: dict[str, float] = {}
+    bucket_name, completed = f"{LATENCY_SECONDS.name}_bucket", COMPLETIONS.exposed
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            if labels.get(LABEL_VARIANT) != variant:
+                continue
+            if cascade is not None and labels.get(LABEL_CASCADE) != cascade:
+                continue
+            if sample.name == bucket_name and "le" in labels:
+                try:
+                    le = float(labels["le"])
+                except ValueError:
+                    continue
+                buckets[le] = buckets.get(le, 0.0) + sample.value
+            elif sample.name == completed and labels.get(LABEL_OUTCOME):
+                outcome = labels[LABEL_OUTCOME]
+                outcomes[outcome] = outcomes.get(outcome, 0.0) + sample.value
+    return entry_totals(buckets, outcomes)
+
+
 class ScrapeSource:
     """Reads every worker's /metrics directly; rates from counter deltas between reads.
 
@@ -350,6 +424,7 @@ class ScrapeSource:
         self._client = client or httpx.Client(timeout=timeout_s)
         self._previous: dict[str, WorkerSample] = {}
         self._live: LiveTracker | None = None  # histogram windows, per (variant, url)
+        self._slo: SloWindow | None = None  # the entry stage's latency windows, per url
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="scrape")
 
@@ -454,6 +529,30 @@ class ScrapeSource:
                 self._live = LiveTracker(window_s, source="DirectScrape")
             return self._live.observe(now=self._clock(), variants=variants, totals=totals)
 
+    def read_slo(
+        self, *, cascade: str, variant: str, window_s: float, namespace: str | None = None
+    ) -> SloObservations:
+        """The entry stage's workers scraped; their increases over the window summed (a
+        worker's first scrape only sets its baseline)."""
+        urls = sorted(set(self._endpoints().get(variant, ())))
+        if not urls:
+            raise MetricsUnavailable(f"no {variant} workers of {cascade!r} to scrape")
+        texts = dict(self._pool.map(lambda u: (u, self._scrape_text(u)), urls))
+        if not any(texts.values()):
+            raise MetricsUnavailable(f"none of the {len(urls)} {variant} workers answered")
+        totals = {
+            url: None
+            if text is None
+            else parse_entry_totals(text, cascade=cascade, variant=variant)
+            for url, text in texts.items()
+        }
+        with self._lock:
+            if self._slo is None or self._slo.window_s != window_s:
+                self._slo = SloWindow(window_s)
+            now = self._clock()
+            summed = self._slo.observe(now=now, totals=totals)
+        return SloObservations(totals=summed, window_s=window_s, source="DirectScrape", at=now)
+
 
 def live_source_for(source: MetricsSource | None, reading: MetricsReading | None) -> object | None:
     """Where to read this step's histograms: the source that just answered `read()` (so a
@@ -508,3 +607,22 @@ class FallbackSource:
                 continue
             return observations
         raise MetricsUnavailable("; ".join(errors) or "no source of live histograms")
+
+    def read_slo(
+        self, *, cascade: str, variant: str, window_s: float, namespace: str | None = None
+    ) -> SloObservations:
+        """The primary's measurement, else the fallback's."""
+        errors: list[str] = []
+        for source in (self.primary, self.fallback):
+            read = getattr(source, "read_slo", None)
+            if read is None:
+                continue
+            try:
+                observed: SloObservations = read(
+                    cascade=cascade, variant=variant, window_s=window_s, namespace=namespace
+                )
+            except MetricsUnavailable as exc:
+                errors.append(str(exc))
+                continue
+            return observed
+        raise MetricsUnavailable("; ".join(errors) or "no source of latency histograms")

@@ -12,6 +12,7 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from diffcascade_worker.deferral import DeferCurveError, validate_curve
+from diffcascade_worker.models.assembly import WEIGHTS_VARIANT, PipelineAssembly, SchedulerChoice
 from diffcascade_worker.protocol import MAX_EXPLORATION_SHARE, RouterScorerName
 from diffcascade_worker.storage.uris import StorageError, parse_uri
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -167,11 +168,43 @@ class VariantSpec(_Model):
     env: list[dict[str, Any]] | None = None
     node_selector: dict[str, str] | None = Field(default=None, max_length=64)
     tolerations: list[dict[str, Any]] | None = Field(default=None, max_length=64)
+    # How the pipeline is assembled (diffcascade_worker.models.assembly, the one definition).
+    unet: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Replacement UNet (or transformer) of the model's pipeline: a storage URI "
+        "of a diffusers state-dict file (e.g. one SDXL-Lightning UNet file) or model folder",
+    )
+    scheduler: SchedulerChoice | None = None
+    weights_variant: str | None = Field(
+        default=None,
+        pattern=WEIGHTS_VARIANT,
+        description="Weights file variant to fetch and load, e.g. fp16 (half the download)",
+    )
+    safety_checker: bool = Field(
+        default=False,
+        description="Run the pipeline's safety checker; a flagged image is marked in the response",
+    )
 
     @field_validator("model")
     @classmethod
     def _model_uri(cls, value: str) -> str:
         return _storage_uri(value, model=True)
+
+    @field_validator("unet")
+    @classmethod
+    def _unet_uri(cls, value: str | None) -> str | None:
+        return None if value is None else _storage_uri(value)
+
+    def assembly(self, *, unet: str | None = None) -> PipelineAssembly:
+        """The worker's assembly fields; `unet` replaces the URI (the driver's local path).
+        safetyChecker false is the worker's default (off), so it is left unsaid."""
+        return PipelineAssembly(
+            unet=unet if unet is not None else self.unet,
+            scheduler=self.scheduler,
+            weights_variant=self.weights_variant,
+            safety_checker=True if self.safety_checker else None,
+        )
 
     @field_validator("name")
     @classmethod
@@ -320,6 +353,16 @@ class StorageSpec(_Model):
     s3_region: str | None = None
 
 
+class ApiKeysSpec(_Model):
+    """Client API keys the entry stage requires (off when the spec has none)."""
+
+    secret_name: str = Field(
+        pattern=_OBJECT_NAME,
+        max_length=253,
+        description="Secret whose every key holds client API keys, one per line",
+    )
+
+
 class CascadeSpec(_Model):
     slo_seconds: float = Field(gt=0.0, le=3600.0)
     gpu_budget: int = Field(ge=1, le=100_000)
@@ -331,6 +374,12 @@ class CascadeSpec(_Model):
     control: ControlSpec = ControlSpec()
     worker_image: str | None = None
     storage: StorageSpec | None = None
+    simulator_only: bool = Field(
+        default=False,
+        description="Only for `diffcascade simulate`: its stages may defer without a gate "
+        "(reference curves); the operator and `diffcascade up` refuse it",
+    )
+    api_keys: ApiKeysSpec | None = None
 
     @model_validator(mode="after")
     def _cascade_rules(self) -> CascadeSpec:
@@ -345,6 +394,19 @@ class CascadeSpec(_Model):
                     f"variant {variant.name} defers to a later stage and needs gate.deferCurve"
                     " (or gate.discriminator with profile.auto to measure it)"
                 )
+        if not self.simulator_only:
+            for variant in self.variants:
+                gate = variant.gate
+                if gate is not None and gate.discriminator is not None:
+                    continue
+                defers = variant is not self.variants[-1]
+                if defers or (gate is not None and gate.defer_curve is not None):
+                    raise ValueError(
+                        f"variant {variant.name} has no gate.discriminator: its workers would "
+                        "never defer while the plan counts on its deferCurve; give it a gate "
+                        "(clip-score needs no training), or mark the cascade simulatorOnly to "
+                        "only simulate it"
+                    )
         floor = sum(v.min_replicas * v.gpus_per_replica for v in self.variants)
         if floor > self.gpu_budget:
             raise ValueError(f"minReplicas need {floor} GPUs, above gpuBudget {self.gpu_budget}")
@@ -377,6 +439,16 @@ def parse_spec(raw: dict[str, Any]) -> CascadeSpec:
             for err in exc.errors()
         )
         raise InvalidSpec(problems) from None
+
+
+def check_deployable(spec: CascadeSpec) -> None:
+    """InvalidSpec for a cascade that may only be simulated (every driver that runs workers
+    calls this: the operator, `diffcascade up` and `demo`)."""
+    if spec.simulator_only:
+        raise InvalidSpec(
+            "simulatorOnly: this cascade exists to drive `diffcascade simulate` and is not "
+            "deployed; give every deferring variant a gate.discriminator and remove the mark"
+        )
 
 
 def load_manifest(doc: dict[str, Any]) -> tuple[str, CascadeSpec]:

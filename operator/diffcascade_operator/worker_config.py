@@ -33,10 +33,19 @@ class WorkerFiles:
 
     model: str
     gate: str | None = None
+    unet: str | None = None  # the replacement UNet, when the variant has one
+    api_keys: str | None = None  # the client API keys (file or mounted Secret folder)
 
 
 def _names(spec: CascadeSpec) -> list[str]:
     return [v.name for v in spec.variants]
+
+
+def takes_api_keys(spec: CascadeSpec, name: str) -> bool:
+    """Whether workers of `name` check client API keys: the entry stage of a cascade whose
+    spec names a keys Secret (later stages take requests from earlier stages only, which the
+    NetworkPolicy enforces)."""
+    return spec.api_keys is not None and name == spec.variants[0].name
 
 
 def allocation(plan: Plan | None, name: str) -> VariantAllocation | None:
@@ -135,9 +144,12 @@ def serve_args(
         f"--size={variant.resolution}",
         f"--slo-seconds={spec.slo_seconds:g}",
         f"--max-batch-wait-ms={spec.control.max_batch_wait_ms:g}",
+        *variant.assembly(unet=files.unet).flags(),
     ]
     if files.gate is not None:
         args.append(f"--gate={files.gate}")
+    if files.api_keys is not None and takes_api_keys(spec, name):
+        args.append(f"--api-keys={files.api_keys}")
     target = default_next_stage(spec, name)
     if target is not None:
         args.append(f"--next-stage-url={stage_url(target)}")
@@ -161,4 +173,5 @@ __all__ = [
     "plan_id",
     "routes_by_plan",
     "serve_args",
+    "takes_api_keys",
 ]

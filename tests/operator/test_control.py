@@ -36,6 +36,7 @@ def make_spec(**overrides: Any) -> CascadeSpec:
         "sloSeconds": 5,
         "gpuBudget": 16,
         "objective": "MaxThreshold",
+        "simulatorOnly": True,  # plans with the reference gate curve, no gate runs
         "variants": [
             {
                 "name": LIGHT,

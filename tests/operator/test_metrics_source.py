@@ -230,3 +230,40 @@ def test_unreachable_prometheus_falls_back_to_scraping_for_histograms() -> None:
     finally:
         scrape.close()
         page.server.shutdown()
+
+
+def test_scrape_source_measures_the_entry_stages_slo_over_the_window() -> None:
+    from diffcascade_operator.measured_slo import measure
+    from diffcascade_worker.protocol import Outcome
+
+    clock = Clock()
+    pages = [WorkerPage("light"), WorkerPage("light"), WorkerPage("heavy")]
+    endpoints = {"light": [pages[0].url, pages[1].url], "heavy": [pages[2].url]}
+    source = ScrapeSource(lambda: endpoints, clock=clock)
+    try:
+        first = source.read_slo(cascade="c", variant="light", window_s=30.0)
+        assert first.totals.outcomes == {}  # a first scrape only sets the baseline
+        for page, seconds in ((pages[0], 0.4), (pages[1], 4.0)):
+            for _ in range(10):
+                page.metrics.latency.observe(seconds)
+                page.metrics.completed(Outcome.SERVED)
+        pages[1].metrics.completed(Outcome.DROPPED, 5)
+        pages[2].metrics.latency.observe(50.0)  # the heavy stage's own latency: not counted
+        clock.now += 5.0
+        seen = source.read_slo(cascade="c", variant="light", window_s=30.0)
+        measured = measure(seen, slo_s=3.0)
+        assert (measured.requests, measured.late, measured.dropped) == (25.0, 10.0, 5.0)
+        assert measured.violation_ratio == pytest.approx(15 / 25)
+    finally:
+        source.close()
+        for page in pages:
+            page.server.shutdown()
+
+
+def test_prometheus_slo_query_reads_the_entry_stage_only() -> None:
+    source = PrometheusSource("http://prom:9090")
+    query = source.slo_query(cascade="c", variant="light", window_s=60)
+    assert 'increase(diffcascade_request_latency_seconds_bucket{cascade="c",variant="light"}' in (
+        query
+    )
+    assert "sum by (outcome) (increase(diffcascade_completed_requests_total{" in query

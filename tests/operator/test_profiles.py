@@ -32,6 +32,7 @@ def spec_dict(**light_gate: Any) -> dict[str, Any]:
     return {
         "sloSeconds": 5,
         "gpuBudget": 16,
+        "simulatorOnly": True,  # reference curves, no gate runs
         "variants": [
             {
                 "name": "sd-turbo",

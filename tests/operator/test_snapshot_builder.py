@@ -135,6 +135,7 @@ def _spec_for_live() -> CascadeSpec:
         {
             "sloSeconds": 5,
             "gpuBudget": 2,
+            "simulatorOnly": True,  # a curve and no gate: the planner alone reads it
             "variants": [
                 {
                     "name": "l",

@@ -7,8 +7,11 @@ import subprocess
 import sys
 
 #: The worker modules the operator may import: the HTTP contract, the deferral contract, the
-#: deadline rule, the storage-URI rules and the router's rule and scorers (the simulator routes
-#: with them). Anything else of the worker may pull torch in.
+#: deadline rule, the storage-URI rules (and which files a pipeline loads), the pipeline
+#: assembly fields, and the router's rule and scorers (the simulator routes with them).
+#: Anything else of the worker may pull torch in.
+#: Also the HTTP armour and client API keys the routers share with the workers (with the
+#: error envelope they answer in).
 ROUTING = {
     "diffcascade_worker.routing",
     "diffcascade_worker.routing.rule",
@@ -27,6 +30,13 @@ CONTRACT = {
     "diffcascade_worker.deadline",
     "diffcascade_worker.storage",
     "diffcascade_worker.storage.uris",
+    "diffcascade_worker.storage.pipeline_files",
+    "diffcascade_worker.models",
+    "diffcascade_worker.models.assembly",
+    "diffcascade_worker.serving",
+    "diffcascade_worker.serving.limits",
+    "diffcascade_worker.serving.api_keys",
+    "diffcascade_worker.serving.errors",
 }
 
 

@@ -27,7 +27,11 @@ def three_stage() -> Any:
             "name": name,
             "model": f"m-{name}",
             "profile": {"batchLatencyMs": {"1": 100 * (k + 1)}},
-            **({"gate": {"deferCurve": CURVE}} if k < 2 else {}),
+            **(
+                {"gate": {"discriminator": {"uri": "gate.pt"}, "deferCurve": CURVE}}
+                if k < 2
+                else {}
+            ),
         }
         for k, name in enumerate(("light", "mid", "heavy"))
     ]
@@ -103,3 +107,51 @@ def test_a_two_stage_config_leaves_the_next_stage_of_the_serve_arguments_alone()
     assert "--next-stage-url=http://heavy" in serve_args(
         pair, "light", cascade="c", files=WorkerFiles("m"), stage_url=url
     )
+
+
+def test_assembly_fields_reach_the_worker_as_it_reads_them() -> None:
+    """spec -> serve arguments -> the worker's own flag parser: the same assembly, one
+    definition (diffcascade_worker.models.assembly) on both sides."""
+    from diffcascade_worker.models.assembly import PipelineAssembly, assembly_from_options
+    from diffcascade_worker.serving.serve_command import serve
+
+    raw = three_stage().model_dump(by_alias=True, exclude_none=True)
+    raw["variants"][0].update(
+        unet="hf://ByteDance/SDXL-Lightning/sdxl_lightning_2step_unet.safetensors",
+        scheduler={"class": "EulerDiscreteScheduler", "config": {"timestep_spacing": "trailing"}},
+        weightsVariant="fp16",
+        safetyChecker=True,
+    )
+    spec = parse_spec(raw)
+    args = serve_args(
+        spec,
+        "light",
+        cascade="c",
+        files=WorkerFiles(model="/cache/m", unet="/cache/unet.safetensors"),
+        stage_url=url,
+    )
+    params = serve.make_context("serve", [*args, "--token=t"]).params
+    read = assembly_from_options(
+        unet=params["unet"],
+        scheduler=params["scheduler"],
+        scheduler_config=params["scheduler_config"],
+        weights_variant=params["weights_variant"],
+        safety_checker=params["safety_checker"],
+    )
+    assert read == spec.variants[0].assembly(unet="/cache/unet.safetensors")
+    assert set(PipelineAssembly.model_fields) <= set(type(spec.variants[0]).model_fields)
+
+
+def test_only_the_entry_stage_is_told_to_check_client_api_keys() -> None:
+    raw = three_stage().model_dump(by_alias=True, exclude_none=True)
+    files = WorkerFiles(model="/m", api_keys="/keys")
+    open_spec = parse_spec(raw)
+    keyed = parse_spec({**raw, "apiKeys": {"secretName": "client-keys"}})
+
+    def told(spec: Any, name: str) -> list[str]:
+        args = serve_args(spec, name, cascade="c", files=files, stage_url=url)
+        return [a for a in args if a.startswith("--api-keys")]
+
+    assert told(keyed, "light") == ["--api-keys=/keys"]
+    assert told(keyed, "mid") == told(keyed, "heavy") == []
+    assert told(open_spec, "light") == []

@@ -133,8 +133,10 @@ PRINTER_COLUMNS = [
     ("Threshold", "number", ".status.allocation.threshold", 0),
     ("Replicas", "string", ".status.replicasSummary", 0),
     ("FID", "number", ".status.allocation.predictedFID", 0),
+    ("Missed", "number", ".status.slo.violationRatio", 0),
     ("Ready", "string", '.status.conditions[?(@.type=="Ready")].status', 0),
     ("Entry", "string", ".status.allocation.entryStage", 1),
+    ("P99", "number", ".status.slo.p99Seconds", 1),
     ("Drift", "number", ".status.profiles.maxDistance", 1),
     ("Source", "string", ".status.demand.source", 1),
     ("Solver", "string", ".status.allocation.solver.status", 1),
@@ -229,3 +231,26 @@ def test_status_schema_refuses_a_condition_without_status() -> None:
     bad = {"conditions": [{"type": "Ready", "status": "Yes"}, {"type": "Degraded"}]}
     errors = list(jsonschema.Draft202012Validator(to_json_schema(status_schema)).iter_errors(bad))
     assert len(errors) == 2
+
+
+def test_status_schema_accepts_the_measured_slo_the_operator_writes() -> None:
+    from diffcascade_operator.live_profiles import histogram_from_buckets
+    from diffcascade_operator.measured_slo import (
+        EntryTotals,
+        SloObservations,
+        SloSettings,
+        measure,
+        slo_summary,
+    )
+
+    totals = EntryTotals(
+        latency=histogram_from_buckets({1.0: 10.0, 3.0: 30.0, 5.0: 90.0, float("inf"): 100.0}),
+        outcomes={"served": 60.0, "deferred": 40.0, "dropped": 5.0},
+    )
+    measured = measure(SloObservations(totals, 60.0, "Prometheus", 0.0), slo_s=3.0)
+    doc = slo_summary(measured, plan=None, slo_s=3.0, settings=SloSettings())
+    written = {k: v for k, v in doc.items() if v is not None}  # nulls delete in a merge patch
+    status_schema = crd_schema()["properties"]["status"]
+    validator = jsonschema.Draft202012Validator(to_json_schema(status_schema))
+    assert list(validator.iter_errors({"slo": written})) == []
+    assert written["violationRatio"] == round(75 / 105, 4)  # 70 late + 5 dropped of 105

@@ -54,6 +54,23 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "nodeSelector": {"kubernetes.io/os": "linux"},
         "tolerations": [{"key": "ops", "operator": "Exists", "effect": "NoSchedule"}],
     },
+    "locked-down": {
+        "nameOverride": "dc-op",
+        "workerImage": {
+            "repository": "registry.example.com/worker",
+            "digest": "sha256:" + "0" * 64,
+        },
+        "allowedImageRegistries": ["registry.example.com"],
+        "allowedEnvSecrets": ["hf-token", "s3-keys"],
+        "modelCache": {"claimName": "models"},
+        "workerResources": {"requests": {"cpu": 2, "memory": "8Gi"}},
+        "networkPolicy": {"enabled": False, "clients": [{"podSelector": {}}]},
+    },
+    "dashboard-and-alerts": {
+        "serviceMonitor": {"enabled": True},
+        "grafanaDashboard": {"enabled": True, "namespace": "grafana"},
+        "prometheusRule": {"enabled": True, "labels": {"release": "prom"}},
+    },
     "external-service-account": {
         "serviceAccount": {"create": False, "name": "ops-bot"},
         "rbac": {"create": False},
@@ -129,18 +146,32 @@ def _validate_pod_monitor(doc: Doc) -> None:
     assert doc["apiVersion"] == "monitoring.coreos.com/v1"
     spec = doc["spec"]
     assert set(spec) == {"selector", "namespaceSelector", "podMetricsEndpoints"}
-    assert spec["selector"] == {
-        "matchExpressions": [
-            {
-                "key": "app.kubernetes.io/name",
-                "operator": "In",
-                "values": ["diffcascade-worker", "diffcascade-router"],
-            }
-        ]
-    }
     [endpoint] = spec["podMetricsEndpoints"]
-    assert endpoint["port"] == "http" and endpoint["path"] == "/metrics"
+    if doc["metadata"]["name"].endswith("-operator"):  # the control loop's own series
+        assert spec["selector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
+        assert endpoint["port"] == "metrics" and endpoint["honorLabels"] is True
+    else:  # the workers and the routers
+        assert spec["selector"] == {
+            "matchExpressions": [
+                {
+                    "key": "app.kubernetes.io/name",
+                    "operator": "In",
+                    "values": ["diffcascade-worker", "diffcascade-router"],
+                }
+            ]
+        }
+        assert endpoint["port"] == "http"
+    assert endpoint["path"] == "/metrics"
     assert re.fullmatch(r"\d+(ms|s|m)", endpoint["interval"])
+
+
+def _validate_prometheus_rule(doc: Doc) -> None:
+    # Not in kubernetes-validate's schemas either; promtool checks the rules themselves
+    # (tests/packaging/test_chart_monitoring.py).
+    assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+    assert set(doc["spec"]) == {"groups"}
+    for group in doc["spec"]["groups"]:
+        assert group["name"] and group["rules"]
 
 
 def _validate_peering(doc: Doc) -> None:
@@ -154,6 +185,7 @@ def _validate_peering(doc: Doc) -> None:
 
 SPECIAL_KINDS = {
     "PodMonitor": _validate_pod_monitor,
+    "PrometheusRule": _validate_prometheus_rule,
     "KopfPeering": _validate_peering,
     "ClusterKopfPeering": _validate_peering,
 }
@@ -204,10 +236,14 @@ def test_operator_command_from_default_values() -> None:
         "--standalone",
         "--prometheus-url=http://prometheus-operated.monitoring.svc:9090",
         "--liveness=http://0.0.0.0:8080/healthz",
+        "--metrics-port=8081",
     ]
     probe = container["livenessProbe"]["httpGet"]
     assert probe == {"path": "/healthz", "port": "health"}
-    assert container["ports"] == [{"name": "health", "containerPort": 8080}]
+    assert container["ports"] == [
+        {"name": "health", "containerPort": 8080},
+        {"name": "metrics", "containerPort": 8081},
+    ]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["DIFFCASCADE_WORKER_IMAGE"] == "ghcr.io/diffcascade/worker:0.1.0"
     assert container["image"] == "ghcr.io/diffcascade/operator:0.1.0"
@@ -225,6 +261,7 @@ def test_operator_command_from_tuned_values() -> None:
         "--priority=0",
         "--interval=2",
         "--liveness=http://0.0.0.0:8080/healthz",
+        "--metrics-port=8081",
         "--debug",
     ]
     env = {e["name"]: e.get("value") for e in container["env"]}
@@ -236,11 +273,17 @@ def test_operator_command_from_tuned_values() -> None:
 
 def test_monitor_is_rendered_only_when_enabled() -> None:
     assert by_kind(render({}), "PodMonitor") == []
-    [monitor] = by_kind(render(VALUE_SETS["monitoring"]), "PodMonitor")
+    monitor, operator = by_kind(render(VALUE_SETS["monitoring"]), "PodMonitor")
     assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert operator["metadata"]["labels"]["release"] == "prom"
     assert monitor["spec"]["namespaceSelector"] == {"any": True}
-    [scoped] = by_kind(render(VALUE_SETS["namespaced-monitoring"]), "PodMonitor")
+    assert operator["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    scoped, _ = by_kind(render(VALUE_SETS["namespaced-monitoring"]), "PodMonitor")
     assert scoped["spec"]["namespaceSelector"] == {"matchNames": ["team-a"]}
+    without = {**VALUE_SETS["monitoring"], "metrics": {"enabled": False}}
+    assert [m["metadata"]["name"] for m in by_kind(render(without), "PodMonitor")] == [
+        f"{RELEASE}-diffcascade-workers"
+    ]
 
 
 def test_peering_objects_only_with_peering() -> None:
@@ -384,7 +427,8 @@ def test_values_file_documents_every_top_level_key() -> None:
                 "controlIntervalSeconds", "logLevel", "serviceAccount", "rbac", "serviceMonitor",
                 "podSecurityContext", "securityContext", "resources", "nodeSelector",
                 "tolerations", "affinity", "allowedImageRegistries", "allowedEnvSecrets",
-                "workerResources", "networkPolicy"):  # fmt: skip
+                "workerResources", "networkPolicy", "metrics", "grafanaDashboard",
+                "prometheusRule"):  # fmt: skip
         assert key in values, key
     assert all(k[0].islower() and "_" not in k for k in values)
     assert text.count("# --") >= 10
@@ -402,7 +446,7 @@ def test_operator_cli_accepts_the_rendered_arguments(values: dict[str, Any]) -> 
     assert params["standalone"] == values.get("peering", {}).get("standalone", True)
     assert params["namespaces"] == tuple(values.get("watchNamespaces", []))
     assert params["all_namespaces"] is not bool(values.get("watchNamespaces"))
-    assert env["DIFFCASCADE_WORKER_IMAGE"].endswith((":0.1.0", ":e2e"))
+    assert env["DIFFCASCADE_WORKER_IMAGE"].endswith((":0.1.0", ":e2e", "@sha256:" + "0" * 64))
 
 
 def test_unknown_log_level_fails_the_render_with_a_clear_message() -> None:
@@ -478,3 +522,42 @@ def test_images_are_pinned_by_digest_when_one_is_given() -> None:
 def test_a_malformed_digest_fails_the_render_with_a_clear_message() -> None:
     with pytest.raises(helm.HelmError, match=r"workerImage.digest must be sha256:<64 hex"):
         render({"workerImage": {"digest": "latest"}})
+
+
+_FLAG_ENV = {
+    "--prometheus-url": "DIFFCASCADE_PROMETHEUS_URL",
+    "--interval": "DIFFCASCADE_INTERVAL",
+    "--metrics-port": "DIFFCASCADE_METRICS_PORT",
+}
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=list(VALUE_SETS))
+def test_render_command_reads_the_values_as_the_charts_operator_does(
+    values: dict[str, Any],
+) -> None:
+    """`diffcascade render` maps chart values to the operator's settings itself (no Helm on a
+    user's path): what it derives must be what the chart hands the operator."""
+    from diffcascade_operator.kube.render import chart_env, merge_values
+
+    _, container = _operator(values)
+    given: dict[str, str] = {}
+    for entry in container["env"]:
+        if not entry["name"].startswith("DIFFCASCADE_"):
+            continue
+        if "valueFrom" in entry:  # the pod's own namespace
+            assert entry["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+            given[entry["name"]] = NAMESPACE
+        else:
+            given[entry["name"]] = entry["value"]
+    for arg in container["args"]:
+        flag, _, value = arg.partition("=")
+        if flag in _FLAG_ENV:  # the CLI copies these flags into the environment
+            given[_FLAG_ENV[flag]] = value
+    chart = load_yaml(CHART_DIR / "Chart.yaml")
+    derived = chart_env(
+        merge_values(load_yaml(CHART_DIR / "values.yaml"), values),
+        release=RELEASE,
+        namespace=NAMESPACE,
+        app_version=chart["appVersion"],
+    )
+    assert derived == given

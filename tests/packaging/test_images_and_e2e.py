@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
 from packaging_support import EXAMPLES_DIR, REPO, load_yaml
 
 OPERATOR_DOCKERFILE = REPO / "operator" / "Dockerfile"
@@ -73,7 +74,8 @@ def test_operator_image_runs_the_operator_as_non_root() -> None:
 def test_worker_image_keeps_the_base_images_cuda_torch() -> None:
     base = [a for a in _all(WORKER_DOCKERFILE, "ARG") if a.startswith("BASE_IMAGE=")]
     assert base and re.match(
-        r"BASE_IMAGE=pytorch/pytorch:2\.\d+\.\d+-cuda12\.\d+-cudnn9-runtime$", base[0]
+        r"BASE_IMAGE=pytorch/pytorch:2\.\d+\.\d+-cuda12\.\d+-cudnn9-runtime@sha256:[0-9a-f]{64}$",
+        base[0],
     )
     runs = " ".join(_all(WORKER_DOCKERFILE, "RUN"))
     assert "grep -v -i '^torch==' constraints.txt" in runs
@@ -173,3 +175,100 @@ def test_operator_code_imports_without_torch() -> None:
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+MAKE_IMAGES = REPO / "scripts" / "build-images.sh"
+RELEASE = REPO / ".github" / "workflows" / "release.yml"
+
+
+def test_base_images_are_pinned_by_digest() -> None:
+    for path, arg in ((OPERATOR_DOCKERFILE, "PYTHON_IMAGE"), (WORKER_DOCKERFILE, "BASE_IMAGE")):
+        [default] = [a for a in _all(path, "ARG") if a.startswith(f"{arg}=")]
+        assert re.fullmatch(rf"{arg}=[\w./:-]+@sha256:[0-9a-f]{{64}}", default), default
+    # The kind e2e's CPU worker builds on the operator's pinned base.
+    operator_base = _all(OPERATOR_DOCKERFILE, "ARG")[0].split("=", 1)[1]
+    assert f'PYTHON_IMAGE="{operator_base}"' in RUN_SH.read_text()
+
+
+def _make_images(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["make", "--no-print-directory", "images"],
+        cwd=REPO,
+        env={"PATH": os.environ["PATH"], "HOME": str(tmp_path), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_make_images_asks_for_the_registry(tmp_path: Path) -> None:
+    done = _make_images(tmp_path)
+    assert done.returncode != 0
+    assert "name the registry to push to: make images REGISTRY=" in done.stderr
+
+
+def test_make_images_builds_both_dockerfiles_tagged_with_the_package_version(
+    tmp_path: Path,
+) -> None:
+    import tomllib
+
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    done = _make_images(tmp_path, REGISTRY="registry.example.com/ml/", DRY_RUN="1")
+    assert done.returncode == 0, done.stderr
+    commands = [line[2:] for line in done.stderr.splitlines() if line.startswith("+ ")]
+    assert [c.split()[:2] for c in commands] == [["docker", "build"], ["docker", "push"]] * 2
+    for image, build, push in (("operator", *commands[:2]), ("worker", *commands[2:])):
+        ref = f"registry.example.com/ml/{image}:{version}"
+        assert f"-f {image}/Dockerfile -t {ref} " in build and build.endswith(" .")
+        assert push == f"docker push {ref}"
+    values = yaml.safe_load(done.stdout)
+    assert values["image"]["repository"] == "registry.example.com/ml/operator"
+    assert values["workerImage"]["repository"] == "registry.example.com/ml/worker"
+    assert values["allowedImageRegistries"] == ["registry.example.com/ml"]
+
+
+def test_make_images_refuses_to_start_without_docker(tmp_path: Path) -> None:
+    # A PATH with only what the script needs before docker (bash, python3 for the version).
+    (tmp_path / "python3").symlink_to(sys.executable)
+    for tool in ("bash", "dirname", "make"):
+        found = subprocess.run(["bash", "-c", f"command -v {tool}"], capture_output=True, text=True)
+        (tmp_path / tool).symlink_to(found.stdout.strip())
+    done = subprocess.run(
+        [str(tmp_path / "make"), "--no-print-directory", "images"],
+        cwd=REPO,
+        env={"PATH": str(tmp_path), "HOME": str(tmp_path), "REGISTRY": "ghcr.io/acme"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "images: docker is not installed" in done.stderr
+
+
+def test_release_workflow_tests_then_pushes_the_images_on_a_tag() -> None:
+    workflow = yaml.safe_load(RELEASE.read_text())
+    triggers = workflow[True]  # YAML 1.1 reads the key `on` as a boolean
+    assert triggers == {"push": {"tags": ["v*"]}}
+    test, images = workflow["jobs"]["test"], workflow["jobs"]["images"]
+    assert any(step.get("run") == ".ci/run" for step in test["steps"])
+    assert images["needs"] == "test"
+    assert images["permissions"]["packages"] == "write"
+    runs = " ".join(step.get("run", "") for step in images["steps"])
+    assert 'make images REGISTRY="ghcr.io/${owner}"' in runs
+    assert "helm package helm/diffcascade" in runs
+    assert workflow["defaults"]["run"]["shell"] == "bash"
+
+
+def test_dependabot_keeps_the_pinned_bases_current() -> None:
+    config = yaml.safe_load((REPO / ".github" / "dependabot.yml").read_text())
+    docker = {u["directory"] for u in config["updates"] if u["package-ecosystem"] == "docker"}
+    assert docker == {"/operator", "/worker"}
+
+
+def test_the_package_declares_its_licence_as_an_spdx_string() -> None:
+    """A TOML-table licence makes setuptools warn at every install (three times a `make demo`)."""
+    import tomllib
+
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert pyproject["project"]["license"] == "Apache-2.0"
+    assert pyproject["build-system"]["requires"] == ["setuptools>=77"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from diffcascade_operator.spec import InvalidSpec, load_manifest, parse_spec
+from diffcascade_operator.spec import InvalidSpec, check_deployable, load_manifest, parse_spec
 from packaging_support import (
     EXAMPLES_DIR,
     admission_errors,
@@ -333,6 +333,44 @@ CASES = [
         "Field required",
         "'uri' is a required property",
     ),
+    # No phantom deferrals: a stage the plan defers from has a gate its workers run.
+    Case(
+        "light-stage-with-a-curve-but-no-gate",
+        _drop(f"{LIGHT}.gate.discriminator"),
+        "has no gate.discriminator",
+        "needs gate.discriminator",
+    ),
+    Case(
+        "last-stage-with-a-curve-but-no-gate",
+        _set("spec.variants.1.gate", {"deferCurve": {"reference": "sd-turbo"}}),
+        "has no gate.discriminator",
+        "needs gate.discriminator",
+    ),
+    Case(
+        "simulator-only-cascade-deployed",
+        _set("spec.simulatorOnly", True),
+        "simulatorOnly",
+        "simulatorOnly",
+    ),
+    # How a pipeline is assembled.
+    Case(
+        "scheduler-class-not-a-scheduler",
+        _set(f"{LIGHT}.scheduler", {"class": "euler"}),
+        "should match pattern",
+        "does not match",
+    ),
+    Case(
+        "scheduler-without-class",
+        _set(f"{LIGHT}.scheduler", {"config": {"timestep_spacing": "trailing"}}),
+        "Field required",
+        "'class' is a required property",
+    ),
+    Case(
+        "weights-variant-not-a-file-variant",
+        _set(f"{LIGHT}.weightsVariant", "FP16!"),
+        "should match pattern",
+        "does not match",
+    ),
 ]
 
 
@@ -351,7 +389,7 @@ def test_the_base_cascade_is_accepted_by_both() -> None:
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_spec_rejects_with_a_clear_message(case: Case) -> None:
     with pytest.raises(InvalidSpec) as caught:
-        parse_spec(_broken(case)["spec"])
+        check_deployable(parse_spec(_broken(case)["spec"]))  # as every deploying driver does
     assert case.spec_says in str(caught.value)
 
 

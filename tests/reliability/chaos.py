@@ -138,6 +138,11 @@ class Up:
     def output(self) -> str:
         return "".join(self.lines)
 
+    @property
+    def port(self) -> int:
+        """The router's port."""
+        return int(self.url.rsplit(":", 1)[1])
+
     def wait_ready(self, timeout_s: float = 240.0) -> str:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -462,3 +467,98 @@ async def heavy_serves(entry_url: str, *, seed: int) -> bool:
     except httpx.HTTPError:
         return False
     return response.status_code == 200 and response.json()["data"][0]["served_by"] == "heavy"
+
+
+# --- connection faults -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def pipelining_nonreaders(port: int, count: int, requests: int) -> Iterator[list[socket.socket]]:
+    """`count` clients that each pipeline `requests` GETs of the OpenAPI document (15 KB) with
+    a 4 KB receive window and never read: no GPU work, yet answers pile up on the server."""
+    burst = b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * requests
+    opened: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            with contextlib.suppress(OSError):
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.settimeout(2)
+                sock.connect(("127.0.0.1", port))
+                sock.sendall(burst)
+                opened.append(sock)
+        yield opened
+    finally:
+        for sock in opened:
+            sock.close()
+
+
+async def hang_ups(url: str, count: int, *, after_s: float, body: dict[str, Any]) -> int:
+    """`count` generation requests whose clients close their sockets `after_s` later (or
+    right after the first server-sent event, with `after_s` 0 and a streamed body); returns
+    how many got an answer byte first."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    payload = json.dumps(body).encode()
+
+    async def one() -> bool:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            f"POST {GEN} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        await writer.drain()
+        answered = False
+        try:
+            if after_s:
+                answered = bool(await asyncio.wait_for(reader.read(1), after_s))
+            else:
+                await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+                answered = bool(await asyncio.wait_for(reader.readuntil(b"\n\n"), 30))
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+        return answered
+
+    return sum(await asyncio.gather(*(one() for _ in range(count))))
+
+
+def outcomes(url: str) -> Counter[str]:
+    """A worker's completions by outcome (served, deferred, abandoned, ...), from /metrics."""
+    counts: Counter[str] = Counter()
+    text = httpx.get(url + "/metrics", timeout=10.0).text
+    for line in text.splitlines():
+        if line.startswith("diffcascade_completed_requests_total{"):
+            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
+            counts[outcome] += int(float(line.rsplit(" ", 1)[1]))
+    return counts
+
+
+async def big_body(url: str, megabytes: int) -> tuple[int, str | None, float]:
+    """(status, error code, seconds) of one generation request with a body of `megabytes`."""
+    chunk = b"x" * 2**20
+
+    async def body() -> Any:
+        yield b'{"prompt": "'
+        for _ in range(megabytes):
+            yield chunk
+        yield b'"}'
+
+    started = time.monotonic()
+    async with httpx.AsyncClient(timeout=60.0) as client:
+        try:
+            response = await client.post(
+                url + GEN,
+                content=body(),
+                headers={
+                    "content-type": "application/json",
+                    "content-length": str(megabytes * 2**20 + 14),
+                },
+            )
+        except httpx.HTTPError as error:
+            return -1, type(error).__name__, time.monotonic() - started
+    try:
+        code = response.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        code = "not-json"
+    return response.status_code, code, time.monotonic() - started

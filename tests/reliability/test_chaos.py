@@ -1,12 +1,19 @@
 """Chaos: a light + heavy cascade under `diffcascade up` keeps its promises through faults.
 
-One run (about 3-4 minutes on 2 cores): Poisson load at 1.5 qps through the router while the
-suite floods the light worker with 1,000 idle connections, sends oversized and malformed
-bodies, pushes bad configs, stops the heavy worker for 20 s and kills it. Stated bounds:
+One run (about 1.5-2 minutes on 2 cores): Poisson load at 1.5 qps through the router while the
+suite floods the light worker with 1,000 idle connections and with clients that pipeline
+requests and never read, floods the router with 1,000 idle connections and a 64 MB body,
+sends oversized and malformed bodies, pushes bad configs, hangs clients up through the router
+(plain and streamed), stops the light worker for 8 s, stops the heavy worker for 20 s and
+kills it. Stated bounds:
 
 - every request gets a 200 or a documented error in the OpenAI envelope (no 500, no plain
   text) and none takes longer than its SLO + `LATE_MARGIN_S`;
-- probes answer under the flood; the workers' memory stays within `RSS_GROWTH_MB` of the start;
+- probes answer under the floods, the worker's and the router's; the workers' and `up`'s
+  memory stays within `RSS_GROWTH_MB` of the start;
+- a client that hangs up through the router is counted abandoned by the stage working for it;
+- a stopped light worker leaves the router (requests get 503 at once) within
+  `RECOVER_UNREADY_S` of SIGSTOP, and is back within as long of SIGCONT;
 - deferrals are served by the heavy stage again within `RECOVER_STOP_S` of SIGCONT and within
   `RECOVER_KILL_S` of SIGKILL (a new heavy process must start);
 - after Ctrl-C no process `up` started is left.
@@ -23,11 +30,16 @@ from pathlib import Path
 import pytest
 from chaos import (
     Load,
+    Up,
     bad_bodies,
     bad_configs,
+    big_body,
     closed_count,
+    hang_ups,
     heavy_serves,
     idle_flood,
+    outcomes,
+    pipelining_nonreaders,
     probe,
     rss_mb,
     running_cascade,
@@ -44,7 +56,20 @@ LATE_MARGIN_S = 3.0  # router + loaded-machine slack past the SLO
 RSS_GROWTH_MB = 150.0
 RECOVER_STOP_S = 15.0
 RECOVER_KILL_S = 120.0
+#: Two failed 1-s probes, the state document's 2-s update, polling, a loaded machine.
+RECOVER_UNREADY_S = 8.0
 FLOOD = 1000
+NONREADERS = 130  # each pipelining 400 requests it never reads
+HANG_UPS = 8
+
+
+def _state_of(up: Up, pid: int) -> str | None:
+    """The state `up` reports for the worker with `pid`."""
+    for variant in ("light", "heavy"):
+        for worker in up.state()["replicas"][variant]["workers"]:
+            if worker["pid"] == pid:
+                return str(worker["state"])
+    return None
 
 
 async def _heavy_again(url: str, seed: int) -> bool:
@@ -59,6 +84,7 @@ async def test_cascade_survives_floods_bad_input_a_stopped_and_a_killed_worker(
     with running_cascade(tiny_models, tmp_path, slo_seconds=SLO_S) as up:
         light, heavy = up.worker("light"), up.worker("heavy")
         rss_start = {w.pid: rss_mb(w.pid) for w in (light, heavy)}
+        rss_start[up.proc.pid] = rss_mb(up.proc.pid)
         rss_peak = dict(rss_start)
         assert await wait_for(lambda: _heavy_again(up.url, 10), timeout_s=60) is not None
 
@@ -89,6 +115,49 @@ async def test_cascade_survives_floods_bad_input_a_stopped_and_a_killed_worker(
         # 3. bad configs: refused, and the worker keeps its config
         token = worker_token(light.pid)
         assert await bad_configs(light.url, token) == [400, 400, 400, 400, 400, 401, 401]
+
+        # 3b. clients that pipeline requests and never read: the probes still get in
+        with pipelining_nonreaders(light.port, NONREADERS, 400):
+            await asyncio.sleep(2)
+            health = await probe(light.url, "/healthz", 10)
+            ready = await probe(light.url, "/readyz", 10)
+            sample_rss()
+        assert health == [200] * 10 and ready == [200] * 10, (health, ready)
+
+        # 3c. the router: a flood of idle connections and a 64 MB body
+        with idle_flood(up.port, FLOOD):
+            await asyncio.sleep(1)
+            router_health = await probe(up.url, "/healthz", 10)
+            sample_rss()
+        assert router_health == [200] * 10, router_health
+        status, code, took = await big_body(up.url, 64)
+        sample_rss()
+        assert (status, code) == (413, "payload_too_large") and took < 10.0, (status, code, took)
+
+        # 3d. clients that hang up through the router: the stage drops their work
+        before = outcomes(heavy.url)
+        await hang_ups(up.url, HANG_UPS, after_s=0.2, body={"prompt": "x", "model": "heavy"})
+        before_light = outcomes(light.url)
+        streamed = {"prompt": "hard", "stream": True, "partial_images": 1, "model": "chaos"}
+        await hang_ups(up.url, HANG_UPS, after_s=0, body=streamed)
+        await asyncio.sleep(3)
+        heavy_gone = outcomes(heavy.url)["abandoned"] - before["abandoned"]
+        light_gone = outcomes(light.url)["abandoned"] - before_light["abandoned"]
+        assert heavy_gone >= HANG_UPS - 2, heavy_gone  # one or two may finish first
+        assert light_gone >= 1, light_gone  # streamed and deferred: cancelled, not run on
+
+        # 3e. the light worker stopped for 8 s: out of the router at once, back after SIGCONT
+        os.kill(light.pid, signal.SIGSTOP)
+        try:
+            out = await wait_for(
+                lambda: _state_of(up, light.pid) == "unready", timeout_s=RECOVER_UNREADY_S
+            )
+        finally:
+            await asyncio.sleep(max(0.0, 8 - (out or 0)))
+            os.kill(light.pid, signal.SIGCONT)
+        back = await wait_for(lambda: _state_of(up, light.pid) == "ready", timeout_s=30)
+        assert out is not None and out <= RECOVER_UNREADY_S, out
+        assert back is not None and back <= RECOVER_UNREADY_S, back
 
         # 4. the heavy worker stopped for 20 s: deferrals degrade, then come back
         os.kill(heavy.pid, signal.SIGSTOP)
@@ -128,7 +197,7 @@ async def test_cascade_survives_floods_bad_input_a_stopped_and_a_killed_worker(
         assert not late, late[:5]
         assert stats["by_kind"].get("ok", 0) >= 0.8 * stats["requests"], stats
         for pid, start in rss_start.items():
-            if pid == light.pid:
+            if pid in (light.pid, up.proc.pid):
                 assert rss_peak[pid] - start <= RSS_GROWTH_MB, (rss_start, rss_peak)
     assert up.proc.returncode == EXIT_INTERRUPTED, up.output[-2000:]  # stopped by Ctrl-C
     assert up.survivors() == []

@@ -38,6 +38,20 @@ def should_defer(confidence: float, threshold: float) -> bool:
     return confidence < threshold
 
 
+def quality_defers(quality: str | None, confidence: float | None, threshold: float) -> bool:
+    """Whether a query goes to the next stage, given OpenAI's `quality` of its request.
+
+    `low` and `medium` ask for the first stage's image (never deferred), `high` for the next
+    stage's (always deferred, whatever the gate says); `auto` or none leaves it to the gate:
+    `should_defer`, and a stage without a gate score defers nothing.
+    """
+    if quality in ("low", "medium"):
+        return False
+    if quality == "high":
+        return True
+    return confidence is not None and should_defer(confidence, threshold)
+
+
 def interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
     """Piecewise-linear y(x) through increasing xs, clamped to the end values outside them
     (exact on the points). The planner reads every profiled curve this way."""

@@ -78,8 +78,16 @@ def parse_size(size: str) -> tuple[int, int]:
 # --- generation --------------------------------------------------------------------------------
 
 
+#: OpenAI's `quality` values this API serves (`standard`/`hd` are DALL-E's and refused): which
+#: stage's image the client asks for. The rule is `deferral.quality_defers`.
+QUALITIES = ("auto", "low", "medium", "high")
+
 _SUPPORTED: dict[str, tuple[tuple[str, ...], str]] = {
-    "quality": (("auto",), "the gate chooses the light or the heavy model per prompt"),
+    "quality": (
+        QUALITIES,
+        "'auto' lets the gate choose, 'low'/'medium' ask for the first stage's image, 'high' "
+        "for the next stage's",
+    ),
     "output_format": ((OUTPUT_FORMAT,), "images are encoded as PNG"),
     "background": (("auto", BACKGROUND), "diffusion images have no transparency"),
     "moderation": (("auto", "low"), "no moderation filter runs in the cascade"),
@@ -110,7 +118,9 @@ class GenerationRequest(BaseModel):
         description="The cascade's name (default) or one variant's, to be served by it alone",
     )
     quality: str | None = Field(
-        default=None, description="Only 'auto': the gate picks light or heavy per prompt"
+        default=None,
+        description="'auto' (default): the gate picks the stage per prompt; 'low' or 'medium': "
+        "the first stage's image; 'high': the next stage's",
     )
     style: str | None = Field(default=None, description="Refused: describe it in the prompt")
     user: str | None = Field(default=None, max_length=MAX_USER_CHARS)
@@ -187,6 +197,11 @@ class ImageData(BaseModel):
     degraded: bool = Field(
         default=False, description="A deferral failed or would miss the deadline: light image"
     )
+    nsfw_content_detected: bool | None = Field(
+        default=None,
+        description="The serving stage's safety checker flagged this image, which is then "
+        "black; null if no safety checker runs",
+    )
     queue_ms: float
     run_ms: float
     total_ms: float
@@ -238,6 +253,7 @@ class CompletedImageEvent(_ImageEvent):
     usage: ImageUsage = Field(default_factory=ImageUsage)
     deferred: bool
     degraded: bool = False
+    nsfw_content_detected: bool | None = None
     queue_ms: float
     run_ms: float
     total_ms: float

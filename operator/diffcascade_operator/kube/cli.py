@@ -91,6 +91,12 @@ _ENV = "DIFFCASCADE_"
     envvar=_ENV + "LIVENESS",
     help="Serve Kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz.",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    envvar=_ENV + "METRICS_PORT",
+    help="Serve the control loop's Prometheus series (plans, SLO, drift) on this port.",
+)
 @click.option("--verbose", "-v", is_flag=True, help="Log Kopf's handler activity.")
 @click.option("--debug", is_flag=True, help="Log everything, including API calls.")
 def operator_command(
@@ -106,6 +112,7 @@ def operator_command(
     scrape_fallback: bool,
     worker_image: str | None,
     liveness: str | None,
+    metrics_port: int | None,
     verbose: bool,
     debug: bool,
 ) -> None:
@@ -121,6 +128,7 @@ def operator_command(
         "METRICS_WINDOW_SECONDS": str(metrics_window),
         "SCRAPE_FALLBACK": "true" if scrape_fallback else "false",
         "WORKER_IMAGE": worker_image,
+        "METRICS_PORT": None if metrics_port is None else str(metrics_port),
     }
     for key, value in env.items():
         if value is not None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import kopf
 
+from diffcascade_operator.control_metrics import CONTROL_METRICS
 from diffcascade_operator.kube import manifests, reconcile
 from diffcascade_operator.kube.actuator import PodInfo
 from diffcascade_operator.kube.api import KubeApi, load_config
@@ -39,6 +40,19 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.execution.max_workers = 32
     load_config()
     memo["api"] = KubeApi()
+    if SETTINGS.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        started = start_http_server(SETTINGS.metrics_port, registry=CONTROL_METRICS.registry)
+        memo["metrics_server"] = started[0]
+
+
+@kopf.on.cleanup()
+def stop_metrics(memo: kopf.Memo, **_: Any) -> None:
+    server = memo.get("metrics_server")
+    if server is not None:
+        server.shutdown()
+        server.server_close()
 
 
 def _state(memo: kopf.Memo) -> reconcile.CascadeState:
@@ -108,6 +122,20 @@ def control_loop(
     if outcome is not None:
         patch.status.update(diff_patch(body.get("status") or {}, outcome.status))
         _post(body, outcome.events)
+        spec = _state(memo).spec
+        CONTROL_METRICS.record(
+            namespace=namespace or "",
+            cascade=name,
+            status=outcome.status,
+            variants=[v.name for v in spec.variants] if spec is not None else [],
+            slo_seconds=spec.slo_seconds if spec is not None else None,
+            solved=outcome.decide_ms > 0,
+        )
+
+
+@kopf.on.delete(*CASCADES, optional=True)
+def forget_metrics(namespace: str | None, name: str, **_: Any) -> None:
+    CONTROL_METRICS.forget(namespace=namespace or "", cascade=name)
 
 
 def pod_info(

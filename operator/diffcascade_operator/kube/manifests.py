@@ -24,7 +24,7 @@ from diffcascade_operator.kube.model_storage import add_storage, variant_storage
 from diffcascade_operator.kube.settings import OperatorSettings
 from diffcascade_operator.plan import Plan
 from diffcascade_operator.spec import CascadeSpec, VariantSpec
-from diffcascade_operator.worker_config import WorkerFiles, serve_args
+from diffcascade_operator.worker_config import WorkerFiles, serve_args, takes_api_keys
 from diffcascade_operator.worker_config import plan_id as plan_id  # one meaning everywhere
 
 Manifest = dict[str, Any]
@@ -47,6 +47,8 @@ DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 TMP_DIR = "/tmp"
 CACHE_DIR = "/var/cache/diffcascade"  # model hub, torch and compiler caches
 WORKER_UID = 10001  # the worker image's user (worker/Dockerfile)
+API_KEYS_DIR = "/var/run/diffcascade/api-keys"  # spec.apiKeys' Secret, entry stage only
+API_KEYS_VOLUME = "api-keys"
 
 
 def deployment_name(cascade: str, variant: str) -> str:
@@ -219,13 +221,32 @@ def _worker_args(
             spec,
             variant.name,
             cascade=cascade,
-            files=WorkerFiles(model=paths.model, gate=paths.gate),
+            files=WorkerFiles(
+                model=paths.model, gate=paths.gate, unet=paths.unet, api_keys=API_KEYS_DIR
+            ),
             stage_url=lambda name: stage_url(
                 cascade=cascade, namespace=namespace, variant=name, port=port
             ),
             extra={"host": "0.0.0.0", "port": str(port), "drain-timeout": str(drain_seconds(spec))},
         ),
     ]
+
+
+def add_api_keys(pod: dict[str, Any], *, spec: CascadeSpec, variant: str) -> dict[str, Any]:
+    """Mount spec.apiKeys' Secret (read-only, the worker's group only) into an entry-stage
+    pod, where `--api-keys` points; other pods are returned unchanged."""
+    if spec.api_keys is None or not takes_api_keys(spec, variant):
+        return pod
+    pod.setdefault("volumes", []).append(
+        {
+            "name": API_KEYS_VOLUME,
+            "secret": {"secretName": spec.api_keys.secret_name, "defaultMode": 0o440},
+        }
+    )
+    pod["containers"][0].setdefault("volumeMounts", []).append(
+        {"name": API_KEYS_VOLUME, "mountPath": API_KEYS_DIR, "readOnly": True}
+    )
+    return pod
 
 
 def _probe(path: str, *, period: int, failures: int, timeout: int = 2) -> dict[str, Any]:
@@ -284,7 +305,7 @@ def deployment(
     }
     container["resources"] = _with_default_requests(_gpu_resources(variant), settings)
     pod_labels = labels(cascade, variant.name)
-    return {
+    manifest: Manifest = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {
@@ -324,6 +345,8 @@ def deployment(
             },
         },
     }
+    add_api_keys(manifest["spec"]["template"]["spec"], spec=spec, variant=variant.name)
+    return manifest
 
 
 def service(*, cascade: str, namespace: str, variant: str, settings: OperatorSettings) -> Manifest:

@@ -37,6 +37,8 @@ class VariantStorage:
     gate: str | None
     fetch: tuple[str, ...]  # URIs the init container fetches, in order
     claims: tuple[str, ...]  # PVCs mounted read-only
+    unet: str | None = None  # the replacement UNet's path in the pod
+    fetch_args: tuple[str, ...] = ()  # `fetch` arguments after --cache-dir
 
     @property
     def fetched(self) -> bool:
@@ -44,17 +46,33 @@ class VariantStorage:
 
 
 def variant_storage(variant: VariantSpec) -> VariantStorage:
+    """Paths in the pod, and a `fetch` told what the worker will load of the pipeline: the
+    same assembly flags as the worker's (weights variant, safety checker, replaced UNet), so
+    it downloads only those files (`diffcascade_worker.storage.pipeline_files`)."""
     gate = variant.gate.discriminator if variant.gate is not None else None
-    parsed = [parse_uri(variant.model, bare_hub_ids=True)]
-    if gate is not None:
-        parsed.append(parse_uri(gate.uri))
+    model = parse_uri(variant.model, bare_hub_ids=True)
+    unet = parse_uri(variant.unet) if variant.unet is not None else None
+    gate_uri = parse_uri(gate.uri) if gate is not None else None
+    parsed = [p for p in (model, unet, gate_uri) if p is not None]
     fetch = tuple(dict.fromkeys(p.raw for p in parsed if p.needs_fetch))
     claims = tuple(dict.fromkeys(p.host for p in parsed if p.scheme is Scheme.PVC))
+    assembly = variant.assembly()
+    args: list[str] = []
+    if model.needs_fetch:
+        args.append(f"--model={model.raw}")
+        # The replacement's flag also tells fetch to skip the base's UNet weights.
+        args += assembly.flags(for_fetch=True)
+    elif unet is not None and unet.needs_fetch:
+        args.append(f"--unet={unet.raw}")
+    if gate_uri is not None and gate_uri.needs_fetch and gate_uri.raw not in args:
+        args.append(gate_uri.raw)
     return VariantStorage(
-        model=local_path(parsed[0]),
-        gate=local_path(parsed[1]) if gate is not None else None,
+        model=local_path(model),
+        gate=local_path(gate_uri) if gate_uri is not None else None,
         fetch=fetch,
         claims=claims,
+        unet=local_path(unet) if unet is not None else None,
+        fetch_args=tuple(args),
     )
 
 
@@ -113,7 +131,7 @@ def fetch_container(*, image: str, spec: CascadeSpec, vs: VariantStorage) -> dic
         "name": "fetch",
         "image": image,
         "command": ["diffcascade-worker"],
-        "args": ["fetch", f"--cache-dir={CACHE_MOUNT}", *vs.fetch],
+        "args": ["fetch", f"--cache-dir={CACHE_MOUNT}", *vs.fetch_args],
         "env": fetch_env(spec),
         "volumeMounts": volume_mounts(vs, read_only=False),
         "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}},

@@ -99,6 +99,12 @@ def _env_problems(spec: CascadeSpec, settings: OperatorSettings) -> list[str]:
             f"spec.storage.secretName: Secret {storage_secret!r} is not in the operator's "
             "allowedEnvSecrets"
         )
+    keys_secret = spec.api_keys.secret_name if spec.api_keys else None
+    if keys_secret and not _secret_allowed(keys_secret, settings):
+        problems.append(
+            f"spec.apiKeys.secretName: Secret {keys_secret!r} is not in the operator's "
+            "allowedEnvSecrets"
+        )
     for i, variant in enumerate(spec.variants):
         for j, var in enumerate(variant.env or []):
             path = f"spec.variants[{i}].env[{j}]"

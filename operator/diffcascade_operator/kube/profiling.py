@@ -7,8 +7,9 @@ workers have. It hands its result back through the container's termination messa
 and stores it in a ConfigMap `<cascade>-profile-<variant>` annotated with the profile key.
 
 The key hashes what changes the measurement (model, gate, steps, guidance, resolution, batch
-sizes, image, resources, nodes): a spec change that touches any of them names a new Job, so
-the variant is profiled again; until every auto variant has a ConfigMap of its current key
+sizes, image, resources, nodes, and the pipeline's assembly: unet, scheduler, weights variant,
+safety checker): a spec change that touches any of them names a new Job, so the variant is
+profiled again; until every auto variant has a ConfigMap of its current key
 the operator creates no workers and decides no plan (what already runs is left alone).
 Planning then uses the spec with the measured table (and, for a gated variant, the measured
 f(t)) in place of what the spec wrote.
@@ -35,6 +36,7 @@ from diffcascade_operator.spec import (
     InvalidSpec,
     ProfileSpec,
     VariantSpec,
+    check_deployable,
     parse_spec,
 )
 
@@ -68,6 +70,9 @@ def profile_key(spec: CascadeSpec, variant: VariantSpec, settings: OperatorSetti
         "nodeSelector": variant.node_selector,
         "tolerations": variant.tolerations,
     }
+    assembly = variant.assembly().model_dump(mode="json", by_alias=True, exclude_defaults=True)
+    if assembly:  # a UNet, scheduler, weights or checker change measures another pipeline
+        material["assembly"] = assembly
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -112,6 +117,7 @@ def profile_job(
         f"--steps={variant.steps}",
         f"--guidance-scale={variant.guidance_scale:g}",
         f"--size={variant.resolution}",
+        *variant.assembly(unet=paths.unet).flags(),
         f"--variant={variant.name}",
         f"--key={key}",
         "--out=/tmp/profile.json",
@@ -486,6 +492,7 @@ def gate(
     memo.digest, memo.checked_at, memo.outcome = digest, now, None
     try:
         spec = parse_spec(raw)
+        check_deployable(spec)
         check_spec(spec, settings)
     except InvalidSpec:
         return None

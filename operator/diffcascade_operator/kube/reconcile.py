@@ -33,6 +33,14 @@ from diffcascade_operator.live_profiles import (
     LiveProfileResult,
     LiveProfileSettings,
 )
+from diffcascade_operator.measured_slo import (
+    MeasuredSlo,
+    SloCache,
+    SloSettings,
+    read_slo,
+    slo_summary,
+    verdict,
+)
 from diffcascade_operator.metrics_source import (
     FallbackSource,
     MetricsReading,
@@ -51,7 +59,7 @@ from diffcascade_operator.snapshot_builder import (
     read_live_profiles,
     read_metrics,
 )
-from diffcascade_operator.spec import CascadeSpec, InvalidSpec, parse_spec
+from diffcascade_operator.spec import CascadeSpec, InvalidSpec, check_deployable, parse_spec
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +88,7 @@ class CascadeState:
     source_url: str | None = None
     endpoints: dict[str, list[str]] = field(default_factory=dict)
     live_cache: LiveCache = field(default_factory=LiveCache)  # the last histogram read
+    slo_cache: SloCache = field(default_factory=SloCache)  # the last measured-SLO read
     restored: bool = False
     profiling: profiling.ProfilingMemo = field(default_factory=profiling.ProfilingMemo)
 
@@ -96,6 +105,7 @@ def load_spec(
     digest = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
     if digest != state.spec_hash or state.spec is None or state.profiles is None:
         spec = parse_spec(dict(raw))
+        check_deployable(spec)
         if settings is not None:
             check_spec(spec, settings)
         try:
@@ -426,6 +436,16 @@ def control_step(
         now=now,
     )
     events.extend(drift_events(live, live_note, status=status))
+    measured, slo_note = read_slo(
+        live_source_for(source, reading),
+        cascade=name,
+        variants=variants,
+        slo_s=spec.slo_seconds,
+        settings=slo_settings(settings),
+        namespace=namespace,
+        cache=state.slo_cache,
+        now=now,
+    )
     snapshot = build_snapshot(
         spec=spec,
         profiles=live.profiles,
@@ -489,13 +509,51 @@ def control_step(
         history=state.history,
         live=live,
         live_note=live_note,
+        slo=MeasuredSloStep(measured, slo_note, slo_settings(settings), spec.slo_seconds),
     )
+    events.extend(slo_events(fields, status=status))
     fields = profiling.with_profiling_status(fields, measuring, now=now, generation=generation)
     if measuring is not None:
         events[:0] = measuring.take_events()
     operator_ms = (time.perf_counter() - started) * 1000 - decide_ms
     RECENT_STEPS.append((operator_ms, decide_ms))
     return StepOutcome(fields, events, decide_ms, operator_ms)
+
+
+@dataclass(frozen=True)
+class MeasuredSloStep:
+    """One step's SLO measurement (None: none, `note` says why) and how it is judged."""
+
+    measured: MeasuredSlo | None
+    note: str | None
+    settings: SloSettings
+    slo_s: float
+
+
+def slo_settings(settings: OperatorSettings) -> SloSettings:
+    """The operator's SLO-measurement settings; the defaults (and a warning) when unusable."""
+    try:
+        return SloSettings(
+            window_s=settings.slo_window_s,
+            tolerance=settings.slo_tolerance,
+            min_requests=settings.slo_min_requests,
+        )
+    except ValueError as exc:
+        logger.warning("DIFFCASCADE_SLO_* settings ignored: %s", exc)
+        return SloSettings()
+
+
+def slo_events(fields: Mapping[str, Any], *, status: Mapping[str, Any]) -> list[Event]:
+    """A warning Event when SLOMet turns False, and one when it turns back to True."""
+    before = st.condition_status(status.get("conditions"), st.SLO_MET)
+    after = next((c for c in fields.get("conditions") or () if c["type"] == st.SLO_MET), None)
+    if after is None:
+        return []
+    if after["status"] == "False" and before != "False":
+        return [("Warning", "SLOMissed", str(after["message"])[:1000])]
+    if after["status"] == "True" and before == "False":
+        return [("Normal", "SLOMet", str(after["message"])[:1000])]
+    return []
 
 
 def live_settings(settings: OperatorSettings) -> LiveProfileSettings:
@@ -569,10 +627,15 @@ def step_status(
     history: Sequence[DemandSample],
     live: LiveProfileResult | None = None,
     live_note: str | None = None,
+    slo: MeasuredSloStep | None = None,
 ) -> dict[str, Any]:
     conds: list[st.Condition] = []
     if live is not None:
         conds.append(st.profile_drift_condition(live, note=live_note))
+    judged = None
+    if slo is not None:
+        judged = verdict(slo.measured, plan=plan, settings=slo.settings, note=slo.note)
+        conds.append(st.slo_condition(judged))
     if reading is not None:
         message = f"{reading.demand_qps:.2f} qps"
         if fallback_reason:
@@ -657,6 +720,8 @@ def step_status(
         problems.append(("Infeasible", solver.message or plan.reason))
     if result is not None and result.push_failures:
         problems.append(("PushFailed", "; ".join(result.push_failures[:3])))
+    if judged is not None and judged.status == "False":
+        problems.append(("SLOMissed", judged.message))
     if problems:
         conds.append(st.Condition(st.DEGRADED, "True", problems[0][0], problems[0][1][:1000]))
     else:
@@ -686,6 +751,10 @@ def step_status(
         demand["measuredQps"] = round(last.qps, 3)
         demand["at"] = st.iso(last.at)
     extra: dict[str, Any] = {"profiles": st.profiles_doc(live)} if live is not None else {}
+    if slo is not None:
+        extra["slo"] = slo_summary(
+            slo.measured, plan=plan, slo_s=slo.slo_s, settings=slo.settings, note=slo.note
+        )
     return {
         **extra,
         "observedGeneration": generation,

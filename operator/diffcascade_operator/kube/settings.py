@@ -61,6 +61,12 @@ class OperatorSettings:
     )
     drift_distance: float = 0.1
     drift_min_samples: int = 200
+    # The measured SLO (measured_slo.SloSettings): the entry stage's histograms over a sliding
+    # window; SLOMet turns False above the plan's promise plus the tolerance.
+    slo_window_s: float = 60.0
+    slo_tolerance: float = 0.01
+    slo_min_requests: int = 20
+    metrics_port: int | None = None  # serve the control loop's series (control_metrics) here
     # Image registries (or registry/path prefixes) a cascade's image fields may name; empty:
     # any. The operator's own worker_image is always allowed: the admin chose it.
     allowed_image_registries: tuple[str, ...] = ()
@@ -122,6 +128,10 @@ class OperatorSettings:
             live_min_batches=int(get("LIVE_MIN_BATCHES") or base.live_min_batches),
             drift_distance=float(get("DRIFT_DISTANCE") or base.drift_distance),
             drift_min_samples=int(get("DRIFT_MIN_SAMPLES") or base.drift_min_samples),
+            slo_window_s=float(get("SLO_WINDOW_SECONDS") or base.slo_window_s),
+            slo_tolerance=float(get("SLO_TOLERANCE") or base.slo_tolerance),
+            slo_min_requests=int(get("SLO_MIN_REQUESTS") or base.slo_min_requests),
+            metrics_port=int(port) if (port := get("METRICS_PORT")) else None,
             allowed_image_registries=_words(get("ALLOWED_IMAGE_REGISTRIES")),
             allowed_env_secrets=(
                 _words(env[ENV_PREFIX + "ALLOWED_ENV_SECRETS"])

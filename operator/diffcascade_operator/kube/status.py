@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from diffcascade_operator.live_profiles import LiveProfileResult, VariantLiveSummary
+from diffcascade_operator.measured_slo import SloVerdict
 from diffcascade_operator.plan import Plan, SolverOutcome, SolverStatus, VariantAllocation
 from diffcascade_operator.profiles import QualityRow
 
@@ -25,6 +26,7 @@ METRICS_AVAILABLE = "MetricsAvailable"
 ALLOCATION_SOLVED = "AllocationSolved"
 THRESHOLD_APPLIED = "ThresholdApplied"
 PROFILE_DRIFT = "ProfileDrift"
+SLO_MET = "SLOMet"
 CONDITION_TYPES = (
     READY,
     PROGRESSING,
@@ -32,6 +34,7 @@ CONDITION_TYPES = (
     METRICS_AVAILABLE,
     ALLOCATION_SOLVED,
     THRESHOLD_APPLIED,
+    SLO_MET,
     PROFILE_DRIFT,
 )
 
@@ -228,6 +231,14 @@ def plan_from_status(status: Mapping[str, Any] | None) -> Plan | None:
         return None
 
 
+# --- the measured SLO ----------------------------------------------------------------------------
+
+
+def slo_condition(judged: SloVerdict) -> Condition:
+    """SLOMet: the SLO the entry stage measured against what the plan promised."""
+    return Condition(SLO_MET, judged.status, judged.reason, judged.message[:1000])
+
+
 # --- live profiles (issue 9) -------------------------------------------------------------------
 
 
@@ -315,6 +326,17 @@ def profiles_doc(result: LiveProfileResult) -> dict[str, Any]:
     return doc
 
 
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
 def diff_patch(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
-    """The top-level keys of `desired` that differ from `current` (a minimal merge patch)."""
-    return {k: v for k, v in desired.items() if current.get(k) != v}
+    """The top-level keys of `desired` that differ from `current` (a minimal merge patch).
+
+    A null inside `desired` deletes that field (merge-patch semantics), so a field already
+    absent from `current` counts as equal to null."""
+    return {k: v for k, v in desired.items() if _without_nulls(current.get(k)) != _without_nulls(v)}

@@ -9,7 +9,6 @@ from pathlib import Path
 import click
 import httpx
 from diffcascade_worker.protocol import PATH_GENERATIONS, parse_size
-from rich.console import Console
 
 from diffcascade_operator.loadgen.client import generations_url
 from diffcascade_operator.loadgen.prompts import PromptsError, load_prompts
@@ -21,6 +20,7 @@ from diffcascade_operator.loadgen.schedule import (
     trace_schedule,
 )
 from diffcascade_operator.local.router import PATH_PLAN
+from diffcascade_operator.local.view import make_console
 
 DEFAULT_SLO_SECONDS = 5.0
 
@@ -101,6 +101,11 @@ def build_schedule(
 )
 @click.option("--save-count", default=16, show_default=True, type=click.IntRange(min=0))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option(
+    "--api-key",
+    envvar="DIFFCASCADE_API_KEY",
+    help="Client API key, for a cascade that requires them (env DIFFCASCADE_API_KEY).",
+)
 def load(
     trace: str | None,
     qps: float | None,
@@ -117,10 +122,11 @@ def load(
     save_images: Path | None,
     save_count: int,
     as_json: bool,
+    api_key: str | None,
 ) -> None:
     """Replay a trace or Poisson arrivals against URL and report SLO violations and deferrals."""
     try:
-        generations_url(url)
+        endpoint = generations_url(url)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     if size is not None:
@@ -133,7 +139,8 @@ def load(
         prompt_list = load_prompts(prompts)
     except PromptsError as exc:
         raise click.UsageError(str(exc)) from None
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
+    reach_or_fail(endpoint)
     if slo_seconds is None:
         slo_seconds, source = cascade_slo(url)
         console.print(f"SLO {slo_seconds:g} s ({source}; --slo-seconds overrides)")
@@ -150,6 +157,7 @@ def load(
             save_images=save_images,
             save_count=save_count if save_images is not None else 0,
             console=console,
+            api_key=api_key,
         )
     )
     if as_json:
@@ -161,5 +169,24 @@ def load(
         click.echo(f"report: {outcome.report_path}")
         for plot in outcome.plots:
             click.echo(f"plot: {plot}")
+    not_found = outcome.report["errors"].get("http_404", 0)
+    if not_found:
+        click.echo(
+            f"{not_found} requests got 404 from {endpoint}: give the cascade's entry URL "
+            "(http://HOST:PORT), the OpenAI SDK's base URL (http://HOST:PORT/v1) or the full "
+            f"{PATH_GENERATIONS} endpoint",
+            err=True,
+        )
     if outcome.report["total"] and outcome.report["succeeded"] == 0:
-        raise click.ClickException(f"no request succeeded against {url}")
+        raise click.ClickException(f"no request succeeded against {endpoint}")
+
+
+def reach_or_fail(endpoint: str, *, timeout_s: float = 5.0) -> None:
+    """Fail at once, not after the whole replay, when nothing listens at the URL."""
+    try:
+        httpx.get(endpoint.removesuffix(PATH_GENERATIONS) + "/", timeout=timeout_s, trust_env=False)
+    except httpx.HTTPError as exc:
+        raise click.ClickException(
+            f"cannot connect to {endpoint}: {exc or type(exc).__name__} (is the cascade "
+            "running? `diffcascade up` prints its URL)"
+        ) from None

@@ -58,11 +58,15 @@ class LoadResult:
 
 
 def generations_url(url: str) -> str:
-    """The generations endpoint of an entry URL given as a base or as the full endpoint."""
+    """The generations endpoint of an entry URL given as a base (`http://host:port`), as the
+    OpenAI SDK's base URL (`.../v1`) or as the full endpoint."""
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"URL must start with http:// or https://, got {url!r}")
     base = url.rstrip("/")
-    return base if base.endswith(PATH_GENERATIONS) else base + PATH_GENERATIONS
+    if base.endswith(PATH_GENERATIONS):
+        return base
+    api_root = PATH_GENERATIONS.split("/images", 1)[0]  # "/v1", the SDK's base URL ends so
+    return base.removesuffix(api_root) + PATH_GENERATIONS
 
 
 async def run_load(
@@ -77,6 +81,7 @@ async def run_load(
     save_count: int = 0,
     on_record: Callable[[RequestRecord], None] | None = None,
     stop: asyncio.Event | None = None,
+    api_key: str | None = None,
 ) -> LoadResult:
     """Replay `schedule` against `url`; ends at most ~2 x timeout_s after the last arrival.
 
@@ -99,7 +104,9 @@ async def run_load(
     limits = httpx.Limits(max_connections=max_inflight, max_keepalive_connections=max_inflight)
     timeout = httpx.Timeout(timeout_s, connect=min(10.0, timeout_s))
     started_at = time.time()
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+    # A cascade that requires client API keys takes them as OpenAI's clients send them.
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    async with httpx.AsyncClient(limits=limits, timeout=timeout, headers=headers) as client:
         start = loop.time()
 
         async def send(index: int, arrival: Arrival) -> None:

@@ -79,10 +79,30 @@ def plot_deferral(
     return path
 
 
+#: How an answered (or failed) request ends up, in the order the bars stack.
+OUTCOMES = (
+    ("light", "light image (gate confident)", "tab:blue"),
+    ("deferred", "heavy image (deferred)", "tab:orange"),
+    ("degraded", "light image (deferred, degraded)", "tab:olive"),
+    ("error", "error", "tab:red"),
+)
+
+
+def outcome(record: RequestRecord) -> str:
+    """`light`, `deferred` (the next stage's image), `degraded` (deferred, but the light image
+    came back) or `error`."""
+    if not record.ok:
+        return "error"
+    if record.degraded:
+        return "degraded"
+    return "deferred" if record.deferred else "light"
+
+
 def deferral_figure(
     records: Sequence[RequestRecord], *, bucket_s: float = 5.0, title: str = ""
 ) -> Figure:
-    """Deferred share (left axis) and offered QPS (right axis, from 0) per bucket."""
+    """Requests per bucket by outcome (stacked counts, left axis from 0) and the share the gate
+    deferred, degraded ones included (right axis)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,28 +110,46 @@ def deferral_figure(
 
     buckets = _buckets(records, bucket_s)
     starts = [i * bucket_s for i in range(len(buckets))]
-    rates = []
-    for bucket in buckets:
-        ok = [r for r in bucket if r.ok]
-        rates.append(sum(1 for r in ok if r.deferred) / len(ok) if ok else float("nan"))
-    offered = [len(bucket) / bucket_s for bucket in buckets]
-    if buckets:  # close the last bucket so its level is drawn across its width
-        starts.append(len(buckets) * bucket_s)
-        rates.append(rates[-1])
-        offered.append(offered[-1])
+    counts = {
+        key: [sum(1 for r in b if outcome(r) == key) for b in buckets] for key, *_ in OUTCOMES
+    }
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    ax.step(starts, rates, where="post", color="tab:blue", label="deferred share")
-    ax.set_ylim(-0.02, 1.02)
+    base = [0] * len(buckets)
+    for key, label, color in OUTCOMES:
+        ax.bar(
+            starts,
+            counts[key],
+            width=bucket_s * 0.9,
+            bottom=base,
+            align="edge",
+            color=color,
+            label=f"{label}: {sum(counts[key])}",
+        )
+        base = [b + c for b, c in zip(base, counts[key], strict=True)]
+    ax.set_ylim(0, max(base, default=0) * 1.1 or 1.0)
     ax.set_xlabel("arrival (s after start)")
-    ax.set_ylabel("share of answered queries deferred")
-    ax.grid(alpha=0.3)
+    ax.set_ylabel(f"requests per {bucket_s:g} s")
+    ax.grid(alpha=0.3, axis="y")
     twin = ax.twinx()
-    twin.step(starts, offered, where="post", color="tab:gray", linestyle=":", label="offered QPS")
-    twin.set_ylabel("offered QPS")
-    twin.set_ylim(0, max(offered, default=0.0) * 1.05 or 1.0)  # rates start at 0
+    shares = []
+    for bucket in buckets:
+        answered = [r for r in bucket if r.ok]
+        deferred = sum(1 for r in answered if r.deferred)
+        shares.append(deferred / len(answered) if answered else float("nan"))
+    if buckets:  # close the last bucket so its level is drawn across its width
+        twin.step(
+            [*starts, len(buckets) * bucket_s],
+            [*shares, shares[-1]],
+            where="post",
+            color="black",
+            linestyle=":",
+            label="deferred share (degraded included)",
+        )
+    twin.set_ylim(-0.02, 1.02)
+    twin.set_ylabel("share of answered requests deferred")
     lines = ax.get_legend_handles_labels()
     more = twin.get_legend_handles_labels()
-    # Above the axes, not over them: a legend inside would hide the steps it describes.
+    # Above the axes, not over them: a legend inside would hide the bars it describes.
     ax.legend(
         lines[0] + more[0],
         lines[1] + more[1],
@@ -121,6 +159,6 @@ def deferral_figure(
         fontsize=8,
         frameon=False,
     )
-    ax.set_title(title or f"Deferral over time ({bucket_s:g} s buckets)", loc="right")
+    ax.set_title(title or f"Outcomes over time ({bucket_s:g} s buckets)", loc="right", fontsize=9)
     fig.tight_layout()
     return fig

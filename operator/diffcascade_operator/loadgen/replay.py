@@ -43,6 +43,7 @@ async def replay(
     save_count: int = 0,
     console: Console | None = None,
     stop: asyncio.Event | None = None,
+    api_key: str | None = None,
 ) -> ReplayOutcome:
     """Send, then write the report, CSV and plots; `stop` ends it early with a partial report."""
     console = console or Console(stderr=True)
@@ -82,6 +83,7 @@ async def replay(
             save_count=save_count,
             on_record=on_record,
             stop=stop,
+            api_key=api_key,
         )
     report = summarize(result, slo_seconds=slo_seconds)
     plots: tuple[Path, ...] = ()
@@ -132,7 +134,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     errors = ", ".join(f"{k}={v}" for k, v in report["errors"].items()) or "none"
     share = report["light_share"]
     head = (
-        [f"interrupted after {report['wall_s']:.0f} s: the report covers the requests sent"]
+        [
+            f"interrupted after {report['wall_s']:.0f} s: the report covers the requests "
+            f"answered; {report.get('cancelled', 0)} in flight were cancelled (not counted)"
+        ]
         if report.get("interrupted")
         else []
     )

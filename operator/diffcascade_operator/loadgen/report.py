@@ -30,8 +30,13 @@ def is_light(record: RequestRecord) -> bool:
 
 
 def summarize(result: LoadResult, *, slo_seconds: float) -> dict[str, Any]:
-    """The report document (JSON-serialisable)."""
-    records = result.records
+    """The report document (JSON-serialisable).
+
+    A replay stopped by the user (`interrupted`) cancels what is in flight: those requests
+    were not refused or late, so they are counted apart (`cancelled`) and left out of the
+    totals and the violation ratio. Cancelled by the replay's own time limit, they count."""
+    cancelled = [r for r in result.records if result.interrupted and r.error == "cancelled"]
+    records = [r for r in result.records if not (result.interrupted and r.error == "cancelled")]
     ok = [r for r in records if r.ok]
     errors = Counter(r.error for r in records if r.error is not None)
     late = sum(1 for r in ok if r.latency_s > slo_seconds)
@@ -49,6 +54,7 @@ def summarize(result: LoadResult, *, slo_seconds: float) -> dict[str, Any]:
         "wall_s": rounded(result.wall_s, 3),
         "started_at": result.started_at,
         "interrupted": result.interrupted,
+        "cancelled": len(cancelled),
         "slo_seconds": slo_seconds,
         "total": total,
         "succeeded": len(ok),

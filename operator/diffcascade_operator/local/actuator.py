@@ -2,7 +2,10 @@
 
 The local counterpart of the Kubernetes actuator: scaling up starts processes that join the
 router once `/readyz` is 200 (with the plan's config pushed first); scaling down removes the
-idlest replica from the router and drains it with SIGTERM.
+idlest replica from the router and drains it with SIGTERM. Like a kubelet's readiness probe,
+`/readyz` keeps being asked of every ready worker: one that stops answering (stopped, hung,
+or saying it cannot serve) leaves the router after `UNREADY_AFTER_FAILURES` probes and comes
+back when it answers again.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 import httpx
 from diffcascade_worker.protocol import PATH_CONFIG, PATH_READYZ
 
+from diffcascade_operator.local.gpus import GpuAssigner, visible_gpus
 from diffcascade_operator.local.router import Router
 from diffcascade_operator.local.supervisor import Supervisor, Worker, WorkerState
 from diffcascade_operator.plan import Plan
@@ -24,6 +28,11 @@ from diffcascade_operator.spec import CascadeSpec, VariantSpec
 from diffcascade_operator.worker_config import WorkerFiles, config_body, serve_args
 
 logger = logging.getLogger(__name__)
+
+#: Seconds a worker has to answer /readyz.
+PROBE_TIMEOUT_S = 1.0
+#: Consecutive failed /readyz probes that take a ready worker out of the router.
+UNREADY_AFTER_FAILURES = 2
 
 
 def resolve_local_path(value: str, *, base_dir: Path) -> str:
@@ -48,12 +57,17 @@ class MissingModel:
 
 
 def missing_models(spec: CascadeSpec, *, base_dir: Path) -> list[MissingModel]:
-    """Variants whose model (or gate) is a local path that does not exist."""
+    """Variants whose model (or replacement UNet, or gate) is a local path that does not
+    exist."""
     missing = []
     for variant in spec.variants:
         model = resolve_local_path(variant.model, base_dir=base_dir)
         if Path(model).is_absolute() and not Path(model).exists():  # hub ids stay relative
             missing.append(MissingModel(variant.name, model))
+        if variant.unet is not None:
+            unet = resolve_local_path(variant.unet, base_dir=base_dir)
+            if not Path(unet).exists():
+                missing.append(MissingModel(variant.name, unet))
         gate = variant.gate.discriminator if variant.gate else None
         if gate is not None:
             gate_path = resolve_local_path(gate.uri, base_dir=base_dir)
@@ -72,8 +86,11 @@ class LocalActuator:
         token: str,
         base_dir: Path,
         max_start_failures: int = 3,
+        gpus: tuple[str, ...] | None = None,
     ) -> None:
         self.spec = spec
+        # Each worker its own GPUs, as the device plugin gives each pod its own.
+        self.gpus = GpuAssigner(visible_gpus() if gpus is None else gpus)
         self.max_start_failures = max_start_failures
         # Per variant: workers that died before turning ready since the last one that did.
         self._start_failures: dict[str, list[Path]] = {}
@@ -101,15 +118,22 @@ class LocalActuator:
         files = WorkerFiles(
             model=resolve_local_path(variant.model, base_dir=self.base_dir),
             gate=resolve_local_path(gate.uri, base_dir=self.base_dir) if gate else None,
+            unet=(
+                resolve_local_path(variant.unet, base_dir=self.base_dir)
+                if variant.unet is not None
+                else None
+            ),
         )
-        return serve_args(
+        args = serve_args(
             self.spec,
             variant.name,
             cascade=self.supervisor.cascade,
             files=files,
             stage_url=self.router.stage_url,
-            extra={"threads": "1", "log-level": "warning"},
+            extra={"threads": "1", "log-level": "info"},
         )
+        # The run folder's worker logs: load, ready and config lines, one line per request.
+        return [*args, "--access-log"]
 
     async def apply(self, plan: Plan) -> None:
         """Scale every variant to the plan and push its config to every ready worker."""
@@ -121,9 +145,23 @@ class LocalActuator:
 
     def _scale(self, name: str, replicas: int) -> None:
         live = self.supervisor.of(name)
+        self.gpus.keep_only(w for w in self.supervisor.workers if w.state is not WorkerState.EXITED)
+        variant = self._variant(name)
         for _ in range(replicas - len(live)):
-            worker = self.supervisor.launch(name, self._serve_args(self._variant(name)))
-            logger.info("started %s on %s", worker.name, worker.url)
+            devices = self.gpus.pick(variant.gpus_per_replica)
+            if devices is None:
+                logger.warning(
+                    "no free GPU for another %s worker (%d GPUs here, all in use): the plan "
+                    "wants more than this machine has",
+                    name,
+                    len(self.gpus.gpus),
+                )
+                break
+            worker = self.supervisor.launch(
+                name, self._serve_args(variant), env=self.gpus.env(devices)
+            )
+            self.gpus.hold(worker, devices)
+            logger.info("started %s on %s (GPUs: %s)", worker.name, worker.url, devices or "-")
         surplus = len(live) - replicas
         if surplus > 0:
             pool = self.router.pools[name]
@@ -145,20 +183,53 @@ class LocalActuator:
         """Between ticks: notice deaths, admit workers that turned ready."""
         for worker in self.supervisor.poll():
             self.router.pools[worker.variant].remove(worker.url)
-            logger.warning("%s exited unexpectedly; see %s", worker.name, worker.log_path)
+            logger.warning(
+                "%s exited unexpectedly (exit code %s); see %s",
+                worker.name,
+                worker.process.returncode,
+                worker.log_path,
+            )
             if worker.state is WorkerState.EXITED and worker.pushed is None:
                 self._start_failures.setdefault(worker.variant, []).append(worker.log_path)
-        starting = [w for w in self.supervisor.workers if w.state is WorkerState.STARTING]
-        if not starting:
+        probed = [
+            w
+            for w in self.supervisor.workers
+            if w.state in (WorkerState.STARTING, WorkerState.READY, WorkerState.UNREADY)
+        ]
+        if not probed:
             return
-        ready = await asyncio.gather(*(self._is_ready(w) for w in starting))
+        ready = await asyncio.gather(*(self._is_ready(w) for w in probed))
         async with self._lock:
-            for worker, ok in zip(starting, ready, strict=True):
-                if ok and worker.state is WorkerState.STARTING and await self._push(worker):
-                    worker.state = WorkerState.READY
-                    self._start_failures.pop(worker.variant, None)
-                    self.router.pools[worker.variant].add(worker.url)
-                    logger.info("%s ready", worker.name)
+            for worker, ok in zip(probed, ready, strict=True):
+                if worker.state is WorkerState.STARTING:
+                    if ok and await self._push(worker):
+                        worker.state = WorkerState.READY
+                        self._start_failures.pop(worker.variant, None)
+                        self.router.pools[worker.variant].add(worker.url)
+                        logger.info("%s ready", worker.name)
+                elif worker.state in (WorkerState.READY, WorkerState.UNREADY):
+                    await self._follow_readiness(worker, ok=ok)
+
+    async def _follow_readiness(self, worker: Worker, *, ok: bool) -> None:
+        """A ready worker that fails its probes leaves the router; it comes back (with the
+        config in force) as soon as it answers again."""
+        pool = self.router.pools[worker.variant]
+        if not ok:
+            worker.failed_probes += 1
+            if worker.state is WorkerState.READY and worker.failed_probes >= UNREADY_AFTER_FAILURES:
+                worker.state = WorkerState.UNREADY
+                pool.remove(worker.url)
+                logger.warning(
+                    "%s stopped answering /readyz (%d probes): out of the router until it does",
+                    worker.name,
+                    worker.failed_probes,
+                )
+            return
+        worker.failed_probes = 0
+        if worker.state is WorkerState.UNREADY and await self._push(worker):
+            worker.state = WorkerState.READY
+            pool.add(worker.url)
+            logger.warning("%s answers again: back in the router", worker.name)
 
     def start_failures(self) -> list[tuple[str, Path | None]]:
         """(variant, last log) for variants whose workers keep dying before turning ready."""
@@ -169,7 +240,7 @@ class LocalActuator:
 
     async def _is_ready(self, worker: Worker) -> bool:
         with contextlib.suppress(httpx.HTTPError):
-            response = await self._client.get(worker.url + PATH_READYZ, timeout=1.0)
+            response = await self._client.get(worker.url + PATH_READYZ, timeout=PROBE_TIMEOUT_S)
             return response.status_code == 200
         return False
 

@@ -19,6 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from diffcascade_worker.serving.api_keys import ApiKeys
+
 from diffcascade_operator.kube.status import profile_drift_condition, profiles_doc
 from diffcascade_operator.live_profiles import LiveProfileResult, LiveProfileSettings
 from diffcascade_operator.local.actuator import LocalActuator
@@ -27,6 +29,7 @@ from diffcascade_operator.local.prometheus import LocalPrometheus, prometheus_bi
 from diffcascade_operator.local.router import Router
 from diffcascade_operator.local.state import STATE_FILE, plan_to_dict, write_state
 from diffcascade_operator.local.supervisor import Supervisor, WorkerState
+from diffcascade_operator.measured_slo import MeasuredSlo, SloSettings, read_slo, slo_summary
 from diffcascade_operator.metrics_source import (
     FallbackSource,
     MetricsReading,
@@ -48,10 +51,17 @@ logger = logging.getLogger(__name__)
 _DEMAND_WINDOW_S = 120.0
 _HISTORY = 200
 _RECONCILE_S = 0.5
+_TIMELINE = 7200  # ticks kept for plan.png (four hours at a 2-s interval)
+#: A threshold move smaller than this, with nothing else changed, is pushed to the workers but
+#: not logged as a plan change: near a flat stretch of the quality curve the optimum jitters
+#: between neighbouring grid points as the live-profile window slides, even with no traffic.
+THRESHOLD_LOG_STEP = 0.01
 
 
 #: Workers of one variant that may die before any of them turns ready, before `up` gives up.
 MAX_START_FAILURES = 3
+#: What the router gives a stage beyond the SLO before it answers 504.
+STAGE_GRACE_S = 2.0
 
 
 class StartupFailed(RuntimeError):
@@ -74,6 +84,7 @@ class LocalCascade:
         use_prometheus: bool | None = None,
         drain_timeout_s: float = 10.0,
         on_update: Callable[[dict[str, Any], bool], None] | None = None,
+        api_keys: ApiKeys | None = None,
     ) -> None:
         self.name = name
         self.spec = spec
@@ -85,7 +96,15 @@ class LocalCascade:
         self.on_update = on_update
         self.variants = [v.name for v in spec.variants]
         token = secrets.token_urlsafe(24)
-        self.router = Router(variants=self.variants, plan=self.state, cascade=name)
+        self.router = Router(
+            variants=self.variants,
+            plan=self.state,
+            cascade=name,
+            api_keys=api_keys,
+            # A worker answers within the SLO (it drops or degrades what cannot make it):
+            # one that takes longer is hung, and its client gets a 504 instead of a long wait.
+            forward_timeout_s=spec.slo_seconds + STAGE_GRACE_S,
+        )
         self.supervisor = Supervisor(
             cascade=name,
             log_dir=run_dir / "logs",
@@ -113,12 +132,19 @@ class LocalCascade:
         self._scrape: ScrapeSource | None = None
         self.plan: Plan | None = None
         self.history: deque[dict[str, Any]] = deque(maxlen=_HISTORY)
+        #: Every tick (not only plan changes): planned and measured demand, threshold, desired,
+        #: ready and starting replicas per stage; what plan.png draws.
+        self.timeline: deque[dict[str, Any]] = deque(maxlen=_TIMELINE)
+        self._logged: Plan | None = None  # the last plan logged as a change
         self.ticks = 0
         self.last_reading: MetricsReading | None = None
         self.metrics_error: str | None = None
         self.live_settings = LiveProfileSettings()
         self.live: LiveProfileResult | None = None
         self.live_note: str | None = None
+        self.slo_settings = SloSettings()
+        self.measured_slo: MeasuredSlo | None = None
+        self.slo_note: str | None = None
         self.started_at = time.time()
         self._demand: deque[DemandSample] = deque()
         self._tasks: list[asyncio.Task[None]] = []
@@ -277,6 +303,14 @@ class LocalCascade:
             settings=self.live_settings,
         )
         self.live = live
+        self.measured_slo, self.slo_note = await asyncio.to_thread(
+            read_slo,
+            live_source_for(self.source, reading),
+            cascade=self.name,
+            variants=self.variants,
+            slo_s=self.spec.slo_seconds,
+            settings=self.slo_settings,
+        )
         snapshot = build_snapshot(
             spec=self.spec,
             profiles=live.profiles,
@@ -290,12 +324,14 @@ class LocalCascade:
         )
         previous = self.plan
         plan = decide(snapshot, previous)
-        changed = previous is None or not plan.same_allocation(previous)
+        changed = notable_change(plan, self._logged)
         self.plan = plan
         self.ticks += 1
         await self.actuator.apply(plan)
         self._route_by(plan)
+        self.timeline.append(self._moment(plan, reading))
         if changed:
+            self._logged = plan
             self.history.append(
                 {
                     "at": time.time(),
@@ -324,6 +360,20 @@ class LocalCascade:
         else:
             self.router.pre_route.configure(config)
 
+    def _moment(self, plan: Plan, reading: MetricsReading | None) -> dict[str, Any]:
+        desired = plan.replicas()
+        return {
+            "at": time.time(),
+            "demand_qps": round(plan.demand_qps, 3),
+            "measured_qps": round(reading.demand_qps, 3) if reading else None,
+            "threshold": plan.threshold,
+            "desired": desired,
+            "ready": {v: len(self.supervisor.of(v, WorkerState.READY)) for v in self.variants},
+            "starting": {
+                v: len(self.supervisor.of(v, WorkerState.STARTING)) for v in self.variants
+            },
+        }
+
     # --- state ---------------------------------------------------------------------------------
 
     def state(self, *, running: bool = True) -> dict[str, Any]:
@@ -332,7 +382,11 @@ class LocalCascade:
         for variant in self.variants:
             pool = self.router.pools[variant]
             workers = self.supervisor.of(
-                variant, WorkerState.STARTING, WorkerState.READY, WorkerState.DRAINING
+                variant,
+                WorkerState.STARTING,
+                WorkerState.READY,
+                WorkerState.UNREADY,
+                WorkerState.DRAINING,
             )
             stage = reading.stages.get(variant) if reading else None
             desired = self.plan.replicas().get(variant) if self.plan else None
@@ -373,6 +427,13 @@ class LocalCascade:
             "plan": plan_to_dict(self.plan) if self.plan else None,
             "router": self.router.pre_route.state() if self.router.pre_route else None,
             "profiles": self._profiles_state(),
+            "slo": slo_summary(
+                self.measured_slo,
+                plan=self.plan,
+                slo_s=self.spec.slo_seconds,
+                settings=self.slo_settings,
+                note=self.slo_note,
+            ),
             "replicas": replicas,
             "history": list(self.history),
         }
@@ -393,3 +454,18 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+def notable_change(plan: Plan, logged: Plan | None) -> bool:
+    """Whether `plan` differs from the last logged one in what a reader of the log cares
+    about: replicas, batch sizes, routing, solver outcome, or the threshold by more than
+    `THRESHOLD_LOG_STEP`."""
+    if logged is None:
+        return True
+    shape = [(v.name, v.replicas, v.batch_size, v.next_stage) for v in plan.variants]
+    before = [(v.name, v.replicas, v.batch_size, v.next_stage) for v in logged.variants]
+    return (
+        shape != before
+        or plan.solver.status is not logged.solver.status
+        or abs(plan.threshold - logged.threshold) > THRESHOLD_LOG_STEP + 1e-9
+    )

@@ -3,29 +3,60 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
+import functools
 import json
 import logging
+import os
 import re
+import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, ParamSpec
 
 import click
 import httpx
+import yaml
 from rich.console import Console
 
+from diffcascade_operator.local.model_fetch import DEFAULT_CACHE
 from diffcascade_operator.local.runner import (
     EXIT_INTERRUPTED,
     Interrupted,
     LocalRunError,
     default_cascade_file,
+    interruptible,
     load_cascade_file,
     prepare,
     run_cascade,
 )
 from diffcascade_operator.local.state import DEFAULT_RUNS_DIR, STATE_FILE, pid_alive, read_state
-from diffcascade_operator.local.view import LiveView, render_state
+from diffcascade_operator.local.view import LiveView, make_console, render_state
+
+if TYPE_CHECKING:
+    from diffcascade_worker.serving.api_keys import ApiKeys
+
+    from diffcascade_operator.spec import CascadeSpec
+
+P = ParamSpec("P")
+
+
+def _exit_130_on_signals(command: Callable[P, None]) -> Callable[P, None]:
+    """Ctrl-C, SIGTERM or SIGHUP at any moment of the command, not only once the cascade
+    runs (say, during the first-run model build), stops it cleanly with exit code 130."""
+
+    @functools.wraps(command)
+    def run(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            with interruptible():
+                command(*args, **kwargs)
+        except Interrupted:
+            click.echo("diffcascade: interrupted; no process left running", err=True)
+            raise SystemExit(EXIT_INTERRUPTED) from None
+
+    return run
 
 
 def _cascade_file(file: Path | None) -> Path:
@@ -63,6 +94,25 @@ def claim_run_dir(preferred: Path, *, explicit: bool) -> tuple[Path, IO[str]]:
     raise click.ClickException(f"every run folder {preferred}[-N] is in use")
 
 
+def _client_keys(path: Path | None, spec: CascadeSpec) -> ApiKeys | None:
+    """The router's client API keys (`--api-keys`); a cascade whose spec names a keys Secret
+    is served open without it, and `up` says so."""
+    from diffcascade_worker.serving.api_keys import ApiKeyError, ApiKeys
+
+    if path is None:
+        if spec.api_keys is not None:
+            click.echo(
+                f"diffcascade: spec.apiKeys names Secret {spec.api_keys.secret_name}, which a "
+                "cluster mounts; here give the keys with --api-keys FILE (now: no key needed)",
+                err=True,
+            )
+        return None
+    try:
+        return ApiKeys(path)
+    except ApiKeyError as error:
+        raise click.UsageError(f"--api-keys: {error}") from None
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
@@ -92,7 +142,20 @@ def _setup_logging(verbose: bool) -> None:
 @click.option(
     "--duration", type=click.FloatRange(min=0), help="Stop after S seconds (default: Ctrl-C)"
 )
+@click.option(
+    "--api-keys",
+    type=click.Path(exists=True, path_type=Path),
+    help="Client API keys (a file, one per line, or a folder of such files): the entry URL "
+    "then answers only 'Authorization: Bearer <key>' [default: open]",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    envvar="DIFFCASCADE_CACHE_DIR",
+    help="Where hf://, http(s):// and s3:// models are fetched to [default: .models/fetched]",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log worker starts, stops and pushes.")
+@_exit_130_on_signals
 def up(
     file: Path | None,
     host: str,
@@ -102,14 +165,17 @@ def up(
     live: bool | None,
     ready_timeout: float,
     duration: float | None,
+    api_keys: Path | None,
+    cache_dir: Path | None,
     verbose: bool,
 ) -> None:
     """Run the cascade in FILE (default examples/tiny-cpu.yaml) on this machine until Ctrl-C.
 
     Workers are local processes, one per replica; the same control loop as the operator scales
-    them and sets the threshold. One entry URL serves the OpenAI-style images API.
+    them and sets the threshold. One entry URL serves the OpenAI-style images API. Models given
+    as storage URIs (hf://, http(s)://, s3://) are fetched first, with the worker's own `fetch`
+    (what a pod's init container runs); with GPUs here, each worker gets its own.
     """
-    from diffcascade_operator.local.cascade import LocalCascade
     from diffcascade_operator.local.demo import build_missing_tiny_models
 
     _setup_logging(verbose)
@@ -117,15 +183,110 @@ def up(
     if not path.is_file():
         raise click.UsageError(f"cascade file {path} does not exist")
     base_dir = Path.cwd()
-    console = Console()
+    console = make_console()
     try:
-        _, declared = load_cascade_file(path)
+        name, declared = load_cascade_file(path)
         build_missing_tiny_models(declared, base_dir=base_dir, console=console)
+    except LocalRunError as exc:
+        raise click.ClickException(str(exc)) from None
+    folder, _lock = claim_run_dir(run_dir or DEFAULT_RUNS_DIR / name, explicit=run_dir is not None)
+    started = False
+    try:
+        resolved = _fetch_models(path, folder, cache_dir or base_dir / DEFAULT_CACHE, console)
+        code = _run_up(
+            resolved,
+            base_dir=base_dir,
+            folder=folder,
+            host=host,
+            port=port,
+            prometheus=prometheus,
+            live=live,
+            ready_timeout=ready_timeout,
+            duration=duration,
+            api_keys=api_keys,
+            console=console,
+        )
+        started = True
+    finally:
+        if not started:
+            remove_unused_run_dir(folder)
+    if code:
+        raise SystemExit(code)
+
+
+def _fetch_models(path: Path, folder: Path, cache_dir: Path, console: Console) -> Path:
+    """The cascade file to run: `path` itself, or (with storage URIs) a copy in the run folder
+    whose models point at their fetched copies."""
+    from diffcascade_operator.local.model_fetch import (
+        FetchFailed,
+        fetch_cascade_models,
+        fetch_curves,
+        remote_uris,
+    )
+
+    document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    remote = remote_uris(document)
+    curves = [
+        v
+        for v in (document.get("spec") or {}).get("variants") or []
+        if "://" in str(((v.get("gate") or {}).get("deferCurve") or {}).get("path") or "")
+    ]
+    if not remote and not curves:
+        return path
+
+    def say(variant: str, field: str, uri: str) -> None:
+        console.print(f"fetching {variant} {field} {uri} into {cache_dir}", highlight=False)
+
+    try:
+        document, fetched = fetch_cascade_models(document, cache_dir=cache_dir, on_fetch=say)
+        document = fetch_curves(document, cache_dir=cache_dir / "curves")
+    except FetchFailed as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        offline = offline and "HF_HUB_OFFLINE" not in str(exc)  # the hub's message says it
+        hint = " (HF_HUB_OFFLINE is set: only what the hub cache holds can be used)"
+        raise click.ClickException(f"{exc}{hint if offline else ''}") from None
+    for item in fetched:
+        console.print(f"  {item.variant} {item.field}: {item.path}", highlight=False)
+    resolved = folder / "cascade.yaml"
+    resolved.write_text(
+        f"# {path} with its storage URIs fetched (diffcascade up)\n"
+        + yaml.safe_dump(document, sort_keys=False),
+        encoding="utf-8",
+    )
+    return resolved
+
+
+def _run_up(
+    path: Path,
+    *,
+    base_dir: Path,
+    folder: Path,
+    host: str,
+    port: int,
+    prometheus: bool | None,
+    live: bool | None,
+    ready_timeout: float,
+    duration: float | None,
+    api_keys: Path | None,
+    console: Console,
+) -> int:
+    """Run the cascade in `path` until a signal or the duration; the exit code."""
+    from diffcascade_operator.local.cascade import LocalCascade
+
+    try:
         name, spec, profiles = prepare(path, base_dir=base_dir)
     except LocalRunError as exc:
         raise click.ClickException(str(exc)) from None
+    keys = _client_keys(api_keys, spec)
+    auto = [v.name for v in spec.variants if v.profile.auto]
+    if auto:
+        console.print(
+            f"note: profile.auto ({', '.join(auto)}) is measured by a Job on a cluster; here the "
+            "spec's tables are planned with (`diffcascade-worker profile` measures them on this "
+            "machine)",
+            highlight=False,
+        )
     view = LiveView(console, live=live)
-    folder, _lock = claim_run_dir(run_dir or DEFAULT_RUNS_DIR / name, explicit=run_dir is not None)
     try:
         cascade = LocalCascade(
             name=name,
@@ -137,6 +298,7 @@ def up(
             port=port,
             use_prometheus=prometheus,
             on_update=view.update,
+            api_keys=keys,
         )
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
@@ -167,8 +329,20 @@ def up(
     finally:
         view.stop()
     click.echo(f"diffcascade: cascade {name} stopped; no worker left running")
-    if code:
-        raise SystemExit(code)
+    return code
+
+
+def remove_unused_run_dir(folder: Path) -> None:
+    """After a failed `up`: drop the run folder unless a worker wrote a log there (the log
+    says why it failed); what `up` wrote itself (lock, state, fetched manifest) goes too."""
+    logs = folder / "logs"
+    if logs.is_dir() and any(p.stat().st_size > 0 for p in logs.glob("*.log")
+                             if p.name != "prometheus.log"):  # fmt: skip
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in (folder.parent, folder.parent.parent):  # runs/local, runs: when now empty
+        with contextlib.suppress(OSError):
+            parent.rmdir()
 
 
 def _local_states(runs_dir: Path, name: str | None) -> list[Path]:
@@ -177,6 +351,16 @@ def _local_states(runs_dir: Path, name: str | None) -> list[Path]:
     if name is not None:
         found = (p for p in found if re.fullmatch(rf"{re.escape(name)}(-\d+)?", p.parent.name))
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def _run_summary(path: Path) -> str:
+    """`tiny (running, runs/local/tiny)` for the list of local runs."""
+    try:
+        state = read_state(path)
+    except ValueError:
+        return f"{path.parent.name} (unreadable)"
+    alive = state.get("running") and pid_alive(int(state.get("pid", 0)))
+    return f"{state.get('cascade')} ({'running' if alive else 'stopped'}, {path.parent})"
 
 
 def _fresh_local_state(path: Path) -> dict[str, Any]:
@@ -223,7 +407,7 @@ def status(
     as_json: bool,
 ) -> None:
     """Print the current plan of a local run (`up`) or of a cascade on a cluster."""
-    console = Console()
+    console = make_console()
     if (cluster or namespace is not None) and name is None and state_file is None:
         raise click.UsageError(
             "--cluster/--namespace read one cascade: give its NAME "
@@ -237,6 +421,12 @@ def status(
             raise click.UsageError(
                 f"no local run found under {runs_dir}; give NAME (and --namespace) "
                 "for a cascade on a cluster"
+            )
+        elif others := _local_states(runs_dir, None):
+            raise click.ClickException(
+                f"no local run of {name!r} under {runs_dir}; local runs: "
+                + ", ".join(_run_summary(p) for p in others)
+                + f". For a cascade on a cluster: diffcascade status {name} --namespace NS"
             )
     if state_file is not None:
         try:
@@ -289,6 +479,7 @@ def status(
 )
 @click.option("--save-count", default=24, show_default=True, type=click.IntRange(min=0))
 @click.option("-v", "--verbose", is_flag=True)
+@_exit_130_on_signals
 def demo(
     out_dir: Path | None,
     cascade_file: Path | None,
@@ -310,7 +501,7 @@ def demo(
             port=port,
             use_prometheus=prometheus,
             save_count=save_count,
-            console=Console(),
+            console=make_console(),
             started=time.monotonic(),
         )
     except LocalRunError as exc:

@@ -86,6 +86,23 @@ def profiles_lines(doc: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def source_text(source: Any) -> str:
+    """Where demand came from; `no metrics` rather than `None` when nothing answered."""
+    return "no metrics" if source in (None, "", "None") else str(source)
+
+
+def slo_line(doc: dict[str, Any] | None) -> str | None:
+    """`status.slo` (or a local run's `slo`) as one line: the verdict, then the numbers."""
+    if not doc:
+        return None
+    return f"{slo_verdict(doc)}: {doc.get('message') or '-'}"
+
+
+def slo_verdict(doc: dict[str, Any]) -> str:
+    met = doc.get("met")
+    return "met" if met is True else "MISSED" if met is False else "not judged"
+
+
 def render_cluster_status(obj: dict[str, Any]) -> RenderableType:
     meta = obj.get("metadata") or {}
     status = obj.get("status") or {}
@@ -104,7 +121,7 @@ def render_cluster_status(obj: dict[str, Any]) -> RenderableType:
     grid.add_row(
         "demand",
         f"{_num(demand.get('qps'))} qps planned, {_num(demand.get('measuredQps'))} measured "
-        f"({demand.get('source', '-')})",
+        f"({source_text(demand.get('source'))})",
     )
     pair = str(alloc.get("pair", "-"))
     row = alloc.get("row")
@@ -128,7 +145,10 @@ def render_cluster_status(obj: dict[str, Any]) -> RenderableType:
         f"{solver.get('status', '-')} in {_num(solver.get('solveMillis'), '.0f')} ms, "
         f"decided {alloc.get('decidedAt', '-')}",
     )
-    grid.add_row("reason", str(alloc.get("reason", "-")))
+    grid.add_row("reason", str(alloc.get("reason") or "-"))
+    slo = slo_line(status.get("slo"))
+    if slo is not None:
+        grid.add_row("SLO", Text(slo, style="red" if "MISSED" in slo[:6] else ""))
     for line in profiles_lines(status.get("profiles")):
         grid.add_row("profiles", line)
     table = Table(show_edge=False, header_style="bold")
@@ -142,13 +162,14 @@ def render_cluster_status(obj: dict[str, Any]) -> RenderableType:
             _num(variant.get("threshold"), ".3f"),
         )
     conditions = Table(show_edge=False, header_style="bold")
-    for column in ("condition", "status", "reason", "message"):
-        conditions.add_column(column)
+    for column in ("condition", "status", "reason"):
+        conditions.add_column(column, no_wrap=True)
+    conditions.add_column("message")  # whole, wrapped at spaces: never cut mid-word
     for cond in status.get("conditions") or []:
         conditions.add_row(
             str(cond.get("type")),
             str(cond.get("status")),
             str(cond.get("reason", "")),
-            str(cond.get("message", ""))[:80],
+            str(cond.get("message", "")),
         )
     return Group(head, grid, table, conditions)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import fcntl
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +39,7 @@ from diffcascade_operator.local.runner import (
     prepare,
     run_cascade,
 )
+from diffcascade_operator.local.supervisor import run_tied
 from diffcascade_operator.local.view import LiveView, demand_text
 from diffcascade_operator.spec import CascadeSpec
 
@@ -57,13 +58,29 @@ def ensure_tiny_models(base_dir: Path, console: Console) -> None:
     """Build the tiny pipelines (and the light one's gate) unless already there.
 
     Built in a child process (the control plane never imports torch) into a temporary folder,
-    then moved into place, so an interrupted build leaves nothing half-written.
+    then moved into place, so an interrupted build leaves nothing half-written. The builder
+    dies with this process (`run_tied`); under the build lock, any `.build-*` folder left by
+    a run that was killed is removed.
     """
-    todo = [k for k, rel in MODELS.items() if not _model_complete(base_dir / rel)]
-    if not todo:
+    if all(_model_complete(base_dir / rel) for rel in MODELS.values()):
         return
+    models = base_dir / ".models"
+    models.mkdir(parents=True, exist_ok=True)
+    with (models / ".build.lock").open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            console.print("another run is building the tiny models; waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        todo = [k for k, rel in MODELS.items() if not _model_complete(base_dir / rel)]
+        if todo:
+            for stale in models.glob(".build-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            _build(todo, base_dir=base_dir, console=console)
+
+
+def _build(todo: list[str], *, base_dir: Path, console: Console) -> None:
     console.print(f"building tiny models into {base_dir / '.models'} (about a minute, once)")
-    (base_dir / ".models").mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".build-", dir=base_dir / ".models"))
     try:
         script = (
@@ -72,15 +89,11 @@ def ensure_tiny_models(base_dir: Path, console: Console) -> None:
             "for kind in sys.argv[2:]: make_tiny_model(kind, Path(sys.argv[1]) / kind)\n"
         )
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
-        done = subprocess.run(
-            [sys.executable, "-c", script, str(staging), *todo],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise LocalRunError(f"building the tiny models failed:\n{done.stderr[-2000:]}")
+        log = staging / "build.log"
+        code = run_tied([sys.executable, "-c", script, str(staging), *todo], log_path=log, env=env)
+        if code != 0:
+            output = log.read_text(errors="replace")[-2000:]
+            raise LocalRunError(f"building the tiny models failed:\n{output}")
         for kind in todo:
             target = base_dir / MODELS[kind]
             shutil.rmtree(target, ignore_errors=True)
@@ -171,7 +184,7 @@ def run_demo(
         console.print("interrupted: shut down cleanly, no worker left running")
         return EXIT_INTERRUPTED
     plan_png = plot_plan(
-        list(cascade.history),
+        list(cascade.timeline),
         started_at=outcome.report["started_at"],
         end_s=outcome.report["wall_s"],
         path=out / "plan.png",
@@ -196,7 +209,10 @@ def _list_every_file(outcome: ReplayOutcome, out: Path) -> None:
 
 
 def _print_summary(console: Console, outcome: ReplayOutcome, history: Any, started: float) -> None:
-    console.rule("report")
+    if console.is_terminal:
+        console.rule("report")
+    else:  # a rule would span the unwrapped console's whole width
+        console.print("--- report ---", highlight=False)
     for line in summary_lines(outcome.report):
         console.print(line, highlight=False)
     console.print("plan changes:", highlight=False)

@@ -6,18 +6,28 @@ next-stage URL the workers defer to, so replicas can come and go without reconfi
 stage before. Each request goes to the ready replica with the fewest outstanding requests.
 Streamed answers (`stream: true`, server-sent events) are relayed event by event.
 `GET /v1/models` lists the cascade and its variants.
+
+The router is a server clients reach, so it runs behind the workers' armour
+(`diffcascade_worker.serving.limits`): the same body limit (413), header, keep-alive and write
+timeouts, and a connection limit kept well under the file limit (which it raises), so that a
+flood of sockets never starves the control loop of sockets of its own. A client that hangs up
+is passed on: the request to the stage is cancelled, and the worker drops the work.
+With client API keys (`up --api-keys`), the entry and the model list need one of them, as an
+entry-stage worker does on a cluster, and the stage paths answer only this machine (the
+workers' deferrals).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import itertools
 import json
 import socket
-from collections.abc import AsyncIterator, Callable, Generator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import uvicorn
@@ -35,6 +45,17 @@ from diffcascade_worker.protocol import (
     ModelCard,
     ModelList,
 )
+from diffcascade_worker.serving.api_keys import ApiKeys
+from diffcascade_worker.serving.errors import InvalidApiKey
+from diffcascade_worker.serving.limits import (
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_KEEP_ALIVE_S,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CONNECTIONS,
+    BodyLimit,
+    guarded_protocol,
+    raise_file_limit,
+)
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
@@ -45,6 +66,11 @@ from starlette.routing import Route
 from diffcascade_operator.local.pre_route import LocalPreRouter
 
 PATH_PLAN = "/v1/cascade/plan"
+#: A client connection may take a second one to a stage, and the control loop, Prometheus and
+#: the worker processes need descriptors too: clients get at most a quarter of the file limit.
+FILES_PER_CLIENT_CONNECTION = 4
+
+T = TypeVar("T")
 _FORWARDED_HEADERS = ("content-type", HEADER_BUDGET_MS, HEADER_DEFERRED_FROM, HEADER_REQUEST_ID)
 _RETURNED_HEADERS = ("content-type", HEADER_RETRY_AFTER)
 
@@ -98,7 +124,9 @@ class _QuietServer(uvicorn.Server):
         yield
 
 
-def _error(status: int, message: str, *, code: str, retry_after: int | None = None) -> Response:
+def _error(
+    status: int, message: str, *, code: str | None, retry_after: int | None = None
+) -> Response:
     """OpenAI's error envelope, so SDK clients raise the matching exception class."""
     kind = "invalid_request_error" if status < 500 else "server_error"
     body = ErrorResponse(error=ErrorDetail(message=message, type=kind, code=code))
@@ -106,9 +134,14 @@ def _error(status: int, message: str, *, code: str, retry_after: int | None = No
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
+#: Starlette's own HTTP errors (no route; a chunked body over the limit) by status.
+_HTTP_ERROR_CODES = {404: "unknown_url", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
 async def _http_error(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    return _error(exc.status_code, str(exc.detail), code="unknown_url")
+    code = _HTTP_ERROR_CODES.get(exc.status_code)
+    return _error(exc.status_code, str(exc.detail), code=code)
 
 
 def _requested_model(body: bytes) -> str | None:
@@ -119,6 +152,49 @@ def _requested_model(body: bytes) -> str | None:
         return None
     model = parsed.get("model") if isinstance(parsed, dict) else None
     return model if isinstance(model, str) else None
+
+
+def connection_budget(file_limit: int) -> int:
+    """How many client connections the router holds at once under `file_limit` descriptors."""
+    return max(8, min(DEFAULT_MAX_CONNECTIONS, file_limit // FILES_PER_CLIENT_CONNECTION))
+
+
+class _ClientGone(Exception):
+    """The client hung up before the stage answered."""
+
+
+async def _until_disconnected(request: Request) -> None:
+    """Returns once the client's connection is gone (its body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_gone(request: Request, work: Awaitable[T]) -> T:
+    """`work`'s result, unless the client hangs up first: then `work` is cancelled, which
+    closes the connection to the stage, so the worker sees the hang-up and drops the work."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    raise _ClientGone
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _gone() -> Response:
+    """What a client that hung up 'gets' (nobody reads it; the access log shows 499)."""
+    return _error(499, "the client disconnected", code="client_disconnected")
 
 
 async def _relay(
@@ -151,7 +227,14 @@ class Router:
         plan: Callable[[], dict[str, Any]],
         forward_timeout_s: float = 120.0,
         cascade: str | None = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
+        keep_alive_s: int = DEFAULT_KEEP_ALIVE_S,
+        max_connections: int | None = None,
+        api_keys: ApiKeys | None = None,
     ) -> None:
+        """`max_connections` None: `connection_budget` of the file limit (raised at start);
+        `api_keys` None: generation is open."""
         self.variants = list(variants)
         self.cascade = cascade
         self.pools = {v: ReplicaPool() for v in self.variants}
@@ -162,6 +245,11 @@ class Router:
         self._server: _QuietServer | None = None
         self._task: asyncio.Task[None] | None = None
         self.url = ""
+        self.max_body_bytes = max_body_bytes
+        self.header_timeout_s = header_timeout_s
+        self.keep_alive_s = keep_alive_s
+        self.max_connections = max_connections
+        self.api_keys = api_keys
         routes = [
             Route(PATH_GENERATIONS, self._entry, methods=["POST"]),
             Route("/stages/{variant}" + PATH_GENERATIONS, self._stage, methods=["POST"]),
@@ -194,13 +282,31 @@ class Router:
             raise
         bound = sock.getsockname()[1]
         self.url = f"http://{host}:{bound}"
+        file_limit = raise_file_limit()
+        if self.max_connections is None:
+            self.max_connections = connection_budget(file_limit)
         self._client = httpx.AsyncClient(
             timeout=self._timeout,
             trust_env=False,
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
+            limits=httpx.Limits(
+                max_connections=self.max_connections, max_keepalive_connections=128
+            ),
         )
         config = uvicorn.Config(
-            self.app, log_level="warning", access_log=False, timeout_keep_alive=30, lifespan="off"
+            BodyLimit(self.app, max_bytes=self.max_body_bytes),
+            log_level="warning",
+            access_log=False,
+            timeout_keep_alive=self.keep_alive_s,
+            lifespan="off",
+            # A burst is accepted all at once before any connection can make room; a backlog
+            # no deeper than the connection limit keeps that burst under the file limit.
+            backlog=self.max_connections,
+        )
+        config.load()
+        config.http_protocol_class = guarded_protocol(
+            config.http_protocol_class,
+            header_timeout_s=self.header_timeout_s,
+            max_connections=self.max_connections,
         )
         self._server = _QuietServer(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="router")
@@ -220,7 +326,21 @@ class Router:
         if self._client is not None:
             await self._client.aclose()
 
+    def _refused(self, request: Request) -> Response | None:
+        """A 401 in OpenAI's envelope unless generation is open or the request has a key."""
+        if self.api_keys is None:
+            return None
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        try:
+            self.api_keys.check(key.strip() if scheme.lower() == "bearer" else None)
+        except InvalidApiKey as error:
+            body = error.envelope().model_dump()
+            return JSONResponse(body, status_code=error.status_code, headers=error.headers())
+        return None
+
     async def _entry(self, request: Request) -> Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
         body = await request.body()
         model = _requested_model(body)
         if model not in self.pools and self.pre_route is not None:
@@ -230,6 +350,10 @@ class Router:
         return await self._forward(variant, request)
 
     async def _stage(self, request: Request) -> Response:
+        peer = request.client.host if request.client else ""
+        if self.api_keys is not None and not _loopback(peer):
+            # With keys, a stage path would be a way around them: the workers defer from here.
+            return _error(403, "stage paths take this cascade's deferrals only", code="forbidden")
         variant = request.path_params["variant"]
         if variant not in self.pools:
             return _error(404, f"no stage named {variant!r}", code="unknown_stage")
@@ -256,12 +380,18 @@ class Router:
                     replica.outstanding -= 1
 
             try:
-                upstream = await self._client.send(
-                    self._client.build_request(
-                        "POST", replica.url + PATH_GENERATIONS, content=body, headers=headers
+                upstream = await _unless_gone(
+                    request,
+                    self._client.send(
+                        self._client.build_request(
+                            "POST", replica.url + PATH_GENERATIONS, content=body, headers=headers
+                        ),
+                        stream=True,
                     ),
-                    stream=True,
                 )
+            except _ClientGone:
+                release()
+                return _gone()
             except (httpx.ConnectError, httpx.RemoteProtocolError):
                 release()
                 continue
@@ -283,7 +413,9 @@ class Router:
                     background=BackgroundTask(_close, upstream, release),
                 )
             try:
-                content = await upstream.aread()
+                content = await _unless_gone(request, upstream.aread())
+            except _ClientGone:
+                return _gone()
             except httpx.HTTPError as exc:
                 return _error(502, f"stage {variant}: {exc}", code="bad_gateway")
             finally:
@@ -293,6 +425,8 @@ class Router:
         return _error(503, f"no ready replica of stage {variant}", code="no_replica", retry_after=1)
 
     async def _models(self, request: Request) -> Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
         cards = [ModelCard(id=v, kind="variant") for v in self.variants]
         if self.cascade is not None:
             cards.insert(0, ModelCard(id=self.cascade, kind="cascade"))

@@ -1,7 +1,10 @@
 """Shared by `up` and `demo`: load a cascade file, run it until a signal, always clean up.
 
-Signals: the first SIGINT/SIGTERM starts a clean shutdown (workers drain); a second kills the
-workers at once. `atexit` is the backstop for any other way out of the process.
+Signals: the first SIGINT, SIGTERM or SIGHUP (the terminal closed) starts a clean shutdown
+(workers drain); a second kills the workers at once. Before the cascade runs (the first-run
+model build, loading the file), `interruptible` turns the same signals into `Interrupted`, so
+clean-ups in `finally` run there too and the exit code is the same 130. `atexit` is the
+backstop for any other way out of the process.
 """
 
 from __future__ import annotations
@@ -10,8 +13,9 @@ import asyncio
 import atexit
 import contextlib
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import yaml
@@ -19,13 +23,16 @@ import yaml
 from diffcascade_operator.local.actuator import missing_models
 from diffcascade_operator.local.cascade import LocalCascade, StartupFailed
 from diffcascade_operator.profiles import CascadeProfiles, ProfileError, profiles_from_spec
-from diffcascade_operator.spec import CascadeSpec, InvalidSpec, load_manifest
+from diffcascade_operator.spec import CascadeSpec, InvalidSpec, check_deployable, load_manifest
 
 DEFAULT_EXAMPLE = Path("examples") / "tiny-cpu.yaml"
 
 
-#: Exit code of `up` and `demo` stopped by Ctrl-C or SIGTERM (128 + SIGINT, as shells report).
+#: Exit code of `up` and `demo` stopped by Ctrl-C, SIGTERM or SIGHUP (128 + SIGINT, as shells
+#: report).
 EXIT_INTERRUPTED = 130
+#: The signals that stop a local run cleanly.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 #: How long a body (the demo's replay) gets to wind down after the first signal.
 BODY_STOP_S = 15.0
 
@@ -41,6 +48,25 @@ class Interrupted(Exception):
     def __init__(self, result: Any = None) -> None:
         super().__init__("interrupted")
         self.result = result
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Until `run_cascade` installs its own handlers: SIGTERM and SIGHUP, like Ctrl-C, raise
+    `Interrupted` where the program stands, so `finally` clean-ups run (a model build stops
+    its builder and removes its staging folder) instead of the process dying mid-way."""
+
+    def interrupt(_signum: int, _frame: FrameType | None) -> None:
+        raise Interrupted()
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in STOP_SIGNALS}
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted() from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def default_cascade_file() -> Path | None:
@@ -64,9 +90,11 @@ def load_cascade_file(path: Path) -> tuple[str, CascadeSpec]:
     if len(docs) != 1 or not isinstance(docs[0], dict):
         raise LocalRunError(f"{path} must hold exactly one DiffusionCascade document")
     try:
-        return load_manifest(docs[0])
+        name, spec = load_manifest(docs[0])
+        check_deployable(spec)
     except InvalidSpec as exc:
         raise LocalRunError(f"{path}: invalid DiffusionCascade: {exc}") from None
+    return name, spec
 
 
 def prepare(path: Path, *, base_dir: Path) -> tuple[str, CascadeSpec, CascadeProfiles]:
@@ -114,7 +142,7 @@ async def run_cascade(
         stop.set()
 
     atexit.register(cascade.shutdown_now)
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal)
     result: Any = None
     try:
@@ -134,7 +162,7 @@ async def run_cascade(
         stopper.cancel()
     finally:
         await cascade.stop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
         atexit.unregister(cascade.shutdown_now)
     if interrupted:

@@ -95,9 +95,21 @@ def stop_processes(processes: list[subprocess.Popen[bytes]], *, grace_s: float) 
             os.killpg(process.pid, signal.SIGKILL)
 
 
+def run_tied(argv: list[str], *, log_path: Path, env: dict[str, str] | None = None) -> int:
+    """Run a child to completion (`spawn`: it dies with us); its exit code. Whatever ends the
+    wait early (a signal turned into an exception, say) stops the child before it propagates."""
+    process = spawn(argv, log_path=log_path, env=env)
+    try:
+        return process.wait()
+    except BaseException:
+        stop_processes([process], grace_s=2.0)
+        raise
+
+
 class WorkerState(StrEnum):
     STARTING = "starting"  # process up, /readyz not yet 200
     READY = "ready"  # serving, in the router
+    UNREADY = "unready"  # was ready, stopped answering /readyz: out of the router until it does
     DRAINING = "draining"  # SIGTERM sent, finishing accepted requests
     EXITED = "exited"
 
@@ -114,6 +126,7 @@ class Worker:
     state: WorkerState = WorkerState.STARTING
     draining_since: float | None = None
     pushed: dict[str, Any] | None = field(default=None)  # last config the worker accepted
+    failed_probes: int = 0  # consecutive /readyz probes a ready worker failed
 
     @property
     def name(self) -> str:
@@ -125,7 +138,7 @@ class Worker:
 
     @property
     def alive(self) -> bool:
-        return self.state in (WorkerState.STARTING, WorkerState.READY)
+        return self.state in (WorkerState.STARTING, WorkerState.READY, WorkerState.UNREADY)
 
 
 def worker_command() -> list[str]:
@@ -157,9 +170,10 @@ class Supervisor:
         self._serial = 0
         self._closed = False
 
-    def launch(self, variant: str, args: list[str]) -> Worker:
+    def launch(self, variant: str, args: list[str], *, env: dict[str, str] | None = None) -> Worker:
         """Start one worker of `variant`; `args` are its `serve` options besides host, port and
-        drain (`worker_config.serve_args`, which names the variant and the cascade)."""
+        drain (`worker_config.serve_args`, which names the variant and the cascade); `env` is
+        added to its environment (e.g. its own CUDA_VISIBLE_DEVICES)."""
         if self._closed:
             raise RuntimeError("the supervisor is shut down")
         self._serial += 1
@@ -176,7 +190,7 @@ class Supervisor:
             f"{self.drain_timeout_s:g}",
             *args,
         ]
-        env = dict(os.environ)
+        env = {**os.environ, **(env or {})}
         env["DIFFCASCADE_TOKEN"] = self._token  # not on the command line, where ps shows it
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -230,7 +244,7 @@ class Supervisor:
         return died
 
     def of(self, variant: str, *states: WorkerState) -> list[Worker]:
-        wanted = states or (WorkerState.STARTING, WorkerState.READY)
+        wanted = states or (WorkerState.STARTING, WorkerState.READY, WorkerState.UNREADY)
         return [w for w in self.workers if w.variant == variant and w.state in wanted]
 
     def shutdown(self, *, grace_s: float | None = None) -> None:

@@ -15,7 +15,24 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from diffcascade_operator.local.cluster_status import profiles_lines
+from diffcascade_operator.local.cluster_status import (
+    profiles_lines,
+    slo_line,
+    slo_verdict,
+    source_text,
+)
+
+#: Off a terminal lines are never wrapped; this only bounds tables laid out to a width.
+UNWRAPPED_WIDTH = 400
+
+
+def make_console(*, stderr: bool = False) -> Console:
+    """A console that wraps at the terminal's width on a terminal, and off one (a pipe, CI, a
+    log file) never splits a line: rich would otherwise wrap at 80 columns, mid-word."""
+    console = Console(stderr=stderr)
+    if console.is_terminal:
+        return console
+    return Console(stderr=stderr, soft_wrap=True, width=UNWRAPPED_WIDTH)
 
 
 def _num(value: Any, fmt: str = ".2f", missing: str = "-") -> str:
@@ -39,7 +56,7 @@ def render_state(state: dict[str, Any]) -> RenderableType:
     summary.add_row(
         "demand",
         f"{demand_text(plan.get('demand_qps'), metrics.get('demand_qps'))}"
-        f"  ({metrics.get('source') or 'no metrics'})",
+        f"  ({source_text(metrics.get('source'))})",
     )
     summary.add_row("pair", pair_text(plan))
     summary.add_row(
@@ -53,7 +70,12 @@ def render_state(state: dict[str, Any]) -> RenderableType:
     )
     solved = re.compile(r"\w+, \d+ ms$")  # the solver row says it
     notes = [p for p in reason_tail(plan.get("reason")).split("; ") if not solved.fullmatch(p)]
-    summary.add_row("reason", "; ".join(notes) or "-")
+    notes = [n for n in notes if n and n != "-"]
+    if notes:  # nothing beyond the numbers above: no row (not `reason -`)
+        summary.add_row("reason", "; ".join(notes))
+    slo = slo_line(state.get("slo"))
+    if slo is not None:
+        summary.add_row("SLO", Text(slo, style="red" if slo.startswith("MISSED") else ""))
     for line in profiles_lines(state.get("profiles")):
         summary.add_row("profiles", line)
     if metrics.get("error"):
@@ -125,6 +147,21 @@ def plan_line(state: dict[str, Any]) -> str:
         f"{time.strftime('%H:%M:%S')} {demand}: {hybrid}t={_num(plan.get('threshold'), '.3f')} "
         f"defer {_num(plan.get('defer_fraction'), '.0%')} {replicas} "
         f"FID {_num(plan.get('predicted_fid'), '.1f')}; {reason_tail(plan.get('reason'))}"
+        f"{measured_text(state.get('slo'))}"
+    )
+
+
+def measured_text(slo: dict[str, Any] | None) -> str:
+    """`; measured: 79.5% of 1800 missed the 3 s SLO (p99 9.90 s), plan promised 0%`."""
+    if not slo or slo.get("violationRatio") is None:
+        return ""
+    verdict = slo_verdict(slo)
+    promised = slo.get("promisedViolationRatio")
+    promise = "nothing (best effort)" if promised is None else f"{promised:.0%}"
+    return (
+        f"; measured: {slo['violationRatio']:.1%} of {slo.get('requests', 0)} missed the "
+        f"{slo.get('sloSeconds', 0):g} s SLO (p99 {_num(slo.get('p99Seconds'))} s), plan "
+        f"promised {promise}: {verdict}"
     )
 
 

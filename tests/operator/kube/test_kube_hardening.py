@@ -317,3 +317,58 @@ def test_a_forbidden_cascade_gets_a_condition_and_an_event_and_no_children(
     )
     assert outcome is not None and outcome.events == []
     assert Cluster().apps.list_namespaced_deployment(ns).items == []
+
+
+# --- client API keys --------------------------------------------------------------------------
+
+
+def _with_api_keys(secret: str = "client-keys") -> CascadeSpec:
+    raw = _spec().model_dump(by_alias=True, exclude_none=True)
+    raw["apiKeys"] = {"secretName": secret}
+    return parse_spec(raw)
+
+
+def test_only_the_entry_stage_mounts_the_api_keys_secret_and_checks_keys() -> None:
+    spec = _with_api_keys()
+    entry, later = _pod(spec, index=0), _pod(spec, index=1)
+    [volume] = [v for v in entry["volumes"] if v["name"] == manifests.API_KEYS_VOLUME]
+    assert volume["secret"] == {"secretName": "client-keys", "defaultMode": 0o440}
+    [container] = entry["containers"]
+    assert {
+        "name": manifests.API_KEYS_VOLUME,
+        "mountPath": manifests.API_KEYS_DIR,
+        "readOnly": True,
+    } in container["volumeMounts"]
+    assert f"--api-keys={manifests.API_KEYS_DIR}" in container["args"]
+    for pod in (later, _pod(_spec(), index=0)):  # a later stage; a cascade without keys
+        assert all(v["name"] != manifests.API_KEYS_VOLUME for v in pod["volumes"])
+        assert not any(a.startswith("--api-keys") for a in pod["containers"][0]["args"])
+
+
+def test_the_api_keys_secret_is_held_to_the_same_allowlist() -> None:
+    """Mounted into a pod whose image the author may choose, it is a Secret the author reads."""
+    with pytest.raises(ForbiddenSpec, match=r"spec\.apiKeys\.secretName"):
+        check_spec(_with_api_keys("other-team-keys"), CHART_SETTINGS)
+    check_spec(_with_api_keys("hf-token"), CHART_SETTINGS)
+
+
+def test_the_api_keys_secret_reaches_the_entry_deployment_through_the_api(
+    k8s: ThreadedKMock,
+) -> None:
+    ns = "harden-api-keys"
+    settings = OperatorSettings(allowed_env_secrets=("client-keys",))
+    body = {
+        "apiVersion": "diffcascade.dev/v1alpha1",
+        "kind": "DiffusionCascade",
+        "metadata": {"name": "c", "namespace": ns, "uid": "u", "generation": 1},
+        "spec": _with_api_keys().model_dump(by_alias=True, exclude_none=True),
+    }
+    reconcile.apply_children(
+        api=KubeApi(), body=body, state=reconcile.new_state(settings), settings=settings, now=1.0
+    )
+    apps = Cluster().apps
+    entry = apps.read_namespaced_deployment("c-light", ns).spec.template.spec
+    later = apps.read_namespaced_deployment("c-heavy", ns).spec.template.spec
+    assert [v.secret.secret_name for v in entry.volumes if v.secret] == ["client-keys"]
+    assert f"--api-keys={manifests.API_KEYS_DIR}" in entry.containers[0].args
+    assert not [v for v in later.volumes if v.secret]

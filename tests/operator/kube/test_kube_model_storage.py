@@ -50,7 +50,8 @@ def test_hub_models_are_fetched_by_an_init_container_and_loaded_offline() -> Non
     assert init["args"] == [
         "fetch",
         "--cache-dir=/models",
-        "hf://stabilityai/sd-turbo",
+        "--model=hf://stabilityai/sd-turbo",  # the pipeline: only what the worker loads of it
+        "--weights-variant=fp16",
         "hf://openai/clip-vit-base-patch32",
     ]
     assert {"name": "HF_HOME", "value": HF_HOME} in init["env"]
@@ -180,9 +181,19 @@ def test_the_profiling_job_runs_on_the_variants_nodes_with_the_same_storage() ->
 def test_the_profile_key_changes_with_what_changes_the_measurement() -> None:
     spec = _spec()
     base = profiling.profile_key(spec, spec.variants[0], SETTINGS)
-    for field, value in (("steps", 2), ("resolution", 768), ("model", "hf://acme/turbo")):
+    changes: tuple[tuple[str, Any], ...] = (
+        ("steps", 2),
+        ("resolution", 768),
+        ("model", "hf://acme/turbo"),
+        ("weightsVariant", None),  # the example's fp16: the fp32 files are another pipeline
+        ("unet", "hf://acme/unets/fast_unet.safetensors"),
+        ("scheduler", {"class": "EulerDiscreteScheduler", "config": {"timestep_spacing": "x"}}),
+    )
+    for field, value in changes:
         raw = _raw()
         raw["variants"][0][field] = value
+        if value is None:
+            del raw["variants"][0][field]
         changed = parse_spec(raw)
         assert profiling.profile_key(changed, changed.variants[0], SETTINGS) != base
     raw = _raw()

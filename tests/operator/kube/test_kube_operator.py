@@ -22,7 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from click.testing import CliRunner
+from diffcascade_operator.cli import main
+from diffcascade_worker.protocol import HEADER_BUDGET_MS
 from kmock_k8s import ThreadedKMock
 from kopf._core.intents.registries import SmartOperatorRegistry
 from kopf.testing import KopfRunner
@@ -291,6 +295,7 @@ def test_kubectl_get_dcas_prints_the_printer_columns(
         "THRESHOLD",
         "REPLICAS",
         "FID",
+        "MISSED",
         "READY",
         "AGE",
     ]
@@ -307,6 +312,77 @@ def test_kubectl_get_dcas_prints_the_printer_columns(
     assert wide_row["ENTRY"] == "light"
     assert wide_row["SOURCE"] in ("Prometheus", "DirectScrape")
     assert wide_row["SOLVER"] in ("Optimal", "Initial")
+
+
+def _slo(cluster: Cluster, ns: str, status: str) -> dict[str, Any] | None:
+    cond = cluster.condition(ns, CASCADE, "SLOMet")
+    return cond if cond is not None and cond.get("status") == status else None
+
+
+def _post(url: str, count: int, *, headers: dict[str, str] | None = None) -> list[int]:
+    codes = []
+    for i in range(count):
+        codes.append(
+            httpx.post(
+                f"{url}/v1/images/generations",
+                json={"prompt": f"a lighthouse {i}", "seed": i},
+                headers=headers or {},
+                timeout=30,
+            ).status_code
+        )
+        time.sleep(0.1)
+    return codes
+
+
+def test_measured_misses_turn_slo_met_false_with_the_numbers_beside_the_plan(
+    cluster: Cluster,
+    workers: dict[str, WorkerProcess],
+    prometheus: PrometheusProcess,
+    tiny_models: dict[str, Path],
+) -> None:
+    """The entry stage drops what it cannot finish in time (a 1-ms budget per request) while
+    the plan stays as it was: status.slo, SLOMet, the Event and `kubectl get` say so, beside
+    what the plan promised."""
+    ns = "slo"
+    _setup(cluster, ns, tiny_models)
+    env = {
+        **operator_env(prometheus_url=prometheus.url),
+        "DIFFCASCADE_SLO_WINDOW_SECONDS": "12",  # read every 3 s (a quarter window)
+        "DIFFCASCADE_SLO_MIN_REQUESTS": "10",
+    }
+    with Operator(namespace=ns, env=env):
+        wait_for(lambda: cluster.replicas(ns, f"{CASCADE}-light"), what="light Deployment")
+        cluster.register_pods(ns, CASCADE, workers)
+        wait_for(lambda: _plan(cluster, ns), timeout=60, what="a first plan")
+        assert set(_post(workers["light"].url, 15)) == {200}
+        met = wait_for(lambda: _slo(cluster, ns, "True"), timeout=60, what="SLOMet True")
+        assert met["reason"] == "Met" and "requests missed the 5 s SLO" in met["message"]
+
+        codes = _post(workers["light"].url, 30, headers={HEADER_BUDGET_MS: "1"})
+        assert codes.count(503) >= 15, codes  # dropped at dequeue: cannot finish in 1 ms
+        missed = wait_for(lambda: _slo(cluster, ns, "False"), timeout=60, what="SLOMet False")
+        print("measured:", missed["message"])
+        assert missed["reason"] == "Missed" and "dropped" in missed["message"]
+        status = cluster.status(ns, CASCADE)
+        solver = status["allocation"]["solver"]["status"]
+        assert "s SLO over 12 s" in missed["message"]
+        assert f"the plan ({solver}, predicted " in missed["message"]
+        slo = wait_for(
+            lambda: (s := cluster.status(ns, CASCADE)["slo"]).get("refused", 0) >= 15 and s,
+            timeout=30,
+            what="the drops in the window",
+        )
+        assert slo["met"] is False and slo["violationRatio"] > 0.3
+        assert slo["source"] == "Prometheus" and slo["predictedLatencySeconds"] > 0
+        degraded = cluster.condition(ns, CASCADE, "Degraded")
+        assert degraded is not None and degraded["reason"] == "SLOMissed"
+        event = wait_for(lambda: cluster.events(ns, "SLOMissed"), what="a SLOMissed Event")
+        assert event[0].type == "Warning"
+        row = _columns(_kubectl("get", "dcas", "-n", ns))[0]
+        assert float(row["MISSED"]) == pytest.approx(slo["violationRatio"], abs=0.2)
+        printed = CliRunner().invoke(main, ["status", CASCADE, "--namespace", ns])
+        assert printed.exit_code == 0, printed.output
+        assert "MISSED:" in printed.output and "requests missed the" in printed.output
 
 
 def test_invalid_spec_gets_a_condition_and_an_event_and_deletes_nothing(

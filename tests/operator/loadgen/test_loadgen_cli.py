@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 from diffcascade_operator.loadgen.cli import load
+from diffcascade_operator.loadgen.client import generations_url
 from diffcascade_operator.local.router import Router
 from diffcascade_operator.local.supervisor import Worker
+from diffcascade_worker.serving.api_keys import ApiKeys
 
 REPORT_KEYS = {
     "slo_violation_ratio",
@@ -62,32 +67,52 @@ def _closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_nobody_listening_counts_connection_errors_and_fails(tmp_path: Path) -> None:
+def test_nobody_listening_fails_at_once_instead_of_after_the_whole_replay(
+    tmp_path: Path,
+) -> None:
     report = tmp_path / "r.json"
+    started = time.monotonic()
     code, output = _invoke(
         "--url",
         f"http://127.0.0.1:{_closed_port()}",
         "--qps",
         "10",
         "--duration",
-        "0.5",
-        "--timeout",
-        "2",
+        "30",
         "--report",
         str(report),
     )
-    assert code == 1
-    assert "no request succeeded" in output
-    doc = json.loads(report.read_text())
-    assert doc["errors"] == {"connection": doc["total"]}
-    assert doc["slo_violation_ratio"] == 1.0
+    assert code == 1 and time.monotonic() - started < 10
+    assert "cannot connect to http://127.0.0.1:" in output and "diffcascade up" in output
+    assert not report.exists()
+
+
+@pytest.mark.parametrize(
+    ("given", "endpoint"),
+    [
+        ("http://h:8080", "http://h:8080/v1/images/generations"),
+        ("http://h:8080/", "http://h:8080/v1/images/generations"),
+        ("http://h:8080/v1", "http://h:8080/v1/images/generations"),  # the SDK's base_url
+        ("http://h:8080/v1/", "http://h:8080/v1/images/generations"),
+        ("http://h/v1/images/generations", "http://h/v1/images/generations"),
+        ("http://h/stages/heavy", "http://h/stages/heavy/v1/images/generations"),
+    ],
+)
+def test_load_takes_the_entry_the_sdk_base_url_or_the_endpoint(given: str, endpoint: str) -> None:
+    assert generations_url(given) == endpoint
 
 
 @pytest.fixture
 def empty_router() -> Iterator[str]:
     """The local router with no replica: every generation gets 503 + Retry-After."""
+    with _router_in_a_thread() as url:
+        yield url
+
+
+@contextlib.contextmanager
+def _router_in_a_thread(**options: Any) -> Iterator[str]:
     loop = asyncio.new_event_loop()
-    router = Router(variants=["light", "heavy"], plan=dict)
+    router = Router(variants=["light", "heavy"], plan=dict, **options)
     url = loop.run_until_complete(router.start())
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -100,6 +125,16 @@ def empty_router() -> Iterator[str]:
         loop.close()
 
 
+def test_a_url_answering_404_gets_a_hint_naming_the_urls_load_takes(
+    empty_router: str, tmp_path: Path
+) -> None:
+    code, output = _invoke(
+        "--url", f"{empty_router}/nothing/here", "--qps", "10", "--duration", "0.3"
+    )
+    assert code == 1
+    assert "got 404 from " in output and "the OpenAI SDK's base URL (http://HOST:PORT/v1)" in output
+
+
 def test_http_errors_are_counted_by_status(empty_router: str, tmp_path: Path) -> None:
     report = tmp_path / "r.json"
     code, _ = _invoke(
@@ -109,6 +144,19 @@ def test_http_errors_are_counted_by_status(empty_router: str, tmp_path: Path) ->
     doc = json.loads(report.read_text())
     assert set(doc["errors"]) == {"http_503"}
     assert doc["errors"]["http_503"] == doc["total"] > 0
+
+
+def test_the_api_key_is_sent_as_openais_clients_send_it(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.txt"
+    keys.write_text("sk-load\n")
+    report = tmp_path / "r.json"
+    errors = []
+    with _router_in_a_thread(api_keys=ApiKeys(keys)) as url:  # keyed, and no replica
+        for extra in ([], ["--api-key", "sk-load"]):
+            args = ["--url", url, "--qps", "20", "--duration", "0.3", "--report", str(report)]
+            _invoke(*args, *extra)
+            errors.append(set(json.loads(report.read_text())["errors"]))
+    assert errors == [{"http_401"}, {"http_503"}]  # refused; then past the key check
 
 
 @pytest.mark.slow

@@ -42,10 +42,26 @@ def test_deferral_legend_sits_outside_the_plotted_area() -> None:
     plt.close(fig)
 
 
-def test_deferral_qps_axis_starts_at_zero(tmp_path: Path) -> None:
+def test_deferral_counts_start_at_zero_and_cover_the_busiest_bucket(tmp_path: Path) -> None:
     fig = deferral_figure(_records())
-    twin = fig.axes[1]
-    low, high = twin.get_ylim()
-    assert low == 0.0 and high >= 8.0
+    low, high = fig.axes[0].get_ylim()
+    assert low == 0.0 and high >= 40  # 8 qps x 5-s buckets
     plt.close(fig)
     assert plot_deferral(_records(), path=tmp_path / "deferral.png").stat().st_size > 0
+
+
+def test_degraded_answers_are_their_own_bars_and_each_outcome_is_counted() -> None:
+    records = [
+        RequestRecord(i, i, i * 0.5, 0.5, 200, None, served_by="light", deferred=d, degraded=g)
+        for i, (d, g) in enumerate([(False, False)] * 5 + [(True, False)] * 3 + [(True, True)] * 2)
+    ]
+    records.append(RequestRecord(10, 10, 5.0, 1.0, 503, "http_503"))
+    fig = deferral_figure(records)
+    labels = fig.axes[0].get_legend().get_texts()  # type: ignore[union-attr]
+    assert [t.get_text() for t in labels][:4] == [
+        "light image (gate confident): 5",
+        "heavy image (deferred): 3",
+        "light image (deferred, degraded): 2",
+        "error: 1",
+    ]
+    plt.close(fig)

@@ -96,6 +96,29 @@ def test_report_counts_late_and_failed_requests_as_slo_violations() -> None:
     assert report["latency_s"]["max"] == pytest.approx(4.0)
 
 
+@pytest.mark.parametrize(("interrupted", "ratio", "total"), [(True, 0.0, 2), (False, 0.5, 4)])
+def test_requests_cancelled_by_ctrl_c_are_no_slo_violations(
+    interrupted: bool, ratio: float, total: int
+) -> None:
+    records = (
+        _rec(0, 0.5, served_by="light"),
+        _rec(1, 0.6, served_by="light"),
+        _rec(2, 1.0, status=None, error="cancelled"),
+        _rec(3, 1.2, status=None, error="cancelled"),
+    )
+    result = LoadResult(
+        url="http://x",
+        schedule=Schedule(name="s", arrivals=()),
+        records=records,
+        started_at=0,
+        wall_s=3,
+        interrupted=interrupted,
+    )
+    report = summarize(result, slo_seconds=3.0)
+    assert report["slo_violation_ratio"] == ratio and report["total"] == total
+    assert report["cancelled"] == (2 if interrupted else 0)
+
+
 def test_percentile_interpolates() -> None:
     assert percentile([], 50) is None
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)

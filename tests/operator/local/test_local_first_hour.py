@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,8 @@ from diffcascade_operator.local.runner import (
 from diffcascade_operator.local.view import plan_line
 from local_support import cascade_doc
 from rich.console import Console
+
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.mark.parametrize("args", [["--cluster"], ["--namespace", "images"]])
@@ -182,3 +185,144 @@ async def test_load_takes_the_slo_from_a_local_run_and_defaults_elsewhere() -> N
     assert (slo, source) == (7.5, "the cascade's")
     gone, why = await asyncio.to_thread(cascade_slo, url)  # nothing listens there now
     assert gone == DEFAULT_SLO_SECONDS and "default" in why
+
+
+# --- issue 17: the next first hour -------------------------------------------------------------
+
+
+def test_local_workers_log_at_info_with_an_access_log(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """`demo` and `up` worker logs were empty (warning level): the worker takes these flags."""
+    from diffcascade_operator.local.actuator import LocalActuator
+    from diffcascade_operator.local.router import Router
+    from diffcascade_operator.local.supervisor import Supervisor
+    from diffcascade_worker.serving.serve_command import serve
+
+    cascade = tmp_path / "cascade.yaml"
+    cascade.write_text(yaml.safe_dump(cascade_doc(tiny_models)))
+    _, spec = load_cascade_file(cascade)
+    actuator = LocalActuator(
+        spec=spec,
+        supervisor=Supervisor(cascade="tiny", log_dir=tmp_path, token="t"),
+        router=Router(variants=["light", "heavy"], plan=dict, cascade="tiny"),
+        token="t",
+        base_dir=tmp_path,
+        gpus=(),
+    )
+    args = actuator._serve_args(spec.variants[0])
+    with serve.make_context("serve", [*args, "--port", "1"]) as ctx:
+        assert ctx.params["log_level"] == "info" and ctx.params["access_log"] is True
+
+
+def _state(name: str, **extra: object) -> dict[str, object]:
+    return {
+        "cascade": name,
+        "running": False,
+        "pid": 0,
+        "plan": {
+            "threshold": 0.12,
+            "defer_fraction": 0.59,
+            "demand_qps": 0.0,
+            "predicted_fid": 16.8,
+            "reason": "demand 0.0 qps → t=0.12 f=0.59 light x1 b1, heavy x1 b1, FID 16.8; "
+            "solved optimal in 3 ms",
+            "solver": {"status": "Optimal", "solve_ms": 3},
+            "variants": [],
+        },
+        "replicas": {},
+        "metrics": {"source": None, "demand_qps": None},
+        **extra,
+    }
+
+
+def test_status_of_an_unknown_name_lists_the_local_runs(tmp_path: Path) -> None:
+    from diffcascade_operator.local.state import write_state
+
+    write_state(tmp_path / "tiny" / "state.json", _state("tiny"))
+    result = CliRunner().invoke(status, ["tiniest", "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "no local run of 'tiniest'" in result.output
+    assert "local runs: tiny (stopped" in result.output
+    assert "Kubernetes configuration" not in result.output
+
+
+def test_status_off_a_terminal_neither_wraps_nor_prints_none_or_an_empty_reason(
+    tmp_path: Path,
+) -> None:
+    from diffcascade_operator.local.state import write_state
+
+    message = "61.3% of 1190 requests missed the 3 s SLO over 60 s " + "(late 700) " * 8
+    write_state(
+        tmp_path / "tiny" / "state.json",
+        _state("tiny", slo={"met": False, "message": message, "violationRatio": 0.613}),
+    )
+    result = CliRunner().invoke(status, ["--runs-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert f"MISSED: {message.strip()}" in result.output  # one line, not cut at 80 columns
+    assert "(None)" not in result.output and "(no metrics)" in result.output
+    assert not re.search(r"^\s*reason\s+-\s*$", result.output, re.M)
+
+
+def test_cluster_status_prints_condition_messages_whole() -> None:
+    from diffcascade_operator.local.cluster_status import render_cluster_status
+    from diffcascade_operator.local.view import make_console
+
+    message = "keeping the last plan: Prometheus at http://prometheus:9090 did not answer " * 2
+    obj = {
+        "metadata": {"name": "tiny", "namespace": "images"},
+        "status": {
+            "demand": {"qps": 1.0, "source": "None"},
+            "conditions": [{"type": "MetricsAvailable", "status": "False",
+                            "reason": "MetricsUnavailable", "message": message}],
+        },
+    }  # fmt: skip
+    console = make_console()
+    with console.capture() as captured:
+        console.print(render_cluster_status(obj))
+    text = captured.get()
+    assert message.strip() in text and "(None)" not in text
+
+
+def test_a_failed_up_leaves_no_run_folder(
+    tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    from diffcascade_operator.local.cli import up
+
+    cascade = tmp_path / "cascade.yaml"
+    cascade.write_text(yaml.safe_dump(cascade_doc(tiny_models)))
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(up, [str(cascade), "--port", str(port), "--no-prometheus"])
+    assert result.exit_code == 1
+    assert f"cannot start the router on 127.0.0.1:{port}" in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_idle_cascade_logs_no_threshold_jitter_as_a_plan_change() -> None:
+    from diffcascade_operator.control import initial_plan
+    from diffcascade_operator.local.cascade import notable_change
+    from diffcascade_operator.profiles import profiles_from_spec
+    from diffcascade_operator.spec import load_manifest
+
+    doc = yaml.safe_load((REPO / "examples" / "tiny-cpu.yaml").read_text())
+    del doc["spec"]["variants"][0]["gate"]["deferCurve"]["path"]
+    doc["spec"]["variants"][0]["gate"]["deferCurve"]["reference"] = "sd-turbo"
+    _, spec = load_manifest(doc)
+    plan = initial_plan(spec, profiles_from_spec(spec), now=0.0)
+    jitter = replace(
+        plan,
+        threshold=plan.threshold + 0.005,
+        variants=tuple(replace(v, threshold=plan.threshold + 0.005) for v in plan.variants),
+    )
+    assert notable_change(plan, None)
+    assert not notable_change(jitter, plan)  # 0.12 -> 0.125 at no demand: pushed, not logged
+    moved = replace(jitter, threshold=plan.threshold + 0.05)
+    assert notable_change(moved, plan)
+    scaled = replace(plan, variants=(replace(plan.variants[0], replicas=2), *plan.variants[1:]))
+    assert notable_change(scaled, plan)

@@ -6,6 +6,7 @@ then stops everything, and no process `up` started survives it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -109,9 +110,13 @@ def survivors(pids: set[int]) -> list[str]:
 
 
 def wait_until_gone(pids: set[int], timeout_s: float = 15.0) -> list[str]:
+    """Survivors after `timeout_s`; they are killed then, so a failing test leaves none."""
     deadline = time.monotonic() + timeout_s
     while (left := survivors(pids)) and time.monotonic() < deadline:
         time.sleep(0.2)
+    for line in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(line.split(":", 1)[0]), signal.SIGKILL)
     return left
 
 
@@ -233,3 +238,59 @@ def test_workers_that_keep_crashing_end_up_with_an_error(tmp_path: Path) -> None
     assert "exited 3 times before turning ready" in up.output
     assert "model_index.json" in up.output  # the worker's own reason, from its log
     assert wait_until_gone(up.seen) == []
+
+
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=lambda s: str(s.name)
+)
+def test_a_signal_during_the_first_model_build_leaves_no_builder_and_no_staging(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    """On the default example with no models, `up` builds the tiny models first; a signal
+    then used to leave the builder running and its staging folder behind (TERM, HUP) or exit
+    1 (INT). Now: exit 130, like a signal at any later moment, and nothing left. A staging
+    folder a killed run left behind is removed when the next build starts."""
+    models = tmp_path / ".models"
+    stale = models / ".build-left-by-a-killed-run"
+    stale.mkdir(parents=True)
+    up = UpProcess(["--port", "0", "--no-live", "--no-prometheus"], tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while not set(models.glob(".build-*")) - {stale} and time.monotonic() < deadline:
+            assert up.proc.poll() is None, up.output
+            time.sleep(0.05)
+        assert set(models.glob(".build-*")) - {stale}, up.output
+        assert not stale.exists()
+        time.sleep(0.5)  # the builder is running
+        up.remember_children()
+        builders = set(up.seen)
+        assert builders, up.output
+        up.proc.send_signal(sig)
+        code = up.proc.wait(timeout=30)
+    finally:
+        if up.proc.poll() is None:
+            up.proc.kill()
+    assert code == EXIT_INTERRUPTED, up.output
+    assert wait_until_gone(builders) == []
+    assert list(models.glob(".build-*")) == []
+
+
+def test_a_builder_dies_with_its_run_when_the_run_is_killed(tmp_path: Path) -> None:
+    """SIGKILL cannot be handled: the builder dies with `up` all the same (the kernel's
+    parent-death signal); the staging folder it leaves is for the next build to remove."""
+    up = UpProcess(["--port", "0", "--no-live", "--no-prometheus"], tmp_path)
+    models = tmp_path / ".models"
+    try:
+        deadline = time.monotonic() + 60
+        while not list(models.glob(".build-*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        up.remember_children()
+        builders = set(up.seen)
+        assert builders, up.output
+        up.proc.kill()
+        up.proc.wait(timeout=10)
+    finally:
+        if up.proc.poll() is None:
+            up.proc.kill()
+    assert wait_until_gone(builders) == []

@@ -19,6 +19,7 @@ def two_stage_spec(
     raw: dict[str, Any] = {
         "sloSeconds": slo,
         "gpuBudget": gpus,
+        "simulatorOnly": True,
         "variants": [
             {
                 "name": "light",

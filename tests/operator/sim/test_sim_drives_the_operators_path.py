@@ -119,9 +119,15 @@ def replay_through_the_operator(
     decisions = list(run.result.decisions)
     readings = [d.reading for d in decisions]
     assert sum(r is not None for r in readings) >= len(decisions) - 1
+    # The scenario is simulator-only (reference curves, no gates): deployed, its deferring
+    # variants need a gate, which the operator's planning never reads.
+    deployed = scenario.spec.model_dump(by_alias=True, exclude_none=True, mode="json")
+    deployed["simulatorOnly"] = False
+    for variant in deployed["variants"][:-1]:
+        variant["gate"]["discriminator"] = {"uri": "gate.pt"}
     body: dict[str, Any] = {
         "metadata": {"name": "c", "namespace": "ns", "generation": 1, "uid": "u"},
-        "spec": scenario.spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
+        "spec": deployed,
         "status": {},
     }
     dispatch = Dispatch(run.summary.dispatch)

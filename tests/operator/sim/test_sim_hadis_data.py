@@ -125,7 +125,7 @@ def test_a_quality_table_must_name_variants_of_the_cascade() -> None:
         ]
     }
     # inline rows: the spec refuses them (same words in the CRD's CEL rule)
-    with pytest.raises(InvalidSpec, match="must name variants of spec.variants"):
+    with pytest.raises(InvalidSpec, match=r"must name variants of spec\.variants"):
         parse_spec(raw)
     raw["qualityTable"]["reference"] = "hadis-hybrid"
     with pytest.raises(InvalidSpec, match="either rows or reference"):

@@ -114,7 +114,7 @@ async def test_sdk_generates_and_honours_the_accepted_parameters() -> None:
         ({"size": "1024x1024"}, "size", "serves 64x64"),
         ({"size": "big"}, "size", "512x512"),
         ({"response_format": "url"}, "response_format", "b64_json"),
-        ({"quality": "high"}, "quality", "'auto'"),
+        ({"quality": "hd"}, "quality", "'high'"),
         ({"style": "vivid"}, "style", "describe the style in the prompt"),
         ({"output_format": "jpeg"}, "output_format", "'png'"),
         ({"background": "transparent"}, "background", "no transparency"),

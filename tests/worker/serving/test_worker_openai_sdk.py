@@ -72,7 +72,7 @@ def test_sdk_generate_returns_png_images_with_cascade_metadata(client: openai.Op
         ({"n": 11}, "n"),
         ({"size": "1024x1024"}, "size"),
         ({"response_format": "url"}, "response_format"),
-        ({"quality": "high"}, "quality"),
+        ({"quality": "hd"}, "quality"),
         ({"style": "natural"}, "style"),
         ({"output_format": "webp"}, "output_format"),
         ({"background": "transparent"}, "background"),
@@ -154,3 +154,29 @@ def test_sdk_stream_of_a_confident_image_is_one_completed_event(
     assert [e.type for _, e in events] == ["image_generation.completed"]
     assert _extra(events[0][1])["served_by"] == "light"
     assert base64.b64decode(events[0][1].b64_json).startswith(PNG_MAGIC)
+
+
+@pytest.mark.parametrize(
+    ("quality", "threshold", "served_by", "deferred"),
+    [
+        ("low", 1.0, "light", False),  # the gate would defer everything: low keeps it light
+        ("medium", 1.0, "light", False),
+        ("high", 0.0, "heavy", True),  # the gate would defer nothing: high goes on anyway
+        ("auto", 1.0, "heavy", True),  # the gate decides
+        ("auto", 0.0, "light", False),
+    ],
+)
+def test_sdk_quality_picks_the_stage_whose_image_comes_back(
+    client: openai.OpenAI,
+    cascade: Cascade,
+    quality: str,
+    threshold: float,
+    served_by: str,
+    deferred: bool,
+) -> None:
+    cascade.light.put_config(threshold=threshold)
+    result = client.images.generate(prompt="a lighthouse at dusk", quality=quality)  # type: ignore[arg-type]
+    assert result.data is not None
+    image = _extra(result.data[0])
+    assert (image["served_by"], image["deferred"]) == (served_by, deferred)
+    assert image["confidence"] is not None  # the light image was scored either way

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,10 +15,19 @@ from diffcascade_worker.protocol import (
     PATH_CONFIG,
     PATH_GENERATIONS,
     PATH_READYZ,
+    GenerationResponse,
+    ImageData,
+    Outcome,
 )
-from diffcascade_worker.serving.cascade import NextStageClient, NextStagePolicy
+from diffcascade_worker.serving.cascade import (
+    ForwardFailed,
+    NextStageClient,
+    NextStagePolicy,
+    max_response_bytes,
+)
 from diffcascade_worker.serving.service import WorkerService
 from diffcascade_worker.serving.settings import WorkerSettings
+from prometheus_client.parser import text_string_to_metric_families
 from worker_testing import FakeEngine, fake_loader, served_in_process
 
 TOKEN = "secret"
@@ -191,3 +201,156 @@ async def test_drain_shorter_than_the_backlog_refuses_the_rest_in_the_error_enve
     assert all(r.json()["error"]["code"] == "not_ready" for r in refused)
     assert service.refused_at_drain == len(refused)
     assert ready.status_code == 503
+
+
+def _counted(service: WorkerService, outcome: Outcome) -> float:
+    """The worker's completions counter for `outcome`, as Prometheus reads it."""
+    text = service.metrics.exposition().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "diffcascade_completed_requests_total"
+        and sample.labels.get("outcome") == outcome.value
+    )
+
+
+async def _stream_then_hang_up(url: str, seed: int) -> bytes:
+    """A streamed request whose client closes its socket right after the partial image."""
+    body = json.dumps({"prompt": "hard", "seed": seed, "stream": True, "partial_images": 1})
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        f"POST {PATH_GENERATIONS} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+    )
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    partial = await asyncio.wait_for(reader.readuntil(b"\n\n"), 10)
+    writer.close()
+    return head + partial
+
+
+async def test_streamed_client_gone_after_the_partial_stops_its_deferral() -> None:
+    """Starlette's own disconnect listener cancels the stream before the worker's watcher
+    sees the hang-up; the deferral in flight must be cancelled all the same, not run on."""
+    heavy_engine = FakeEngine(delay_s=0.4, gate=False)
+    heavy_settings = _settings(variant="heavy", port=0, batch_size=1)
+    async with _served(heavy_engine, heavy_settings) as (heavy, heavy_url):
+        light_settings = _settings(threshold=1.0, next_stage_url=heavy_url, port=0)
+        async with _served(FakeEngine(), light_settings) as (light, light_url):
+            answers = await asyncio.gather(
+                *(_stream_then_hang_up(light_url, seed) for seed in range(4))
+            )
+            assert all(b"image_generation.partial_image" in a for a in answers), answers
+            await asyncio.sleep(4 * heavy_engine.delay_s + 0.5)  # all four, were they run
+            light_abandoned = _counted(light, Outcome.ABANDONED)
+            heavy_abandoned = _counted(heavy, Outcome.ABANDONED)
+            light_inflight = light.metrics.inflight._value.get()
+    assert light_abandoned == 4
+    assert heavy_abandoned >= 2, heavy_abandoned  # the heavy stage saw its client go too
+    assert len(heavy_engine.batches) <= 2, heavy_engine.batches  # not four, for nobody
+    assert light_inflight == 0
+
+
+@contextlib.asynccontextmanager
+async def _next_stage_sending(
+    body_bytes: int, *, declare: bool
+) -> AsyncIterator[tuple[str, list[int]]]:
+    """A broken next stage on loopback: it answers 200 with `body_bytes` of zeros (with or
+    without a Content-Length); yields its URL and, per request, the bytes it got to send."""
+    sent: list[int] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        framing = f"Content-Length: {body_bytes}" if declare else "Transfer-Encoding: chunked"
+        writer.write(
+            f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n{framing}\r\n\r\n".encode()
+        )
+        chunk = b"0" * (1 << 20)
+        sent.append(0)
+        try:
+            while sent[-1] < body_bytes:
+                writer.write(chunk if declare else b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                await writer.drain()
+                sent[-1] += len(chunk)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}", sent
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("declare", [True, False], ids=["content-length", "chunked"])
+async def test_a_next_stage_answer_over_the_size_cap_is_refused_without_reading_it(
+    declare: bool,
+) -> None:
+    """An answer is refused as soon as it passes what one PNG of the size can take; the
+    loop keeps answering meanwhile (a 1.5 GB answer used to cost GBs and a blocked loop)."""
+    limit = max_response_bytes("64x64")
+    async with _next_stage_sending(300 * 1024 * 1024, declare=declare) as (url, sent):
+        client = NextStageClient(variant="light", timeout_s=30.0)
+        gaps: list[float] = []
+
+        async def tick() -> None:
+            while True:
+                before = asyncio.get_running_loop().time()
+                await asyncio.sleep(0.01)
+                gaps.append(asyncio.get_running_loop().time() - before)
+
+        ticker = asyncio.create_task(tick())
+        try:
+            with pytest.raises(ForwardFailed, match="allowed"):
+                await client.forward(
+                    next_stage_url=url, prompt="p", seed=1, size="64x64", budget_s=30.0
+                )
+        finally:
+            ticker.cancel()
+            await client.aclose()
+        await asyncio.sleep(0.2)
+    assert limit < 2 * 1024 * 1024
+    assert sent and sent[0] < limit + 64 * 1024 * 1024, sent  # stopped near the cap, not 300 MB
+    assert max(gaps, default=0.0) < 0.5, gaps
+
+
+async def test_a_next_stage_answer_of_a_real_image_size_passes() -> None:
+    image = ImageData(
+        b64_json="A" * 1_500_000,
+        seed=1,
+        served_by="heavy",
+        deferred=False,
+        queue_ms=0,
+        run_ms=1,
+        total_ms=1,
+    )
+    answer = GenerationResponse(created=1, data=[image]).model_dump_json().encode()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0]))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    client = NextStageClient(variant="light", timeout_s=30.0)
+    try:
+        result = await client.forward(
+            next_stage_url=f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}",
+            prompt="p",
+            seed=1,
+            size="512x512",
+            budget_s=30.0,
+        )
+    finally:
+        await client.aclose()
+        server.close()
+    assert result.image.served_by == "heavy" and len(result.image.b64_json or "") == 1_500_000

@@ -23,10 +23,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BatchOutput:
-    """Images of one batch, in request order, with the gate's confidences (None: no gate)."""
+    """Images of one batch, in request order, with the gate's confidences (None: no gate)
+    and what the pipeline's safety checker flagged (None: none ran)."""
 
     images: Sequence[Any]
     confidences: Sequence[float] | None
+    flagged: Sequence[bool] | None = None
 
 
 class Engine(Protocol):
@@ -69,8 +71,10 @@ class DiffusersEngine:
                 size=settings.size,
                 device=settings.device,
                 dtype=settings.dtype,
+                assembly=settings.assembly,
             )
         )
+        logger.info("%s: %s", settings.model, pipeline.describe())
         gate = None
         if settings.gate is not None:
             from diffcascade_worker.gate.scorer import load_gate
@@ -92,7 +96,8 @@ class DiffusersEngine:
     def run_batch(self, prompts: Sequence[str], seeds: Sequence[int]) -> BatchOutput:
         import torch
 
-        images = self._pipeline.generate(list(prompts), list(seeds))
+        generated = self._pipeline.generate_batch(list(prompts), list(seeds))
+        images = generated.images
         confidences = None
         if self._gate is not None:
             scores = self._gate.score(images, prompts=list(prompts))
@@ -101,7 +106,11 @@ class DiffusersEngine:
         # more interpreter time than the PNG itself, and that time is taken from the pipeline.
         pixels = (images.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
         pixels = pixels.permute(0, 2, 3, 1).contiguous().numpy()
-        return BatchOutput(images=list(pixels), confidences=confidences)
+        return BatchOutput(
+            images=list(pixels),
+            confidences=confidences,
+            flagged=generated.nsfw_content_detected,
+        )
 
     def encode(self, image: Any) -> str:
         """(H, W, 3) uint8 pixels -> base64 PNG (zlib level 1: lossless, several times faster)."""
@@ -113,23 +122,16 @@ class DiffusersEngine:
 
 
 def resolve_settings(settings: WorkerSettings) -> WorkerSettings:
-    """Fill steps/guidance/size left unset from the model folder's recorded defaults."""
-    if None not in (settings.steps, settings.guidance, settings.size):
-        return settings
+    """Fill run settings and assembly fields left unset from the model folder's record."""
     return settings.resolved(model_defaults(settings.model))
 
 
 def model_defaults(model: str) -> dict[str, Any]:
-    """Steps/guidance/size recorded in a local model folder, or {} (hub ids, plain folders)."""
+    """Settings recorded in a local model folder's diffcascade.json, or {} (hub ids, folders
+    without one). A record that breaks the rules is a ValueError naming the file: silently
+    ignoring, say, its scheduler would serve other timesteps than the folder asks for."""
+    from diffcascade_worker.models.assembly import read_model_defaults
+
     if not Path(model).expanduser().is_dir():
         return {}
-    try:
-        from diffcascade_worker.models.tiny import read_model_defaults
-    except ImportError:
-        return {}
-    try:
-        found = read_model_defaults(Path(model).expanduser())
-    except Exception as error:  # a folder without defaults is fine
-        logger.debug("no model defaults in %s: %s", model, error)
-        return {}
-    return dict(found) if isinstance(found, dict) else {}
+    return read_model_defaults(Path(model).expanduser())

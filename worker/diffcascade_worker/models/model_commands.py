@@ -9,6 +9,11 @@ from typing import Any
 
 import click
 
+from diffcascade_worker.models.assembly import (
+    PipelineAssembly,
+    assembly_from_options,
+    assembly_options,
+)
 from diffcascade_worker.protocol import MAX_BATCH_SIZE
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -34,8 +39,8 @@ def _threads() -> None:
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 def make_tiny_model(kind: str, seed: int, out_dir: Path) -> None:
     """Build a tiny random-weight SD pipeline offline and save it to OUT_DIR."""
+    from diffcascade_worker.models.assembly import read_model_defaults
     from diffcascade_worker.models.tiny import make_tiny_model as build
-    from diffcascade_worker.models.tiny import read_model_defaults
 
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "model_index.json").exists():
         raise click.UsageError(f"{out_dir} exists and is not empty (and not a model folder)")
@@ -183,6 +188,7 @@ def read_prompts(path: Path, *, limit: int | None = None) -> list[str]:
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--variant", default=None, help="Variant name recorded in the curve file.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: auto]")
+@assembly_options()
 def calibrate_command(
     model: str,
     gate_path: Path,
@@ -197,18 +203,30 @@ def calibrate_command(
     seed: int,
     variant: str | None,
     device: str | None,
+    unet: str | None,
+    weights_variant: str | None,
+    safety_checker: bool | None,
+    scheduler: str | None,
+    scheduler_config: str | None,
 ) -> None:
     """Score the model's images of PROMPTS with the gate and write the curve f(t)."""
     from diffcascade_worker.gate.calibration import calibrate, write_curve
     from diffcascade_worker.gate.scorer import Gate, GateLoadError
     from diffcascade_worker.gate.training import median
+    from diffcascade_worker.models.assembly import read_model_defaults
     from diffcascade_worker.models.pipeline import (
         ModelLoadError,
         PipelineConfig,
         TextToImagePipeline,
     )
-    from diffcascade_worker.models.tiny import read_model_defaults
 
+    assembly = assembly_from_options(
+        unet=unet,
+        scheduler=scheduler,
+        scheduler_config=scheduler_config,
+        weights_variant=weights_variant,
+        safety_checker=safety_checker,
+    )
     prompts = read_prompts(prompts_path, limit=limit)
     if not prompts:
         raise click.UsageError(f"{prompts_path} holds no prompts")
@@ -224,6 +242,7 @@ def calibrate_command(
         ),
         size=size if size is not None else defaults.get("size", 512),
         device=device,
+        assembly=assembly.over(defaults.get("assembly") or PipelineAssembly()),
     )
     _threads()
     try:

@@ -15,6 +15,11 @@ from typing import Any
 
 import click
 
+from diffcascade_worker.models.assembly import (
+    PipelineAssembly,
+    assembly_from_options,
+    assembly_options,
+)
 from diffcascade_worker.protocol import MAX_BATCH_SIZE
 
 DEFAULT_PROMPT_LIMIT = 200
@@ -73,6 +78,7 @@ def parse_batch_sizes(text: str) -> list[int]:
 @click.option("--key", default=None, help="Opaque key recorded in the result (the operator's).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: auto]")
 @click.option("--dtype", default=None, help="float32, float16 ... [default: fp16 on GPU]")
+@assembly_options()
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option(
     "--termination-message",
@@ -98,12 +104,24 @@ def profile(
     key: str | None,
     device: str | None,
     dtype: str | None,
+    unet: str | None,
+    weights_variant: str | None,
+    safety_checker: bool | None,
+    scheduler: str | None,
+    scheduler_config: str | None,
     out_path: Path | None,
     termination_path: Path | None,
 ) -> None:
     """Measure the batch latency table on this machine and, with --gate, the curve f(t)."""
     from diffcascade_worker.models.model_commands import read_prompts
 
+    assembly = assembly_from_options(
+        unet=unet,
+        scheduler=scheduler,
+        scheduler_config=scheduler_config,
+        weights_variant=weights_variant,
+        safety_checker=safety_checker,
+    )
     sizes = parse_batch_sizes(batch_sizes)
     source = prompts_path or bundled_prompts()
     if source is None:
@@ -124,7 +142,10 @@ def profile(
     from diffcascade_worker.models.profiling import profile_variant
 
     torch.set_num_threads(int(os.environ.get("DIFFCASCADE_TORCH_THREADS", "1")))
-    defaults: dict[str, Any] = model_defaults(model)
+    try:
+        defaults: dict[str, Any] = model_defaults(model)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from error
     config = PipelineConfig(
         model=model,
         steps=steps if steps is not None else defaults.get("steps", 1),
@@ -134,6 +155,7 @@ def profile(
         size=size if size is not None else defaults.get("size", 512),
         device=device,
         dtype=dtype,
+        assembly=assembly.over(defaults.get("assembly") or PipelineAssembly()),
     )
     try:
         pipeline = TextToImagePipeline.load(config)
@@ -156,6 +178,7 @@ def profile(
         variant=variant,
         key=key,
     )
+    click.echo(pipeline.describe())
     table = ", ".join(f"{b}: {ms:.1f}" for b, ms in result.batch_latency_ms.items())
     click.echo(f"batch latency ms on {result.accelerator or result.device}: {table}")
     if result.confidences:

@@ -21,9 +21,11 @@ from typing import Any, Literal
 
 import torch
 
+from diffcascade_worker.models.assembly import DEFAULTS_FILE as DEFAULTS_FILE
+from diffcascade_worker.models.assembly import read_model_defaults as read_model_defaults
+
 TinyKind = Literal["light", "heavy"]
 TINY_KINDS: tuple[TinyKind, ...] = ("light", "heavy")
-DEFAULTS_FILE = "diffcascade.json"
 GATE_FILE = "gate.pt"
 CURVE_FILE = "defer_curve.json"
 TINY_SIZE = 64
@@ -268,37 +270,6 @@ def _make_tiny_gate(light_pipe: Any, out_dir: Path, *, seed: int) -> dict[str, A
         "gateLogitScale": round(scale, 6),
         "gateLogitShift": round(shift, 6),
     }
-
-
-def read_model_defaults(model_dir: Path | str) -> dict[str, Any]:
-    """Settings recorded in `<dir>/diffcascade.json`; {} when there is none (e.g. a hub id).
-
-    Keys (each optional): kind, steps, guidance_scale, size, gate (Path), defer_curve (Path);
-    file names are resolved against the folder.
-    """
-    path = Path(model_dir) / DEFAULTS_FILE
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{path} is not readable JSON: {error}") from error
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    out: dict[str, Any] = {}
-    if "kind" in data:
-        out["kind"] = str(data["kind"])
-    if "steps" in data:
-        out["steps"] = int(data["steps"])
-    if "guidanceScale" in data:
-        out["guidance_scale"] = float(data["guidanceScale"])
-    if "size" in data:
-        out["size"] = int(data["size"])
-    if data.get("gate"):
-        out["gate"] = Path(model_dir) / str(data["gate"])
-    if data.get("deferCurve"):
-        out["defer_curve"] = Path(model_dir) / str(data["deferCurve"])
-    return out
 
 
 CLIP_IMAGE_SIZE = 32

@@ -36,6 +36,11 @@ from diffcascade_worker.serving.settings import WorkerSettings
 from diffcascade_worker.serving.streaming import SSE_MEDIA_TYPE, stream_generation
 
 _bearer = HTTPBearer(auto_error=False, description="The worker's config token")
+_client_key = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKey",
+    description="A client API key, when the worker requires them (--api-keys)",
+)
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, object]]:
@@ -71,11 +76,17 @@ def create_app(target: WorkerSettings | WorkerService) -> FastAPI:
     ) -> None:
         service.authorize(None if credentials is None else credentials.credentials)
 
+    def client_authorized(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_client_key)],
+    ) -> None:
+        service.authorize_client(None if credentials is None else credentials.credentials)
+
     @app.post(
         PATH_GENERATIONS,
         response_model=GenerationResponse,
+        dependencies=[Depends(client_authorized)],
         responses={
-            **_errors(400, 413, 429, 500, 503),
+            **_errors(400, 401, 413, 429, 500, 503),
             200: {
                 "content": {SSE_MEDIA_TYPE: {}},
                 "description": "The images; with `stream: true`, image_generation.* events",
@@ -141,7 +152,13 @@ def create_app(target: WorkerSettings | WorkerService) -> FastAPI:
     async def put_config(update: CascadeConfigUpdate) -> CascadeConfig:
         return service.update_config(update)
 
-    @app.get(PATH_MODELS, response_model=ModelList, summary="The cascade and this variant")
+    @app.get(
+        PATH_MODELS,
+        response_model=ModelList,
+        responses=_errors(401),
+        dependencies=[Depends(client_authorized)],
+        summary="The cascade and this variant",
+    )
     async def models() -> ModelList:
         settings = service.settings
         cards = [ModelCard(id=settings.cascade, kind="cascade")]

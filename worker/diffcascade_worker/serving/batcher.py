@@ -56,6 +56,7 @@ class ItemResult:
     started: float  # monotonic time the batch started
     finished: float
     batch_size: int
+    flagged: bool | None = None  # the safety checker's verdict (None: none ran)
 
 
 @dataclass(eq=False)
@@ -377,5 +378,6 @@ class Batcher:
                         started=started,
                         finished=finished,
                         batch_size=len(batch),
+                        flagged=None if output.flagged is None else bool(output.flagged[index]),
                     )
                 )

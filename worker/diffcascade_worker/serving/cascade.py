@@ -5,6 +5,10 @@ deadline without synchronised clocks (and drops the query itself if it cannot ma
 failure here - no budget left, next stage down, slow, refusing, or answering nonsense - is a
 `ForwardFailed`; the caller then returns its own image marked degraded.
 
+A next stage's answer is read with a byte cap (`max_response_bytes`: what one PNG of the image
+size can take) and parsed off the event loop, so a broken or hostile stage costs neither
+gigabytes nor a blocked worker.
+
 Where a stage may defer is not up to whoever holds the config token alone: `NextStagePolicy`
 admits only the cascade's own later stages (given at start-up by the operator or `diffcascade
 up`), never the worker itself, and a request that was itself deferred is never deferred again,
@@ -31,12 +35,26 @@ from diffcascade_worker.protocol import (
     GenerationRequest,
     GenerationResponse,
     ImageData,
+    parse_size,
 )
 
 logger = logging.getLogger(__name__)
 
 #: Below this much remaining budget a forward is not even tried.
 MIN_FORWARD_BUDGET_S = 0.005
+#: Room for the JSON around the image (metadata, error messages) in a next stage's answer.
+RESPONSE_SLACK_BYTES = 1024 * 1024
+#: How much of a refused answer is kept for the log line.
+_ERROR_EXCERPT_BYTES = 4096
+
+
+def max_response_bytes(size: str) -> int:
+    """The most a next stage's answer for one image of `size` may hold: the base64 of an
+    uncompressed 4-channel PNG (deflate never grows data by more than a few per mille), plus
+    `RESPONSE_SLACK_BYTES`. About 2.4 MB at 512x512, 6.6 MB at 1024x1024."""
+    width, height = parse_size(size)
+    raw = (width * 4 + 1) * height * 1.01 + 4096  # + filter bytes, deflate blocks, chunks
+    return int(raw * 4 / 3) + RESPONSE_SLACK_BYTES
 
 
 class ForwardFailed(Exception):
@@ -182,24 +200,61 @@ class NextStageClient:
         if request_id:
             headers[HEADER_REQUEST_ID] = request_id
         url = generations_url(next_stage_url)
+        limit = max_response_bytes(size)
         try:
             async with asyncio.timeout(timeout):
-                response = await self._client.post(
+                status, content = await self._post(
                     url,
-                    json=body.model_dump(exclude_none=True),
+                    body=body.model_dump(exclude_none=True),
                     headers=headers,
-                    timeout=httpx.Timeout(timeout),
+                    limit=limit,
+                    timeout_s=timeout,
                 )
         except TimeoutError as error:
             raise ForwardFailed(f"{url} took longer than {timeout:.3f} s") from error
         except httpx.HTTPError as error:
             raise ForwardFailed(f"{url}: {type(error).__name__}: {error}") from error
-        if response.status_code != 200:
-            raise ForwardFailed(f"{url} answered {response.status_code}: {response.text[:200]}")
+        if status != 200:
+            excerpt = content[:200].decode(errors="replace")
+            raise ForwardFailed(f"{url} answered {status}: {excerpt}")
         try:
-            parsed = GenerationResponse.model_validate_json(response.content)
+            # Megabytes of JSON take milliseconds to parse: not on the event loop.
+            parsed = await asyncio.to_thread(GenerationResponse.model_validate_json, content)
         except ValidationError as error:
             raise ForwardFailed(f"{url} sent an unreadable response: {error}") from error
         if len(parsed.data) != 1:
             raise ForwardFailed(f"{url} sent {len(parsed.data)} images for one")
         return ForwardResult(image=parsed.data[0])
+
+    async def _post(
+        self,
+        url: str,
+        *,
+        body: dict[str, object],
+        headers: dict[str, str],
+        limit: int,
+        timeout_s: float,
+    ) -> tuple[int, bytes]:
+        """Status and body of the POST; a body over `limit` bytes is a ForwardFailed as soon
+        as it is declared or read that far (of an error answer, only an excerpt is read)."""
+        request = self._client.build_request(
+            "POST", url, json=body, headers=headers, timeout=httpx.Timeout(timeout_s)
+        )
+        response = await self._client.send(request, stream=True)
+        try:
+            keep = limit if response.status_code == 200 else _ERROR_EXCERPT_BYTES
+            declared = response.headers.get("content-length", "")
+            if response.status_code == 200 and declared.isdigit() and int(declared) > limit:
+                raise ForwardFailed(f"{url} announced {declared} bytes, over the {limit} allowed")
+            chunks: list[bytes] = []
+            read = 0
+            async for chunk in response.aiter_bytes():
+                chunks.append(chunk)
+                read += len(chunk)
+                if read > keep:
+                    if response.status_code == 200:
+                        raise ForwardFailed(f"{url} sent more than the {limit} bytes allowed")
+                    break
+            return response.status_code, b"".join(chunks)
+        finally:
+            await response.aclose()

@@ -97,6 +97,18 @@ class Unauthorized(WorkerError):
         return {"WWW-Authenticate": "Bearer"}
 
 
+class InvalidApiKey(WorkerError):
+    """Generation needs a client API key and the request had none or a wrong one (401, as
+    api.openai.com answers: the SDK raises `AuthenticationError`)."""
+
+    status_code = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
 class Overloaded(WorkerError):
     """The bounded queue is full: come back later (429)."""
 
@@ -207,7 +219,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         "description": "Invalid request (`param` names the field), or a config that would "
         "refuse every request",
     },
-    401: {"model": ErrorResponse, "description": "Missing or wrong bearer token"},
+    401: {
+        "model": ErrorResponse,
+        "description": "Missing or wrong bearer token (the config token; for generation, a "
+        "client API key when the worker requires them)",
+    },
     413: {"model": ErrorResponse, "description": "Request body over the worker's limit"},
     429: {"model": ErrorResponse, "description": "Queue full; see Retry-After"},
     500: {"model": ErrorResponse, "description": "The pipeline failed"},

@@ -13,10 +13,8 @@ Without a config token the worker does not start, unless `--insecure-no-token` s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import resource
 import signal
 import socket
 import sys
@@ -28,15 +26,19 @@ import click
 import uvicorn
 from pydantic import SecretStr, ValidationError
 
+from diffcascade_worker.models.assembly import assembly_from_options, assembly_options
 from diffcascade_worker.protocol import EXIT_DRAIN_INCOMPLETE
 from diffcascade_worker.serving import settings as defaults
+from diffcascade_worker.serving.api_keys import ApiKeyError, read_keys
 from diffcascade_worker.serving.limits import (
     DEFAULT_HEADER_TIMEOUT_S,
     DEFAULT_KEEP_ALIVE_S,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_WRITE_TIMEOUT_S,
     BodyLimit,
     guarded_protocol,
+    raise_file_limit,
 )
 from diffcascade_worker.serving.settings import WorkerSettings
 
@@ -49,6 +51,7 @@ _FLAG_OF = {
     "allowed_next_stages": "allowed_next_stage",
     "header_timeout_s": "header_timeout",
     "keep_alive_s": "keep_alive_timeout",
+    "write_timeout_s": "write_timeout",
 }
 
 
@@ -109,6 +112,7 @@ def server_config(service: Any, *, log_level: str = "info", access_log: bool = F
         config.http_protocol_class,
         header_timeout_s=settings.header_timeout_s,
         max_connections=settings.max_connections,
+        write_timeout_s=settings.write_timeout_s,
     )
     return config
 
@@ -134,14 +138,6 @@ def _listen(host: str, port: int) -> socket.socket:
             f"cannot listen on {host}:{port}: {os.strerror(error.errno) if error.errno else error} "
             "(another process uses it? pick another --port)"
         ) from None
-
-
-def _raise_file_limit() -> None:
-    """Soft file limit up to the hard one: the connection limit, not the kernel, refuses."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard != resource.RLIM_INFINITY:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _option_env(name: str) -> str:
@@ -254,6 +250,15 @@ def read_token(token: str | None, token_file: Path | None) -> str | None:
     help="read the token from a file",
 )
 @click.option(
+    "--api-keys",
+    "api_keys",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    envvar=_option_env("api_keys"),
+    help="client API keys: a file with one key per line, or a folder of such files (a mounted "
+    "Secret); generation then needs 'Authorization: Bearer <key>' [default: open]",
+)
+@click.option(
     "--slo-seconds",
     type=float,
     default=5.0,
@@ -287,6 +292,7 @@ def read_token(token: str | None, token_file: Path | None) -> str | None:
 )
 @click.option("--device", default=None, envvar=_option_env("device"), help="cpu, cuda, cuda:1 ...")
 @click.option("--dtype", default=None, envvar=_option_env("dtype"), help="float32, float16 ...")
+@assembly_options(envvar_prefix=_ENV)
 @click.option(
     "--threads",
     type=int,
@@ -347,6 +353,15 @@ def read_token(token: str | None, token_file: Path | None) -> str | None:
     envvar=_option_env("keep_alive_timeout"),
     help="seconds an idle keep-alive connection stays open",
 )
+@click.option(
+    "--write-timeout",
+    type=float,
+    default=DEFAULT_WRITE_TIMEOUT_S,
+    show_default=True,
+    envvar=_option_env("write_timeout"),
+    help="seconds a response may wait on a client that reads nothing before the connection "
+    "is dropped",
+)
 @click.option("--access-log/--no-access-log", default=False, show_default=True)
 def serve(
     *,
@@ -365,12 +380,18 @@ def serve(
     next_stage_url: str | None,
     token: str | None,
     token_file: Path | None,
+    api_keys: Path | None,
     slo_seconds: float,
     queue_capacity: int,
     forward_timeout: float,
     drain_timeout: float,
     device: str | None,
     dtype: str | None,
+    unet: str | None,
+    weights_variant: str | None,
+    safety_checker: bool | None,
+    scheduler: str | None,
+    scheduler_config: str | None,
     threads: int | None,
     log_level: str,
     access_log: bool,
@@ -380,6 +401,7 @@ def serve(
     max_connections: int,
     header_timeout: float,
     keep_alive_timeout: int,
+    write_timeout: float,
 ) -> None:
     """Serve one model variant: images API, gate, deferral, metrics.
 
@@ -392,6 +414,13 @@ def serve(
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per deferral otherwise
     if model.startswith(("/", ".", "~")) and not Path(model).expanduser().exists():
         raise click.UsageError(f"--model {model}: no such folder")
+    assembly = assembly_from_options(
+        unet=unet,
+        scheduler=scheduler,
+        scheduler_config=scheduler_config,
+        weights_variant=weights_variant,
+        safety_checker=safety_checker,
+    )
     try:
         settings = WorkerSettings(
             model=model,
@@ -404,6 +433,7 @@ def serve(
             size=size,
             device=device,
             dtype=dtype,
+            assembly=assembly,
             threads=threads,
             batch_size=batch_size,
             max_batch_wait_ms=max_batch_wait_ms,
@@ -411,6 +441,7 @@ def serve(
             gate=gate_path,
             next_stage_url=next_stage_url,
             token=_secret(read_token(token, token_file)),
+            api_keys=api_keys,
             slo_seconds=slo_seconds,
             queue_capacity=queue_capacity,
             forward_timeout_s=forward_timeout,
@@ -423,6 +454,7 @@ def serve(
             max_connections=max_connections,
             header_timeout_s=header_timeout,
             keep_alive_s=keep_alive_timeout,
+            write_timeout_s=write_timeout,
         )
     except ValidationError as error:
         raise click.UsageError(_problems(error)) from None
@@ -433,13 +465,20 @@ def serve(
         )
     if settings.token is None:
         logger.warning("--insecure-no-token: the config API accepts unauthenticated changes")
-    _raise_file_limit()
+    if settings.api_keys is not None:
+        try:
+            read_keys(settings.api_keys)
+        except ApiKeyError as error:
+            raise click.UsageError(f"--api-keys: {error}") from None
+    raise_file_limit()
     listening = _listen(settings.host, settings.port)  # a busy port fails here, at once
 
     from diffcascade_worker.serving.service import WorkerService
 
     try:
         service = WorkerService(settings)
+    except ApiKeyError as error:  # the files changed since they were checked above
+        raise click.UsageError(f"--api-keys: {error}") from None
     except ValueError as error:
         raise click.UsageError(f"--next-stage-url: {error}") from None
     server = DrainingServer(

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
 from typing import Literal
 
-from diffcascade_worker.deferral import should_defer
+from diffcascade_worker.deferral import quality_defers
 from diffcascade_worker.models.engine import DiffusersEngine, Engine, resolve_settings
 from diffcascade_worker.protocol import (
     MAX_SEED,
@@ -31,6 +31,7 @@ from diffcascade_worker.protocol import (
     Outcome,
     PartialImageEvent,
 )
+from diffcascade_worker.serving.api_keys import ApiKeys
 from diffcascade_worker.serving.batcher import Batcher, ItemResult, WorkItem
 from diffcascade_worker.serving.cascade import ForwardFailed, NextStageClient, NextStagePolicy
 from diffcascade_worker.serving.errors import (
@@ -112,6 +113,8 @@ class WorkerService:
             problem = self._next_stages.problem(settings.next_stage_url)
             if problem is not None:
                 raise ValueError(problem)
+        #: Client API keys; None: generation is open (raises ApiKeyError when unusable).
+        self.api_keys = None if settings.api_keys is None else ApiKeys(settings.api_keys)
         self._drain_deadline: float | None = None
         #: Accepted requests refused because the drain timeout passed (the exit code says so).
         self.refused_at_drain = 0
@@ -273,6 +276,11 @@ class WorkerService:
         ):
             raise Unauthorized("a valid bearer token is required to read or change the config")
 
+    def authorize_client(self, key: str | None) -> None:
+        """Raise InvalidApiKey unless generation is open or `key` is one of the API keys."""
+        if self.api_keys is not None:
+            self.api_keys.check(key)
+
     @property
     def config(self) -> CascadeConfig:
         return self._config
@@ -366,6 +374,7 @@ class WorkerService:
             request_id=request_id,
             defer_allowed=not alone and not deferred_from,
             on_partial=on_partial if request.partial_images else None,
+            quality=request.quality,
         )
         try:
             if disconnected is None:
@@ -416,16 +425,28 @@ class WorkerService:
         watch = asyncio.ensure_future(disconnected())
         try:
             await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # Our caller was cancelled: the streaming route's own disconnect listener (or a
+            # server shutdown) got there first. The work must not run on for nobody.
+            self._abandon(work, items)
+            raise
         finally:
             watch.cancel()
         if work.done():
             return work.result()
-        work.cancel()  # cancels the images' futures, so the batcher skips them
+        self._abandon(work, items)
+        await asyncio.gather(work, return_exceptions=True)
+        raise ClientDisconnected("the client disconnected before its images were done")
+
+    def _abandon(self, work: asyncio.Future[GenerationResponse], items: list[WorkItem]) -> None:
+        """Stop a request's work: queued images are skipped by the batcher, a deferral in
+        flight is cancelled (the next stage sees its client go and drops it too)."""
+        if work.done():
+            return
+        work.cancel()
         for item in items:
             item.future.cancel()
-        await asyncio.gather(work, return_exceptions=True)
         self.metrics.completed(Outcome.ABANDONED, len(items))
-        raise ClientDisconnected("the client disconnected before its images were done")
 
     def _forward_deadline(self, item: WorkItem) -> float:
         """A deferral ends by the request's deadline, and by the drain deadline when draining."""
@@ -455,6 +476,7 @@ class WorkerService:
         request_id: str | None,
         defer_allowed: bool = True,
         on_partial: PartialSink | None = None,
+        quality: str | None = None,
     ) -> GenerationResponse:
         outcomes = await asyncio.gather(*(item.future for item in items), return_exceptions=True)
         for outcome in outcomes:
@@ -476,6 +498,7 @@ class WorkerService:
                 request_id=request_id,
                 defer_allowed=defer_allowed,
                 on_partial=on_partial,
+                quality=quality,
             )
             for item, result in zip(items, results, strict=True)
         ]
@@ -492,16 +515,17 @@ class WorkerService:
         request_id: str | None,
         defer_allowed: bool = True,
         on_partial: PartialSink | None = None,
+        quality: str | None = None,
     ) -> ImageData:
         config = self._config
         confidence = result.confidence
         defer = (
             defer_allowed
             and config.next_stage_url is not None
-            and confidence is not None
-            and should_defer(confidence, config.threshold)
+            and quality_defers(quality, confidence, config.threshold)
         )
         served_by = self.settings.variant
+        flagged = result.flagged
         b64: str | None = None
         outcome = Outcome.SERVED
         if defer:
@@ -534,6 +558,7 @@ class WorkerService:
             else:
                 outcome = Outcome.DEFERRED
                 b64, served_by = forwarded.image.b64_json, forwarded.image.served_by
+                flagged = forwarded.image.nsfw_content_detected
         if b64 is None:
             b64 = await self._encode(result.image)
         done = self._clock()
@@ -546,6 +571,7 @@ class WorkerService:
             confidence=confidence,
             deferred=defer,
             degraded=outcome is Outcome.DEGRADED,
+            nsfw_content_detected=flagged,
             queue_ms=(result.started - arrival) * 1000.0,
             run_ms=(done - result.started) * 1000.0,
             total_ms=(done - arrival) * 1000.0,

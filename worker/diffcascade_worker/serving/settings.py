@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from diffcascade_worker.models.assembly import PipelineAssembly
 from diffcascade_worker.protocol import (
     MAX_BATCH_SIZE,
     MIN_SLO_SECONDS,
@@ -24,6 +25,7 @@ from diffcascade_worker.serving.limits import (
     DEFAULT_KEEP_ALIVE_S,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_WRITE_TIMEOUT_S,
 )
 
 DEFAULT_PORT = 8000
@@ -49,6 +51,9 @@ class WorkerSettings(BaseModel):
     size: int | None = Field(default=None, ge=8, le=4096)
     device: str | None = None
     dtype: str | None = None
+    #: How the pipeline is assembled (replacement UNet, scheduler, weights variant, safety
+    #: checker); unset fields come from the model folder's diffcascade.json (`resolved`).
+    assembly: PipelineAssembly = Field(default_factory=PipelineAssembly)
     threads: int | None = Field(default=None, ge=1, le=1024, description="torch CPU threads")
     batch_size: int = Field(default=1, ge=1, le=MAX_BATCH_SIZE)
     max_batch_wait_ms: float = Field(default=0.0, ge=0.0, le=10_000.0)
@@ -60,6 +65,8 @@ class WorkerSettings(BaseModel):
     allowed_next_stages: tuple[str, ...] = ()
     token: SecretStr | None = None
     insecure_no_token: bool = False
+    #: Client API keys (a file, or a mounted Secret's folder); None: generation is open.
+    api_keys: Path | None = None
     slo_seconds: float = Field(default=5.0, ge=MIN_SLO_SECONDS, le=3600.0)
     queue_capacity: int = Field(default=DEFAULT_QUEUE_CAPACITY, ge=1, le=100_000)
     forward_timeout_s: float = Field(default=30.0, gt=0.0, le=3600.0)
@@ -68,6 +75,7 @@ class WorkerSettings(BaseModel):
     max_connections: int = Field(default=DEFAULT_MAX_CONNECTIONS, ge=8, le=1_000_000)
     header_timeout_s: float = Field(default=DEFAULT_HEADER_TIMEOUT_S, gt=0.0, le=600.0)
     keep_alive_s: int = Field(default=DEFAULT_KEEP_ALIVE_S, ge=1, le=600)
+    write_timeout_s: float = Field(default=DEFAULT_WRITE_TIMEOUT_S, gt=0.0, le=600.0)
 
     @field_validator("size")
     @classmethod
@@ -117,7 +125,14 @@ class WorkerSettings(BaseModel):
         if guidance is None:
             guidance = found.get("guidance_scale", DEFAULT_GUIDANCE)
         size = self.size if self.size is not None else found.get("size", DEFAULT_SIZE)
-        values = {**self.model_dump(), "steps": steps, "guidance": guidance, "size": size}
+        assembly = self.assembly.over(found.get("assembly") or PipelineAssembly())
+        values = {
+            **self.model_dump(),
+            "steps": steps,
+            "guidance": guidance,
+            "size": size,
+            "assembly": assembly,
+        }
         return WorkerSettings.model_validate(values)
 
     def initial_config(self) -> CascadeConfig:

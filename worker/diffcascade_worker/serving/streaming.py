@@ -50,6 +50,7 @@ def completed_events(response: GenerationResponse) -> list[CompletedImageEvent]:
             confidence=image.confidence,
             deferred=image.deferred,
             degraded=image.degraded,
+            nsfw_content_detected=image.nsfw_content_detected,
             queue_ms=image.queue_ms,
             run_ms=image.run_ms,
             total_ms=image.total_ms,

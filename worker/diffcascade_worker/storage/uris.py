@@ -5,6 +5,7 @@ every remote artefact of a pod into a shared cache volume, and the serving conta
 loads local folders only (`HF_HUB_OFFLINE=1`), so a pod never reaches the hub while serving.
 
     hf://org/name[@revision]   a Hugging Face Hub repository (a bare `org/name` model too)
+    hf://org/name[@rev]/path   one file or folder of a hub repository (e.g. one UNet file)
     pvc://claim/path           a path on a PersistentVolumeClaim, mounted read-only, not copied
     http(s)://host/path        one file; .tar.gz/.tgz/.tar/.zip archives are unpacked
     s3://bucket/key            one object, or every object under a key ending in '/'
@@ -19,8 +20,10 @@ endpoint from AWS_ENDPOINT_URL (an S3-compatible store such as MinIO).
 from __future__ import annotations
 
 import datetime as dt
+import fnmatch
 import hashlib
 import hmac
+import json
 import os
 import re
 import shutil
@@ -28,12 +31,19 @@ import tarfile
 import tempfile
 import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 from xml.etree import ElementTree
+
+from diffcascade_worker.storage.pipeline_files import (
+    PipelineSelection,
+    select_folder_files,
+    select_pipeline_files,
+    unloadable_components,
+)
 
 CACHE_MOUNT = "/models"  # where the model cache volume is mounted in worker pods
 PVC_MOUNT = "/mnt/pvc"  # pvc://claim/... is mounted at PVC_MOUNT/claim
@@ -68,6 +78,7 @@ class StorageUri:
     host: str = ""  # hf: '' ; pvc: claim ; http: netloc ; s3: bucket
     path: str = ""
     revision: str | None = None
+    file: str = ""  # hf: a file or folder inside the repository ('' for all of it)
 
     @property
     def needs_fetch(self) -> bool:
@@ -129,12 +140,24 @@ def parse_uri(raw: str, *, bare_hub_ids: bool = False) -> StorageUri:
 
 
 def _parse_hf(raw: str, rest: str) -> StorageUri:
-    repo, _, revision = rest.partition("@")
+    """ORG/NAME[@REVISION][/PATH]: a revision ends at the next '/', except the hub's
+    `refs/pr/N` and `refs/convert/NAME` (a path after those needs ORG/NAME@REF/PATH too)."""
+    repo, at, revision = rest.partition("@")
+    file = ""
+    if at:
+        ref = re.match(r"^refs/[^/]+/[^/]+", revision)
+        end = ref.end() if ref else len(revision.split("/", 1)[0])
+        revision, file = revision[:end], revision[end:].lstrip("/")
+    else:
+        parts = rest.split("/")
+        repo, file = "/".join(parts[:2]), "/".join(parts[2:])
     if not _HUB_ID.match(repo) or ("/" not in repo and "." in repo):
-        raise StorageError(f"{raw}: hf://ORG/NAME[@REVISION] needs a hub repository id")
+        raise StorageError(f"{raw}: hf://ORG/NAME[@REVISION][/PATH] needs a hub repository id")
     if (revision and not _REVISION.match(revision)) or ".." in revision:
         raise StorageError(f"{raw}: bad revision {revision!r}")
-    return StorageUri(raw=raw, scheme=Scheme.HF, path=repo, revision=revision or None)
+    if file:
+        file = "/".join(_safe_parts(file, raw))
+    return StorageUri(raw=raw, scheme=Scheme.HF, path=repo, revision=revision or None, file=file)
 
 
 def local_path(
@@ -150,7 +173,8 @@ def local_path(
             PurePosixPath(pvc_dir, parsed.host, *parsed.path.split("/") if parsed.path else ())
         )
     if parsed.scheme is Scheme.HF:
-        return str(root.joinpath("hf", *parsed.path.split("/"), _slug(parsed.revision or "main")))
+        repo = root.joinpath("hf", *parsed.path.split("/"), _slug(parsed.revision or "main"))
+        return str(repo.joinpath(*parsed.file.split("/")) if parsed.file else repo)
     if parsed.scheme is Scheme.S3:
         return str(root.joinpath("s3", parsed.host, *_safe_parts(parsed.path, parsed.raw)))
     parts = _safe_parts(unquote(parsed.path), parsed.raw)
@@ -212,11 +236,15 @@ def fetch(
     credentials: Credentials | None = None,
     timeout_s: float = 600.0,
     pvc_dir: str = PVC_MOUNT,
+    selection: PipelineSelection | None = None,
+    report: list[str] | None = None,
 ) -> Path:
     """Put the artefact under `cache_dir` (once: a finished fetch is not repeated); its path.
 
     Writes go to a temporary sibling that is renamed into place, so a pod killed mid-download
-    leaves no half folder that a later start would mistake for the model.
+    leaves no half folder that a later start would mistake for the model. `selection` says
+    what the worker will load of a hub pipeline (`pipeline_files`): only that is downloaded.
+    `report` collects one line per hub download: how many files, how many bytes.
     """
     parsed = parse_uri(uri, bare_hub_ids=True) if isinstance(uri, str) else uri
     credentials = credentials or Credentials.from_env()
@@ -225,12 +253,23 @@ def fetch(
         if not target.exists():
             raise StorageError(f"{parsed.raw}: {target} does not exist in this pod")
         return target
+    if parsed.scheme is Scheme.HF:
+        repo_target = Path(
+            local_path(replace(parsed, file=""), cache_dir=str(cache_dir), pvc_dir=pvc_dir)
+        )
+        key = f"{parsed.raw} {(selection or PipelineSelection()).key()}"
+        if target.exists() and key in _done_keys(repo_target):
+            return target
+        repo_target.parent.mkdir(parents=True, exist_ok=True)
+        _fetch_hf(parsed, repo_target, credentials, selection=selection, report=report)
+        if not target.exists():
+            raise StorageError(f"{parsed.raw}: the download has no {parsed.file or 'files'}")
+        done = _done_file(repo_target)
+        done.write_text("".join(f"{k}\n" for k in sorted({*_done_keys(repo_target), key})))
+        return target
     if _is_done(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    if parsed.scheme is Scheme.HF:
-        _fetch_hf(parsed, target, credentials)
-        return target
     staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=target.parent))
     try:
         if parsed.scheme is Scheme.HTTP:
@@ -252,6 +291,13 @@ def _done_file(target: Path) -> Path:
     return target.with_name(f".{target.name}{DONE_MARKER}")
 
 
+def _done_keys(target: Path) -> set[str]:
+    try:
+        return set(_done_file(target).read_text().splitlines())
+    except OSError:
+        return set()
+
+
 def _is_done(target: Path) -> bool:
     if target.is_dir():
         return (target / DONE_MARKER).is_file() or (target / "model_index.json").is_file()
@@ -266,21 +312,57 @@ def _replace(source: Path, target: Path) -> None:
     os.replace(source, target)
 
 
-def _fetch_hf(parsed: StorageUri, target: Path, credentials: Credentials) -> None:
-    """Download into the Hugging Face cache ($HF_HOME) and link the snapshot at `target`."""
+def _fetch_hf(
+    parsed: StorageUri,
+    target: Path,
+    credentials: Credentials,
+    *,
+    selection: PipelineSelection | None = None,
+    report: list[str] | None = None,
+) -> None:
+    """Download into the Hugging Face cache ($HF_HOME) and link the snapshot at `target`.
+
+    Only the files the worker loads: `hub_selection` over the repo's file list (offline, when
+    the hub cannot be asked, the cache decides and the ignore patterns apply).
+    """
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import hf_hub_download, snapshot_download
     except ImportError as error:  # pragma: no cover - the worker image has it
         raise StorageError("hf:// needs the huggingface_hub package") from error
+    listing = _hub_files(parsed, credentials)
     try:
-        snapshot = Path(
-            snapshot_download(
+        if listing is not None:
+            allow = hub_selection(parsed, listing, credentials, selection=selection)
+            if report is not None:
+                report.append(_size_line(parsed, allow, listing))
+            snapshot = Path(
+                snapshot_download(
+                    repo_id=parsed.path,
+                    revision=parsed.revision,
+                    token=credentials.hf_token,
+                    allow_patterns=allow,
+                )
+            )
+        elif parsed.file and PurePosixPath(parsed.file).suffix:
+            downloaded = hf_hub_download(
                 repo_id=parsed.path,
+                filename=parsed.file,
                 revision=parsed.revision,
                 token=credentials.hf_token,
-                ignore_patterns=list(hub_ignore_patterns(_hub_files(parsed, credentials))),
             )
-        )
+            snapshot = Path(downloaded).parents[len(parsed.file.split("/")) - 1]
+        else:
+            snapshot = Path(
+                snapshot_download(
+                    repo_id=parsed.path,
+                    revision=parsed.revision,
+                    token=credentials.hf_token,
+                    allow_patterns=[f"{parsed.file}/*"] if parsed.file else None,
+                    ignore_patterns=list(_offline_ignore(selection)),
+                )
+            )
+    except StorageError:
+        raise
     except Exception as error:
         hint = "" if credentials.hf_token else " (a gated model needs HF_TOKEN from a Secret)"
         raise StorageError(f"{parsed.raw}: hub download failed: {error}{hint}") from error
@@ -289,6 +371,80 @@ def _fetch_hf(parsed: StorageUri, target: Path, credentials: Credentials) -> Non
         link.unlink()
     link.symlink_to(os.path.relpath(snapshot, target.parent), target_is_directory=True)
     _replace(link, target)
+
+
+def hub_selection(
+    parsed: StorageUri,
+    listing: Mapping[str, int | None],
+    credentials: Credentials | None = None,
+    *,
+    selection: PipelineSelection | None = None,
+    model_index: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """The files of a hub repository to download for `parsed` (a repo, a file or a folder).
+
+    A pipeline (a repo with model_index.json, whose components are read from the hub unless
+    `model_index` is given) gets `select_pipeline_files`; a folder inside a repo the weights of
+    its variant; anything else the old rule (`hub_ignore_patterns`).
+    """
+    files = sorted(listing)
+    variant = selection.weights_variant if selection is not None else None
+    if parsed.file:
+        if parsed.file in listing:
+            return [parsed.file]
+        chosen = select_folder_files(files, parsed.file, variant=variant)
+        if not chosen:
+            raise StorageError(f"{parsed.raw}: the repository has no {parsed.file}")
+        return chosen
+    if "model_index.json" in listing:
+        index = model_index if model_index is not None else _hub_model_index(parsed, credentials)
+        chosen_selection = selection or PipelineSelection()
+        broken = unloadable_components(files, index, chosen_selection)
+        if broken:
+            problems = ", ".join(f"{c} (has: {', '.join(v)})" for c, v in broken.items())
+            raise StorageError(
+                f"{parsed.raw}: no weights the worker can load for {problems}; "
+                "set weightsVariant to one the repository has"
+            )
+        return select_pipeline_files(files, index, chosen_selection)
+    ignored = hub_ignore_patterns(files)
+    return [f for f in files if not any(fnmatch.fnmatch(f, p) for p in ignored)]
+
+
+def _hub_model_index(parsed: StorageUri, credentials: Credentials | None) -> dict[str, Any]:
+    from huggingface_hub import hf_hub_download
+
+    path = hf_hub_download(
+        repo_id=parsed.path,
+        filename="model_index.json",
+        revision=parsed.revision,
+        token=credentials.hf_token if credentials else None,
+    )
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict):
+        raise StorageError(f"{parsed.raw}: model_index.json is not a JSON object")
+    return data
+
+
+def _size_line(parsed: StorageUri, files: list[str], listing: Mapping[str, int | None]) -> str:
+    sizes = [listing.get(f) for f in files]
+    known = sum(s for s in sizes if s is not None)
+    unknown = sum(1 for s in sizes if s is None)
+    total = sum(s for s in listing.values() if s is not None)
+    text = f"{parsed.raw}: {len(files)} of {len(listing)} files, {known / 1e9:.2f} GB"
+    return (
+        text
+        + (f" (+{unknown} of unknown size)" if unknown else "")
+        + (f" of {total / 1e9:.2f} GB" if total else "")
+    )
+
+
+def _offline_ignore(selection: PipelineSelection | None) -> tuple[str, ...]:
+    """Offline the file list is unknown: the ignore patterns, keeping the asked variant."""
+    variant = selection.weights_variant if selection is not None else None
+    if variant == "fp16":
+        return tuple(p for p in HUB_IGNORE if p != "*.fp16.*")
+    return HUB_IGNORE
 
 
 #: Hub files a PyTorch pipeline never loads: other frameworks' weights, half-precision
@@ -319,19 +475,22 @@ def hub_ignore_patterns(files: list[str] | None) -> tuple[str, ...]:
     return HUB_IGNORE + tuple(sorted(set(extra)))
 
 
-def _hub_files(parsed: StorageUri, credentials: Credentials) -> list[str] | None:
-    """The repo's file list, or None when the hub cannot be asked (offline: the cache decides)."""
+def _hub_files(parsed: StorageUri, credentials: Credentials) -> dict[str, int | None] | None:
+    """{file: size in bytes} of the repo, or None when the hub cannot be asked (offline: the
+    cache decides)."""
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
         return None
     try:
         from huggingface_hub import HfApi
 
-        files = HfApi().list_repo_files(
-            parsed.path, revision=parsed.revision, token=credentials.hf_token
+        entries = HfApi().list_repo_tree(
+            parsed.path, revision=parsed.revision, token=credentials.hf_token, recursive=True
         )
+        return {
+            str(e.path): getattr(e, "size", None) for e in entries if type(e).__name__ == "RepoFile"
+        }
     except Exception:
         return None
-    return [str(f) for f in files]
 
 
 def _fetch_http(
