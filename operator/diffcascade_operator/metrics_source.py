@@ -225,7 +225,9 @@ class PrometheusSource:
         rows = []
         for row in result:
             try:
-                rows.append((dict(row.get("metric", {})), _finite(float(row["value"][1]))))
+                # As answered: a reading that no worker could produce (NaN, a negative rate)
+                # is refused as a whole by `snapshot_builder.read_metrics`, not read as 0.
+                rows.append((dict(row.get("metric", {})), float(row["value"][1])))
             except (KeyError, IndexError, TypeError, ValueError):
                 continue
         return rows
