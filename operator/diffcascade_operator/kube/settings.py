@@ -80,6 +80,11 @@ class OperatorSettings:
     client_peers: tuple[dict[str, Any], ...] = field(default=(), hash=False)
     # Model cache PVC for cascades without spec.storage.cacheClaimName; None: an emptyDir.
     model_cache_claim: str | None = None
+    # Liveness (kube.loop_health): a cascade's loop is stalled after this many of its intervals
+    # without a completed control step, and never before stall_min_s.
+    stall_intervals: float = 6.0
+    stall_min_s: float = 30.0
+    api_timeout_s: float = 15.0  # read timeout of each apiserver call the operator makes
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
@@ -127,4 +132,7 @@ class OperatorSettings:
             scraper_peers=tuple(_json("SCRAPER_PEERS", get("SCRAPER_PEERS"), list) or ()),
             client_peers=tuple(_json("CLIENT_PEERS", get("CLIENT_PEERS"), list) or ()),
             model_cache_claim=get("MODEL_CACHE_CLAIM"),
+            stall_intervals=float(get("STALL_INTERVALS") or base.stall_intervals),
+            stall_min_s=float(get("STALL_MIN_SECONDS") or base.stall_min_s),
+            api_timeout_s=float(get("API_TIMEOUT_SECONDS") or base.api_timeout_s),
         )
