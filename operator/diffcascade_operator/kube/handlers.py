@@ -51,6 +51,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # that gives up at start-up ends the operator: retry apiserver errors forever instead, at
     # most every few seconds, so everything resumes soon after the apiserver answers again.
     settings.networking.error_backoffs = ApiRetries()
+    # A cascade deleted while its control step runs: Kopf checks again after this long whether
+    # the timer has exited before it removes its finalizer (its default, 60 s, held deletions).
+    settings.background.cancellation_polling = 1.0
     load_config()
     memo["api"] = KubeApi(timeout_s=(5.0, SETTINGS.api_timeout_s))
     memo["loops"] = LoopHealth()  # shared: each cascade's memo is a shallow copy of this one
