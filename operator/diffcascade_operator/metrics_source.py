@@ -250,7 +250,7 @@ class PrometheusSource:
                 continue
             if tag == _LIVE_TAGS[0]:
                 try:
-                    buckets[variant][float(labels.get("le", ""))] = value
+                    buckets[variant][float(labels.get("le", ""))] = _finite(value)
                 except ValueError:
                     continue
             elif tag in _LIVE_TAGS[1:] and (size := _batch_size(labels)) is not None:
