@@ -96,6 +96,11 @@ class OperatorSettings:
     router_memory_request: str = "256Mi"
     router_exploration: float = 0.05  # share of would-be-heavy prompts still sent to the gate
     router_scorer: str = "learned"  # learned | rule | none
+    # Liveness (kube.loop_health): a cascade's loop is stalled after this many of its intervals
+    # without a completed control step, and never before stall_min_s.
+    stall_intervals: float = 6.0
+    stall_min_s: float = 30.0
+    api_timeout_s: float = 15.0  # read timeout of each apiserver call the operator makes
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
@@ -155,4 +160,7 @@ class OperatorSettings:
             router_memory_request=get("ROUTER_MEMORY_REQUEST") or base.router_memory_request,
             router_exploration=float(get("ROUTER_EXPLORATION") or base.router_exploration),
             router_scorer=get("ROUTER_SCORER") or base.router_scorer,
+            stall_intervals=float(get("STALL_INTERVALS") or base.stall_intervals),
+            stall_min_s=float(get("STALL_MIN_SECONDS") or base.stall_min_s),
+            api_timeout_s=float(get("API_TIMEOUT_SECONDS") or base.api_timeout_s),
         )
