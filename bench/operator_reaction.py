@@ -137,11 +137,11 @@ def main() -> None:
     trials: list[dict[str, Any]] = []
     with bench_env(args.models) as bench:
         cluster = Cluster()
-        cluster.create_token_secret(NS, CASCADE)
         manifest = cascade_manifest(CASCADE, models=bench.models, interval=args.interval)
         if args.ewma_alpha is not None:
             manifest["spec"]["control"]["ewmaAlpha"] = args.ewma_alpha
         cluster.create_cascade(NS, manifest)
+        cluster.create_token_secret(NS, CASCADE)  # owned by the cascade: it must exist first
         env = operator_env(prometheus_url=bench.prometheus.url, tick=0.25)
         env["DIFFCASCADE_METRICS_WINDOW_SECONDS"] = str(args.window)
         if not args.live:

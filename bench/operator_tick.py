@@ -68,8 +68,8 @@ def _summary(values: list[float]) -> dict[str, float]:
 def _create(cluster: Cluster, bench: Any, count: int, prefix: str) -> list[str]:
     namespaces = [f"{prefix}-{i:02d}" for i in range(count)]
     for ns in namespaces:
-        cluster.create_token_secret(ns, CASCADE)
         cluster.create_cascade(ns, cascade_manifest(CASCADE, models=bench.models))
+        cluster.create_token_secret(ns, CASCADE)  # owned by the cascade: it must exist first
     return namespaces
 
 

@@ -15,6 +15,7 @@ Determinism: the decision depends only on the arguments (time comes from the sna
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import replace
 
@@ -32,8 +33,14 @@ from diffcascade_operator.demand import DemandEstimate, estimate_demand
 from diffcascade_operator.plan import Plan, SolverOutcome, SolverStatus, VariantAllocation
 from diffcascade_operator.profiles import CascadeProfiles, VariantProfile, batch_latency_ms
 from diffcascade_operator.queueing import Dispatch, steady_queue
-from diffcascade_operator.snapshot import Snapshot
-from diffcascade_operator.spec import CascadeSpec, Objective
+from diffcascade_operator.snapshot import MAX_QPS, MAX_QUEUE_DEPTH, Snapshot
+from diffcascade_operator.spec import (
+    MAX_BATCH_LATENCY_MS,
+    MAX_REPLICAS,
+    MIN_BATCH_LATENCY_MS,
+    CascadeSpec,
+    Objective,
+)
 
 #: Below this arrival rate (qps) a stage's queue says nothing about waiting time.
 MIN_ARRIVAL_QPS = 1e-6
@@ -54,12 +61,21 @@ def queue_terms(
     slo = snapshot.spec.slo_seconds
     terms: dict[str, float] = {}
     for name, stage in snapshot.stages.items():
-        depth = stage.queue_depth if excess is None else excess.get(name, stage.queue_depth)
-        if stage.arrival_qps > MIN_ARRIVAL_QPS and depth > 0:
-            terms[name] = min(slo, depth / stage.arrival_qps)
+        depth = _plausible(stage.queue_depth, MAX_QUEUE_DEPTH)
+        if excess is not None:
+            depth = excess.get(name, depth)
+        rate = _plausible(stage.arrival_qps, MAX_QPS)
+        if rate > MIN_ARRIVAL_QPS and depth > 0:
+            terms[name] = min(slo, depth / rate)
         else:
             terms[name] = 0.0
     return terms
+
+
+def _plausible(value: float, limit: float) -> float:
+    """A queue or rate number to plan with: one no source could have measured (not finite,
+    negative, beyond the reading bounds of `snapshot`) counts as 0."""
+    return value if 0.0 <= value <= limit else 0.0
 
 
 def queue_inputs(
@@ -85,14 +101,17 @@ def queue_inputs(
     for name, stage in snapshot.stages.items():
         if name != entry:
             terms[name] = 0.0
-            backlog[name] = max(0.0, excess.get(name, stage.queue_depth))
+            backlog[name] = excess.get(name, _plausible(stage.queue_depth, MAX_QUEUE_DEPTH))
     return terms, backlog
 
 
 def _excess_queues(snapshot: Snapshot, previous: Plan | None) -> dict[str, float]:
     """Per stage, its queue beyond what random dispatch keeps at the previous plan's
     utilisation (the whole queue under queue-aware dispatch or without a previous plan)."""
-    out = {name: max(0.0, stage.queue_depth) for name, stage in snapshot.stages.items()}
+    out = {
+        name: _plausible(stage.queue_depth, MAX_QUEUE_DEPTH)
+        for name, stage in snapshot.stages.items()
+    }
     if snapshot.dispatch is not Dispatch.RANDOM or previous is None:
         return out
     batches = {v.name: v.batch_size for v in previous.variants}
@@ -103,13 +122,19 @@ def _excess_queues(snapshot: Snapshot, previous: Plan | None) -> dict[str, float
         if stage is None or replicas <= 0 or batch is None:
             continue
         per_image = batch_latency_ms(profile.batch_latency_ms, batch) / 1000.0 / batch
-        rho = stage.arrival_qps * per_image / replicas
-        out[profile.name] = max(0.0, stage.queue_depth - steady_queue(rho, replicas))
+        rho = _plausible(stage.arrival_qps, MAX_QPS) * per_image / replicas
+        out[profile.name] = max(0.0, out[profile.name] - steady_queue(rho, replicas))
     return out
 
 
 def replica_bounds(spec: CascadeSpec) -> dict[str, ReplicaBounds]:
-    return {v.name: ReplicaBounds(v.min_replicas, v.max_replicas) for v in spec.variants}
+    """The spec's bounds; without maxReplicas, the spec's ceiling (the GPU budget bounds it too)."""
+    return {
+        v.name: ReplicaBounds(
+            v.min_replicas, v.max_replicas if v.max_replicas is not None else MAX_REPLICAS
+        )
+        for v in spec.variants
+    }
 
 
 def _gpus(spec: CascadeSpec) -> dict[str, int]:
@@ -279,10 +304,17 @@ def initial_plan(
     """The plan before any demand is seen: minimum replicas (at least one to enter the cascade
     and one for the stage receiving deferrals), threshold at the objective's optimum if it fits.
     """
-    problem = _cascade_problem(
-        spec, profiles, demand_qps=0.0, queue_s={}, previous={}, dispatch=dispatch
-    )
-    result = solve_cascade(problem)
+    problem = unusable_profiles(profiles)
+    if problem is not None:
+        return fallback_plan(spec, now, f"cannot plan: {problem}")
+    try:
+        result = solve_cascade(
+            _cascade_problem(
+                spec, profiles, demand_qps=0.0, queue_s={}, previous={}, dispatch=dispatch
+            )
+        )
+    except Exception as exc:  # a plan that cannot be solved is a status, never a crash
+        return fallback_plan(spec, now, f"cannot plan: {_error_text(exc)}")
     best = result.best
     status = SolverStatus.INITIAL if best.status is SolverStatus.OPTIMAL else best.status
     return _plan(
@@ -299,6 +331,59 @@ def initial_plan(
     )
 
 
+def fallback_plan(spec: CascadeSpec, now: float, why: str) -> Plan:
+    """The plan when none can be solved and none is held: minimum replicas, one entry replica
+    if the bounds and the budget allow it, nothing deferred; status Failed, saying why."""
+    replicas = {v.name: v.min_replicas for v in spec.variants}
+    entry = spec.variants[0]
+    used = sum(v.min_replicas * v.gpus_per_replica for v in spec.variants)
+    if (
+        replicas[entry.name] == 0
+        and (entry.max_replicas is None or entry.max_replicas >= 1)
+        and used + entry.gpus_per_replica <= spec.gpu_budget
+    ):
+        replicas[entry.name] = 1
+    last = spec.variants[-1].name
+    variants = tuple(
+        VariantAllocation(v.name, replicas[v.name], 1, None if v.name == last else 0.0)
+        for v in spec.variants
+    )
+    return Plan(
+        variants=variants,
+        threshold=0.0,
+        defer_fraction=0.0,
+        demand_qps=0.0,
+        predicted_latency_s=0.0,
+        predicted_throughput_qps=0.0,
+        predicted_fid=None,
+        solver=SolverOutcome(status=SolverStatus.FAILED, solve_ms=0.0, message=why),
+        reason=f"{why}; minimum replicas, nothing deferred: "
+        + ", ".join(f"{v.name} x{v.replicas}" for v in variants),
+        decided_at=now if math.isfinite(now) else 0.0,
+    )
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
+def unusable_profiles(profiles: CascadeProfiles) -> str | None:
+    """Why the profiles cannot be planned with (a latency no worker could have), or None.
+
+    The spec and the live-profile reader refuse such numbers already; this keeps `decide()`
+    safe from any other caller."""
+    for profile in profiles.variants:
+        for size, ms in profile.batch_latency_ms.items():
+            if not MIN_BATCH_LATENCY_MS <= ms <= MAX_BATCH_LATENCY_MS:
+                return (
+                    f"variant {profile.name}: batch {size} takes {ms} ms, outside "
+                    f"[{MIN_BATCH_LATENCY_MS:g}, {MAX_BATCH_LATENCY_MS:.0f}] ms"
+                )
+        if not 0.0 <= profile.startup_seconds < math.inf:
+            return f"variant {profile.name}: startup of {profile.startup_seconds} s"
+    return None
+
+
 def _with_minimums(spec: CascadeSpec, replicas: Mapping[str, int]) -> dict[str, int]:
     out = {}
     for v in spec.variants:
@@ -309,23 +394,34 @@ def _with_minimums(spec: CascadeSpec, replicas: Mapping[str, int]) -> dict[str, 
     return out
 
 
-def _held(snapshot: Snapshot, previous: Plan | None, why: str) -> Plan:
-    """Keep the previous plan (status Held), or start from the initial plan when there is none."""
+def _held(
+    snapshot: Snapshot,
+    previous: Plan | None,
+    why: str,
+    status: SolverStatus = SolverStatus.HELD,
+) -> Plan:
+    """Keep the previous plan (status Held, or Failed when the inputs were unusable), or start
+    from the initial plan when there is none."""
     names = [v.name for v in snapshot.spec.variants]
+    at = snapshot.now if math.isfinite(snapshot.now) else None
     if previous is None or [v.name for v in previous.variants] != names:
-        plan = initial_plan(snapshot.spec, snapshot.profiles, snapshot.now, snapshot.dispatch)
+        plan = initial_plan(
+            snapshot.spec, snapshot.profiles, 0.0 if at is None else at, snapshot.dispatch
+        )
+        if status is SolverStatus.FAILED:
+            plan = replace(plan, solver=replace(plan.solver, status=status, message=why))
         return replace(plan, reason=f"{why}; {plan.reason}")
     return replace(
         previous,
         solver=SolverOutcome(
-            status=SolverStatus.HELD,
+            status=status,
             solve_ms=0.0,
             objective_value=previous.solver.objective_value,
             message=why,
         ),
         reason=f"{why}: holding t={previous.threshold:.3g}, "
         + ", ".join(f"{v.name} x{v.replicas} b{v.batch_size}" for v in previous.variants),
-        decided_at=snapshot.now,
+        decided_at=previous.decided_at if at is None else at,
         scale_down_since={},
     )
 
@@ -421,7 +517,23 @@ def starting_replicas(
 
 
 def decide(snapshot: Snapshot, previous: Plan | None) -> Plan:
-    """The plan for this instant. Pure and deterministic; see the module docstring."""
+    """The plan for this instant. Pure and deterministic; see the module docstring.
+
+    Never raises: inputs it cannot use (a time or latency no clock or worker could produce,
+    an error anywhere in the solve) hold the previous plan with status Failed and the reason.
+    """
+    if not math.isfinite(snapshot.now):
+        return _held(snapshot, previous, "cannot plan: the time is not finite", SolverStatus.FAILED)
+    problem = unusable_profiles(snapshot.profiles)
+    if problem is not None:
+        return _held(snapshot, previous, f"cannot plan: {problem}", SolverStatus.FAILED)
+    try:
+        return _decide(snapshot, previous)
+    except Exception as exc:  # a plan that cannot be solved is a status, never a crash
+        return _held(snapshot, previous, f"cannot plan: {_error_text(exc)}", SolverStatus.FAILED)
+
+
+def _decide(snapshot: Snapshot, previous: Plan | None) -> Plan:
     spec = snapshot.spec
     control = spec.control
     if control.paused:
@@ -534,10 +646,12 @@ def same_decision(a: Plan, b: Plan) -> bool:
 __all__ = [
     "apply_hysteresis",
     "decide",
+    "fallback_plan",
     "initial_plan",
     "queue_inputs",
     "queue_terms",
     "replica_bounds",
     "same_decision",
     "starting_replicas",
+    "unusable_profiles",
 ]

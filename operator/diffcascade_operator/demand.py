@@ -11,10 +11,11 @@ scale-down window passes. Pure: the caller passes the samples and the time.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from diffcascade_operator.snapshot import DemandSample
+from diffcascade_operator.snapshot import MAX_QPS, DemandSample
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,8 @@ def estimate_demand(
     trend_window_s: float = 30.0,
     panic_ratio: float = 2.0,
 ) -> DemandEstimate:
-    """Plan-for demand from samples ordered oldest first; samples after `now` are ignored.
+    """Plan-for demand from samples ordered oldest first; samples after `now` are ignored, and
+    so are samples no source could have measured (NaN, infinite, above `MAX_QPS`).
 
     Example: samples 10, 10, 10 qps then 20 qps with alpha 0.5 give an EWMA of 15; no trend
     window (horizon 0) and headroom 1.2 plan for 18 qps. Samples 1, 1, 1 then 8 qps (alpha
@@ -67,7 +69,11 @@ def estimate_demand(
     if panic_ratio <= 1.0:
         raise ValueError(f"panic_ratio must be > 1, got {panic_ratio}")
     usable = sorted(
-        ((s.at, max(0.0, s.qps)) for s in samples if s.at <= now and s.qps == s.qps),
+        (
+            (s.at, max(0.0, s.qps))
+            for s in samples
+            if math.isfinite(s.at) and s.at <= now and math.isfinite(s.qps) and s.qps <= MAX_QPS
+        ),
         key=lambda p: p[0],
     )
     if not usable:

@@ -17,7 +17,9 @@ Rules, stated once:
   95 % band is 1.36 / sqrt(200) = 0.096, just under the default `drift_distance` of 0.1.
 - Latency: a batch size with `min_batches` batches in the window takes the measured mean;
   profiled sizes not seen enough keep the prior, scaled by the mean measured/prior ratio of the
-  sizes that were (so a slower machine does not make unseen sizes look cheap).
+  sizes that were (so a slower machine does not make unseen sizes look cheap). A mean no worker
+  could have measured (outside the spec's batch-latency bounds: a count with a zero sum, say)
+  is not trusted, and the scaled table stays within those bounds.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from diffcascade_operator.profiles import (
     batch_latency_ms,
     defer_fraction,
 )
+from diffcascade_operator.spec import MAX_BATCH_LATENCY_MS, MIN_BATCH_LATENCY_MS
 
 LatencySource = Literal["profile", "live", "mixed"]
 
@@ -390,13 +393,18 @@ def live_latency_table(
     trusted = {
         b: s.mean_ms
         for b, s in observed.items()
-        if b >= 1 and s.batches >= min_batches and math.isfinite(s.mean_ms)
+        if b >= 1
+        and s.batches >= min_batches
+        and MIN_BATCH_LATENCY_MS <= s.mean_ms <= MAX_BATCH_LATENCY_MS  # NaN fails too
     }
     if not trusted or not prior:
         return dict(prior), "profile"
     ratios = [ms / batch_latency_ms(prior, b) for b, ms in trusted.items()]
     scale = sum(ratios) / len(ratios)
-    table = {b: trusted.get(b, ms * scale) for b, ms in prior.items()}
+    table = {
+        b: trusted.get(b, min(MAX_BATCH_LATENCY_MS, max(MIN_BATCH_LATENCY_MS, ms * scale)))
+        for b, ms in prior.items()
+    }
     measured = sum(1 for b in prior if b in trusted)
     source: LatencySource = "live" if measured == len(prior) else "mixed"
     return table, source

@@ -230,7 +230,9 @@ class PrometheusSource:
         rows = []
         for row in result:
             try:
-                rows.append((dict(row.get("metric", {})), _finite(float(row["value"][1]))))
+                # As answered: a reading that no worker could produce (NaN, a negative rate)
+                # is refused as a whole by `snapshot_builder.read_metrics`, not read as 0.
+                rows.append((dict(row.get("metric", {})), float(row["value"][1])))
             except (KeyError, IndexError, TypeError, ValueError):
                 continue
         return rows
@@ -253,7 +255,7 @@ class PrometheusSource:
                 continue
             if tag == _LIVE_TAGS[0]:
                 try:
-                    buckets[variant][float(labels.get("le", ""))] = value
+                    buckets[variant][float(labels.get("le", ""))] = _finite(value)
                 except ValueError:
                     continue
             elif tag in _LIVE_TAGS[1:] and (size := _batch_size(labels)) is not None:

@@ -14,6 +14,7 @@ class SolverStatus(StrEnum):
     INFEASIBLE = "Infeasible"  # best-effort plan: all light, maximum throughput
     HELD = "Held"  # no new solve (paused, no metrics): the previous plan is kept
     INITIAL = "Initial"  # no demand seen yet
+    FAILED = "Failed"  # inputs decide() cannot use: the previous plan is kept, the reason told
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,13 @@ from diffcascade_operator.profiles import CascadeProfiles
 from diffcascade_operator.queueing import Dispatch
 from diffcascade_operator.spec import CascadeSpec
 
+#: Plausibility bounds of what a metrics source reports: an arrival rate above a million images
+#: a second, or a queue deeper than ten million, is a broken counter or exporter, not demand.
+#: Readings beyond them are refused where they are read (`snapshot_builder.read_metrics`), and
+#: `decide()` ignores demand samples beyond them.
+MAX_QPS = 1e6
+MAX_QUEUE_DEPTH = 1e7
+
 
 @dataclass(frozen=True)
 class DemandSample:

@@ -21,7 +21,7 @@ from diffcascade_operator.metrics_source import MetricsReading, MetricsSource, M
 from diffcascade_operator.plan import Plan
 from diffcascade_operator.profiles import CascadeProfiles
 from diffcascade_operator.queueing import Dispatch
-from diffcascade_operator.snapshot import DemandSample, Snapshot
+from diffcascade_operator.snapshot import MAX_QPS, MAX_QUEUE_DEPTH, DemandSample, Snapshot
 from diffcascade_operator.spec import CascadeSpec
 
 #: Demand samples a control loop keeps (one per tick): the operator's default, the simulator's.
@@ -32,12 +32,36 @@ def read_metrics(
     source: MetricsSource, *, cascade: str, variants: Sequence[str], namespace: str | None = None
 ) -> tuple[MetricsReading | None, str | None]:
     """(reading, note): without a reading the note says why; with one, why a `FallbackSource`
-    passed over its primary source (None when it did not)."""
+    passed over its primary source (None when it did not). A reading no worker could have
+    produced is refused here, so it never enters a demand history."""
     try:
         reading = source.read(cascade=cascade, variants=variants, namespace=namespace)
     except MetricsUnavailable as exc:
         return None, str(exc)
+    problem = implausible(reading)
+    if problem is not None:
+        return None, f"{reading.source} reading refused: {problem}"
     return reading, getattr(source, "last_error", None)
+
+
+def implausible(reading: MetricsReading) -> str | None:
+    """What makes a reading unusable (not finite, negative, beyond `MAX_QPS` or
+    `MAX_QUEUE_DEPTH`), or None."""
+
+    def bad(value: float, limit: float) -> bool:
+        return not 0.0 <= value <= limit  # NaN fails both comparisons
+
+    if bad(reading.demand_qps, MAX_QPS):
+        return f"demand of {reading.demand_qps:g} qps (plausible: 0 to {MAX_QPS:g})"
+    for name, stage in sorted(reading.stages.items()):
+        if bad(stage.arrival_qps, MAX_QPS):
+            return (
+                f"{name}: arrival rate of {stage.arrival_qps:g} qps (plausible: 0 to {MAX_QPS:g})"
+            )
+        for what, value in (("queue depth", stage.queue_depth), ("in flight", stage.inflight)):
+            if bad(value, MAX_QUEUE_DEPTH):
+                return f"{name}: {what} of {value:g} (plausible: 0 to {MAX_QUEUE_DEPTH:g})"
+    return None
 
 
 def build_snapshot(

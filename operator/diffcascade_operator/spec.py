@@ -24,6 +24,19 @@ KIND = "DiffusionCascade"
 PLURAL = "diffusioncascades"
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+#: A cascade's name starts its Services' names, which must be DNS-1035 labels (a letter first,
+#: no dots), and is a label value of every child (at most 63 characters).
+_DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+#: `<cascade>-<variant>` names a Deployment, Service, PDB and NetworkPolicy: a DNS label.
+MAX_CHILD_NAME = 63
+
+#: A batch latency outside these bounds (ms) is a unit or typing error, not a measurement;
+#: beyond them the solver's arithmetic also loses the precision it needs.
+MIN_BATCH_LATENCY_MS = 0.01
+MAX_BATCH_LATENCY_MS = 3_600_000.0
+#: Replicas of one variant: far above any real cascade, far below int32 (a Deployment's
+#: replicas), so a plan never asks the apiserver (or `up`) for an absurd count.
+MAX_REPLICAS = 10_000
 
 
 class _Model(BaseModel):
@@ -115,7 +128,7 @@ class ProfileSpec(_Model):
     """
 
     batch_latency_ms: dict[int, float] | None = None
-    startup_seconds: float = Field(default=0.0, ge=0.0)
+    startup_seconds: float = Field(default=0.0, ge=0.0, le=86_400.0)
     auto: bool = False
     batch_sizes: list[Annotated[int, Field(ge=1, le=256)]] | None = Field(
         default=None,
@@ -132,8 +145,11 @@ class ProfileSpec(_Model):
         if not table:
             raise ValueError("profile.batchLatencyMs needs at least one batch size")
         for size, ms in table.items():
-            if size < 1 or ms <= 0:
-                raise ValueError(f"profile.batchLatencyMs[{size}]={ms}: sizes >= 1, ms > 0")
+            if size < 1 or not MIN_BATCH_LATENCY_MS <= ms <= MAX_BATCH_LATENCY_MS:
+                raise ValueError(
+                    f"profile.batchLatencyMs[{size}]={ms}: sizes >= 1, ms > 0 (a finite number "
+                    f"from {MIN_BATCH_LATENCY_MS:g} to {MAX_BATCH_LATENCY_MS:.0f})"
+                )
         return dict(sorted(table.items()))
 
     @field_validator("batch_sizes")
@@ -159,8 +175,8 @@ class VariantSpec(_Model):
     resolution: int = Field(default=512, ge=32, le=2048, multiple_of=8)
     profile: ProfileSpec
     gate: GateSpec | None = None
-    min_replicas: int = Field(default=0, ge=0)
-    max_replicas: int | None = Field(default=None, ge=0)
+    min_replicas: int = Field(default=0, ge=0, le=MAX_REPLICAS)
+    max_replicas: int | None = Field(default=None, ge=0, le=MAX_REPLICAS)
     max_batch_size: int = Field(default=32, ge=1, le=256)
     gpus_per_replica: int = Field(default=1, ge=0, le=16)
     image: str | None = None
@@ -219,12 +235,18 @@ class VariantSpec(_Model):
     def _bounds(self) -> VariantSpec:
         if self.max_replicas is not None and self.max_replicas < self.min_replicas:
             raise ValueError(f"variant {self.name}: maxReplicas < minReplicas")
+        if self.gpus_per_replica == 0 and self.max_replicas is None:
+            # Such replicas count nothing against gpuBudget: only maxReplicas bounds them.
+            raise ValueError(
+                f"variant {self.name}: gpusPerReplica 0 needs maxReplicas (gpuBudget does not "
+                "bound replicas that count no GPUs)"
+            )
         return self
 
 
 class FidPoint(_Model):
     light_share: float = Field(ge=0.0, le=1.0)
-    fid: float = Field(gt=0.0)
+    fid: float = Field(gt=0.0, allow_inf_nan=False)
 
 
 class QualitySpec(_Model):
@@ -451,6 +473,33 @@ def check_deployable(spec: CascadeSpec) -> None:
         )
 
 
+def variant_object_name(cascade: str, variant: str) -> str:
+    """The name of a variant's Deployment, Service, PodDisruptionBudget and NetworkPolicy."""
+    return f"{cascade}-{variant}"
+
+
+def check_names(cascade: str, spec: CascadeSpec) -> None:
+    """The cascade's name must make valid child names (the CRD checks the same with CEL): a
+    Service name is a DNS-1035 label, and the name is a label value of every child."""
+    problems = []
+    if len(cascade) > MAX_CHILD_NAME or not _DNS_1035_LABEL.match(cascade):
+        problems.append(
+            f"metadata.name {cascade!r} must start with a lowercase letter and hold only "
+            "lowercase letters, digits and '-' (no dots), at most 63 characters: it begins "
+            "the names of the cascade's Services"
+        )
+    for variant in spec.variants:
+        child = variant_object_name(cascade, variant.name)
+        if len(child) > MAX_CHILD_NAME:
+            problems.append(
+                f"the worker Deployment and Service of variant {variant.name} would be named "
+                f"{child!r} ({len(child)} characters): cascade name + '-' + variant name must "
+                f"fit in {MAX_CHILD_NAME}"
+            )
+    if problems:
+        raise InvalidSpec("; ".join(problems))
+
+
 def load_manifest(doc: dict[str, Any]) -> tuple[str, CascadeSpec]:
     """(name, spec) of a DiffusionCascade manifest; InvalidSpec if it is not one."""
     if doc.get("kind") != KIND:
@@ -458,4 +507,6 @@ def load_manifest(doc: dict[str, Any]) -> tuple[str, CascadeSpec]:
     name = (doc.get("metadata") or {}).get("name")
     if not isinstance(name, str) or not name:
         raise InvalidSpec("metadata.name is required")
-    return name, parse_spec(doc.get("spec") or {})
+    spec = parse_spec(doc.get("spec") or {})
+    check_names(name, spec)
+    return name, spec

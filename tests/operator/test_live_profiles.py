@@ -207,6 +207,24 @@ def test_measured_latency_replaces_the_prior_and_scales_sizes_not_seen() -> None
     assert table[4] == pytest.approx(440.0) and table[8] == pytest.approx(820.0)
 
 
+@pytest.mark.parametrize(
+    "stat",
+    [BatchStat(50, 0.0), BatchStat(50, 1e-30), BatchStat(50, 50 * 7200.0), BatchStat(50, math.nan)],
+    ids=["count-without-sum", "microscopic", "two-hours-a-batch", "nan"],
+)
+def test_a_mean_no_worker_could_have_measured_is_not_trusted(stat: BatchStat) -> None:
+    # A histogram with a count and no sum (a broken exporter, a Prometheus increase() artefact)
+    # made every batch look free and the solver divide by zero.
+    assert live_latency_table(PRIOR, {1: stat}, min_batches=20) == (PRIOR, "profile")
+
+
+def test_a_scaled_table_stays_within_the_specs_latency_bounds() -> None:
+    table, _ = live_latency_table(
+        {1: 1.0, 8: 3_000_000.0}, {1: BatchStat(50, 50 * 2.0)}, min_batches=20
+    )
+    assert table == {1: 2000.0, 8: 3_600_000.0}
+
+
 def test_live_profiles_plan_with_the_measured_latency() -> None:
     seen = {b: BatchStat(50, 50 * ms * 3 / 1000) for b, ms in PRIOR.items()}
     result = live_profiles(

@@ -147,3 +147,44 @@ def _spec_for_live() -> CascadeSpec:
             ],
         }
     )
+
+
+class _Answering:
+    """A source that answers one fixed reading."""
+
+    def __init__(self, reading: MetricsReading) -> None:
+        self.reading = reading
+
+    def read(self, **_: object) -> MetricsReading:
+        return self.reading
+
+
+@pytest.mark.parametrize(
+    ("qps", "light_queue", "says"),
+    [
+        (1e25, 2.0, "demand of 1e+25 qps"),
+        (float("nan"), 2.0, "demand of nan qps"),
+        (-3.0, 2.0, "demand of -3 qps"),
+        (6.0, float("nan"), "queue depth of nan"),
+        (6.0, 1e12, "queue depth of 1e+12"),
+    ],
+)
+def test_a_reading_no_worker_could_produce_is_refused_and_never_recorded(
+    qps: float, light_queue: float, says: str
+) -> None:
+    reading = _reading(qps, at=100.0)
+    reading.stages[LIGHT] = StageSample(queue_depth=light_queue, arrival_qps=6.0)
+    got, note = read_metrics(_Answering(reading), cascade="c", variants=[LIGHT, HEAVY])
+    assert got is None
+    assert note is not None and note.startswith("DirectScrape reading refused: ") and says in note
+    spec = make_spec()
+    history: deque[DemandSample] = deque()
+    snapshot = build_snapshot(
+        spec=spec,
+        profiles=profiles_from_spec(spec),
+        now=100.0,
+        history=history,
+        reading=got,
+        ready_replicas={},
+    )
+    assert not history and not snapshot.metrics_available

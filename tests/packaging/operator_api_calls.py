@@ -30,7 +30,14 @@ import kubernetes
 Call = tuple[str, str, str]  # (apiGroup, resource[/subresource], verb)
 
 OPERATOR_MODULE = "diffcascade_operator.kube.handlers"
-_RAW = {"call_api", "param_serialize", "CustomObjectsApi", "DynamicClient"}
+_RAW = {"call_api", "param_serialize", "DynamicClient"}
+#: CustomObjectsApi's paths name no resource; the operator's only custom resource is its own
+#: DiffusionCascade (`KubeApi.patch_status`), so its calls are read as calls on that.
+_OWN_RESOURCE = {
+    "{group}": "diffcascade.dev",
+    "{version}": "v1alpha1",
+    "{plural}": "diffusioncascades",
+}
 _REQUEST = re.compile(
     r"""method=['"](GET|POST|PUT|PATCH|DELETE)['"],\s*resource_path=['"](/apis?/[^'"]+)['"]"""
 )
@@ -89,8 +96,8 @@ def api_methods() -> dict[str, frozenset[Call]]:
             if impl is None:
                 continue
             for verb, path in _REQUEST.findall(inspect.getsource(impl)):
-                if "{group}" in path:
-                    continue  # CustomObjectsApi: no fixed resource
+                for placeholder, value in _OWN_RESOURCE.items():
+                    path = path.replace(placeholder, value)
                 call = rbac_of_request(path, verb)
                 if call is not None:
                     table.setdefault(name, set()).add(call)

@@ -72,6 +72,16 @@ def _duplicate_names(doc: Manifest) -> None:
     doc["spec"]["variants"][1]["name"] = doc["spec"]["variants"][0]["name"]
 
 
+def _zero_gpus_unbounded(doc: Manifest) -> None:
+    doc["spec"]["variants"][0]["gpusPerReplica"] = 0
+    doc["spec"]["variants"][0].pop("maxReplicas", None)
+
+
+def _long_cascade_and_variant(doc: Manifest) -> None:
+    doc["metadata"]["name"] = "a" * 30  # + "-" + 40 characters: 71
+    doc["spec"]["variants"][0]["name"] = "l" * 40
+
+
 CURVE = "spec.variants.0.gate.deferCurve"
 LIGHT = "spec.variants.0"
 
@@ -274,7 +284,70 @@ CASES = [
         "batch-latency-negative",
         _set(f"{LIGHT}.profile.batchLatencyMs", {"1": -5.0}),
         "ms > 0",
-        "less than or equal to the minimum of 0",
+        "less than the minimum of 0.01",
+    ),
+    # Numbers the solver cannot use (issue 16): below 10 us or above an hour a batch latency
+    # is a unit error; a replica count beyond 10,000 is one no quota or Deployment expects.
+    Case(
+        "batch-latency-tiny",
+        _set(f"{LIGHT}.profile.batchLatencyMs", {"1": 1e-15}),
+        "from 0.01 to 3600000",
+        "less than the minimum of 0.01",
+    ),
+    Case(
+        "batch-latency-huge",
+        _set(f"{LIGHT}.profile.batchLatencyMs", {"1": 1e10}),
+        "from 0.01 to 3600000",
+        "greater than the maximum of 3600000",
+    ),
+    Case(
+        "startup-beyond-a-day",
+        _set(f"{LIGHT}.profile.startupSeconds", 1e9),
+        "less than or equal to 86400",
+        "greater than the maximum of 86400",
+    ),
+    Case(
+        "min-replicas-absurd",
+        _set(f"{LIGHT}.minReplicas", 10**12),
+        "less than or equal to 10000",
+        "greater than the maximum of 10000",
+    ),
+    Case(
+        "max-replicas-absurd",
+        _set(f"{LIGHT}.maxReplicas", 10**12),
+        "less than or equal to 10000",
+        "greater than the maximum of 10000",
+    ),
+    Case(
+        "zero-gpus-without-max-replicas",
+        _zero_gpus_unbounded,
+        "gpusPerReplica 0 needs maxReplicas",
+        "gpusPerReplica 0 needs maxReplicas",
+    ),
+    # Names the apiserver accepts for the cascade but not for its children (issue 16).
+    Case(
+        "cascade-name-starts-with-a-digit",
+        _set("metadata.name", "1abc"),
+        "must start with a lowercase letter",
+        "must start with a lowercase letter",
+    ),
+    Case(
+        "cascade-name-with-a-dot",
+        _set("metadata.name", "my.cascade"),
+        "no dots",
+        "no dots",
+    ),
+    Case(
+        "cascade-name-too-long-for-a-label",
+        _set("metadata.name", "a" * 64),
+        "at most 63 characters",
+        "at most 63 characters",
+    ),
+    Case(
+        "cascade-and-variant-name-too-long",
+        _long_cascade_and_variant,
+        "must fit in 63",
+        "must fit in 63",
     ),
     Case(
         "batch-latency-table-empty",
@@ -389,7 +462,7 @@ def test_the_base_cascade_is_accepted_by_both() -> None:
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_spec_rejects_with_a_clear_message(case: Case) -> None:
     with pytest.raises(InvalidSpec) as caught:
-        check_deployable(parse_spec(_broken(case)["spec"]))  # as every deploying driver does
+        check_deployable(load_manifest(_broken(case))[1])  # as every deploying driver does
     assert case.spec_says in str(caught.value)
 
 

@@ -22,8 +22,8 @@ CRD_ONLY: dict[tuple[str, str], str] = {
     (".variants[*].name", "pattern"): "spec.py: field_validator _dns_label",
     (".variants[*].profile.batchLatencyMs", "minProperties"): "spec.py: _positive",
     (".variants[*].profile.batchLatencyMs", "maxProperties"): "CEL cost bound",
-    (".variants[*].profile.batchLatencyMs{*}", "minimum"): "spec.py: _positive (ms > 0)",
-    (".variants[*].profile.batchLatencyMs{*}", "exclusiveMinimum"): "spec.py: _positive",
+    (".variants[*].profile.batchLatencyMs{*}", "minimum"): "spec.py: MIN_BATCH_LATENCY_MS",
+    (".variants[*].profile.batchLatencyMs{*}", "maximum"): "spec.py: MAX_BATCH_LATENCY_MS",
     (".variants[*].gate.deferCurve.thresholds", "minItems"): "spec.py: _one_source (>= 2)",
     (".variants[*].gate.deferCurve.thresholds", "maxItems"): "CEL cost bound",
     (".variants[*].gate.deferCurve.thresholds[*]", "minimum"): "spec.py: values in [0, 1]",
@@ -163,6 +163,22 @@ def test_same_bounds(path: str, py: Schema, crd: Schema) -> None:
 def test_every_crd_only_bound_still_exists() -> None:
     present = {(path, k) for path, _, crd in PAIRS for k in _crd_bounds(crd)}
     assert set(CRD_ONLY) <= present
+
+
+def test_batch_latency_bounds_are_spec_pys() -> None:
+    variant = crd_schema()["properties"]["spec"]["properties"]["variants"]["items"]
+    ms = variant["properties"]["profile"]["properties"]["batchLatencyMs"]["additionalProperties"]
+    assert (ms["minimum"], ms["maximum"]) == (
+        spec_module.MIN_BATCH_LATENCY_MS,
+        spec_module.MAX_BATCH_LATENCY_MS,
+    )
+
+
+def test_cascade_name_rules_are_spec_pys() -> None:
+    rules = " ".join(r["rule"] for r in crd_schema().get("x-kubernetes-validations", []))
+    assert f"matches('{spec_module._DNS_1035_LABEL.pattern}')" in rules
+    assert f"size(self.metadata.name) <= {spec_module.MAX_CHILD_NAME}" in rules
+    assert f"size(v.name) <= {spec_module.MAX_CHILD_NAME - 1}" in rules
 
 
 def test_variant_name_pattern_is_spec_pys_dns_label() -> None:

@@ -2,7 +2,10 @@
 
 Children are created, or merge-patched when they exist, so applying them twice (a restart, a
 resumed handler) never duplicates anything. A Deployment that exists keeps its replica count:
-only the control loop sets replicas.
+only the control loop sets replicas. An object is patched only when this cascade controls it
+(its controller owner reference): a name that is taken by anything else is a `ChildConflict`,
+and nothing is changed. Every call has a timeout, so a stalled connection to the apiserver
+cannot hold a control loop.
 """
 
 from __future__ import annotations
@@ -10,13 +13,122 @@ from __future__ import annotations
 import base64
 import copy
 import logging
+from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
 import kubernetes
+import urllib3
 
 from diffcascade_operator.kube.manifests import LABEL_CASCADE, LABEL_VARIANT, TOKEN_KEY, Manifest
+from diffcascade_operator.spec import API_GROUP, API_VERSION, KIND, PLURAL
 
 logger = logging.getLogger(__name__)
+
+#: What a call to the apiserver raises when it fails: an HTTP error status, or no answer at all
+#: (refused, reset, timed out).
+API_ERRORS: tuple[type[Exception], ...] = (
+    kubernetes.client.ApiException,
+    urllib3.exceptions.HTTPError,
+)
+#: (connect, read) seconds of every call that does not set its own.
+DEFAULT_TIMEOUT_S = (5.0, 15.0)
+
+
+def api_error_text(exc: BaseException) -> str:
+    """One line for a status condition or a log: the HTTP status and reason, or the error."""
+    if isinstance(exc, kubernetes.client.ApiException):
+        return f"Kubernetes API: {exc.status} {exc.reason}"
+    return f"Kubernetes API: {type(exc).__name__}: {exc}"[:500]
+
+
+class ChildConflict(Exception):
+    """Objects with the names of this cascade's children exist and belong to something else."""
+
+    def __init__(self, conflicts: list[str]) -> None:
+        self.conflicts = conflicts
+        super().__init__("; ".join(conflicts))
+
+
+def controller_ref(obj: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The controlling owner reference of an object (as a camelCase dict), or None."""
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or ():
+        if ref.get("controller"):
+            return cast(Mapping[str, Any], ref)
+    return None
+
+
+def same_controller(existing: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
+    """Whether `existing` is controlled by the owner `wanted` names: the same object (uid), or
+    a DiffusionCascade of the same name in the same namespace (an earlier incarnation of it,
+    whose children the garbage collector has not removed yet)."""
+    ref = controller_ref(existing)
+    if ref is None:
+        return False
+    if ref.get("uid") == wanted.get("uid"):
+        return True
+    return (
+        ref.get("kind") == KIND == wanted.get("kind")
+        and str(ref.get("apiVersion", "")).split("/")[0] == API_GROUP
+        and ref.get("name") == wanted.get("name")
+    )
+
+
+def describe_conflict(manifest: Mapping[str, Any], existing: Mapping[str, Any]) -> str:
+    kind, name = manifest["kind"], manifest["metadata"]["name"]
+    ref = controller_ref(existing)
+    whose = (
+        "has no controlling owner"
+        if ref is None
+        else f"is controlled by {ref.get('kind')}/{ref.get('name')}"
+    )
+    return f"{kind} {name} already exists and {whose}"
+
+
+def secret_token(secret: Mapping[str, Any] | None) -> str | None:
+    """The config-API token held by a Secret (as a plain dict), or None."""
+    if secret is None:
+        return None
+    encoded = (secret.get("data") or {}).get(TOKEN_KEY)
+    if encoded:
+        return base64.b64decode(encoded).decode()
+    # An emulator (or a just-created object) may still hold stringData only.
+    token = (secret.get("stringData") or {}).get(TOKEN_KEY)
+    return str(token) if token else None
+
+
+class _TimeoutRest(kubernetes.client.rest.RESTClientObject):  # type: ignore[misc]
+    """The client's HTTP layer, with a timeout on every request that sets none."""
+
+    def __init__(
+        self, configuration: kubernetes.client.Configuration, timeout_s: tuple[float, float]
+    ) -> None:
+        super().__init__(configuration)
+        self.timeout_s = timeout_s
+
+    def request(  # type: ignore[no-untyped-def]
+        self, method, url, headers=None, body=None, post_params=None, _request_timeout=None
+    ):
+        return super().request(  # type: ignore[no-untyped-call]
+            method,
+            url,
+            headers=headers,
+            body=body,
+            post_params=post_params,
+            _request_timeout=_request_timeout or self.timeout_s,
+        )
+
+
+class TimeoutApiClient(kubernetes.client.ApiClient):
+    """An ApiClient whose requests time out (connect, read seconds) unless they say otherwise."""
+
+    def __init__(
+        self,
+        configuration: kubernetes.client.Configuration | None = None,
+        *,
+        timeout_s: tuple[float, float] = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        super().__init__(configuration)
+        self.rest_client = _TimeoutRest(self.configuration, timeout_s)
 
 
 def load_config() -> None:
@@ -28,14 +140,66 @@ def load_config() -> None:
 
 
 class KubeApi:
-    def __init__(self, client: kubernetes.client.ApiClient | None = None) -> None:
-        self.client = client or kubernetes.client.ApiClient()
+    def __init__(
+        self,
+        client: kubernetes.client.ApiClient | None = None,
+        *,
+        timeout_s: tuple[float, float] = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        self.client = client or TimeoutApiClient(timeout_s=timeout_s)
         self.core = kubernetes.client.CoreV1Api(self.client)
         self.apps = kubernetes.client.AppsV1Api(self.client)
         self.policy = kubernetes.client.PolicyV1Api(self.client)
         self.networking = kubernetes.client.NetworkingV1Api(self.client)
+        self.custom = kubernetes.client.CustomObjectsApi(self.client)
+
+    # --- the cascade's own status -----------------------------------------------------------
+
+    def patch_status(self, namespace: str, name: str, fields: Mapping[str, Any]) -> None:
+        """Merge-patch the cascade's status (the operator writes it itself: see handlers)."""
+        self.custom.patch_namespaced_custom_object_status(
+            API_GROUP, API_VERSION, namespace, PLURAL, name, {"status": dict(fields)}
+        )
 
     # --- children -------------------------------------------------------------------------
+
+    def read(self, manifest: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The object a manifest names, as the apiserver has it (camelCase), or None."""
+        ns, name, kind = (
+            manifest["metadata"]["namespace"],
+            manifest["metadata"]["name"],
+            manifest["kind"],
+        )
+        readers = {
+            "Deployment": self.apps.read_namespaced_deployment,
+            "Service": self.core.read_namespaced_service,
+            "Secret": self.core.read_namespaced_secret,
+            "ConfigMap": self.core.read_namespaced_config_map,
+            "PodDisruptionBudget": self.policy.read_namespaced_pod_disruption_budget,
+            "NetworkPolicy": self.networking.read_namespaced_network_policy,
+        }
+        if kind not in readers:
+            raise ValueError(f"cannot read a {kind}")
+        try:
+            return self._plain(readers[kind](name, ns))
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def existing(self, children: Iterable[Manifest]) -> dict[str, dict[str, Any] | None]:
+        """What exists of `children`, by `Kind/name`; ChildConflict if any of it is not
+        controlled by the owner the manifests name (then nothing may be applied)."""
+        found: dict[str, dict[str, Any] | None] = {}
+        conflicts: list[str] = []
+        for child in children:
+            obj = self.read(child)
+            found[f"{child['kind']}/{child['metadata']['name']}"] = obj
+            if obj is not None and not same_controller(obj, _wanted_owner(child)):
+                conflicts.append(describe_conflict(child, obj))
+        if conflicts:
+            raise ChildConflict(conflicts)
+        return found
 
     def _create(self, manifest: Manifest) -> None:
         ns, kind = manifest["metadata"]["namespace"], manifest["kind"]
@@ -75,14 +239,23 @@ class KubeApi:
         else:
             raise ValueError(f"cannot patch a {kind}")
 
-    def apply(self, manifest: Manifest) -> str:
-        """Create, or patch what exists; returns 'created' or 'patched'."""
-        try:
-            self._create(manifest)
-            return "created"
-        except kubernetes.client.ApiException as exc:
-            if exc.status != 409:
-                raise
+    def apply(self, manifest: Manifest, *, existing: Mapping[str, Any] | None = None) -> str:
+        """Create, or patch what exists and is controlled by the manifest's owner; returns
+        'created' or 'patched'. `existing`: the object as just read (None: not there, or
+        unknown). An object controlled by anything else raises ChildConflict, untouched."""
+        wanted = _wanted_owner(manifest)
+        if existing is None:
+            try:
+                self._create(manifest)
+                return "created"
+            except kubernetes.client.ApiException as exc:
+                if exc.status != 409:
+                    raise
+            existing = self.read(manifest)
+            if existing is None:  # created and deleted by someone else meanwhile: try again later
+                raise kubernetes.client.ApiException(status=409, reason="Conflict")
+        if not same_controller(existing, wanted):
+            raise ChildConflict([describe_conflict(manifest, existing)])
         patch = copy.deepcopy(manifest)
         if patch["kind"] == "Deployment":
             patch["spec"].pop("replicas", None)  # the control loop owns replicas
@@ -92,20 +265,18 @@ class KubeApi:
         self._patch(patch)
         return "patched"
 
-    def read_token(self, namespace: str, name: str) -> str | None:
+    def read_token(self, namespace: str, name: str, *, owner: Mapping[str, Any]) -> str | None:
+        """The token of the cascade's Secret; None when it is missing or not the cascade's
+        own (a Secret of that name made by anyone else is never read)."""
         try:
-            secret = self.core.read_namespaced_secret(name, namespace)
+            secret = self._plain(self.core.read_namespaced_secret(name, namespace))
         except kubernetes.client.ApiException as exc:
             if exc.status == 404:
                 return None
             raise
-        encoded = (secret.data or {}).get(TOKEN_KEY)
-        if encoded:
-            return base64.b64decode(encoded).decode()
-        # An emulator (or a just-created object) may still hold stringData only.
-        raw = getattr(secret, "string_data", None) or {}
-        token = raw.get(TOKEN_KEY)
-        return str(token) if token else None
+        if not same_controller(secret, owner):
+            return None
+        return secret_token(secret)
 
     def prune(self, namespace: str, cascade: str, *, owner_uid: str, keep: set[str]) -> list[str]:
         """Delete this cascade's per-variant children of variants no longer in its spec.
@@ -217,3 +388,13 @@ class KubeApi:
             for p in pods
             if ((p.get("metadata") or {}).get("labels") or {}).get("job-name") == job
         ]
+
+
+def _wanted_owner(manifest: Mapping[str, Any]) -> Mapping[str, Any]:
+    ref = controller_ref(manifest)
+    if ref is None:
+        raise ValueError(
+            f"{manifest['kind']} {manifest['metadata']['name']} has no controller owner: "
+            "children are applied only with their cascade's owner reference (kopf.adopt)"
+        )
+    return ref

@@ -23,7 +23,7 @@ from diffcascade_worker.protocol import PATH_HEALTHZ, PATH_METRICS, PATH_READYZ,
 from diffcascade_operator.kube.model_storage import add_storage, variant_storage
 from diffcascade_operator.kube.settings import OperatorSettings
 from diffcascade_operator.plan import Plan
-from diffcascade_operator.spec import CascadeSpec, VariantSpec
+from diffcascade_operator.spec import CascadeSpec, VariantSpec, variant_object_name
 from diffcascade_operator.worker_config import WorkerFiles, serve_args, takes_api_keys
 from diffcascade_operator.worker_config import plan_id as plan_id  # one meaning everywhere
 
@@ -52,11 +52,11 @@ API_KEYS_VOLUME = "api-keys"
 
 
 def deployment_name(cascade: str, variant: str) -> str:
-    return f"{cascade}-{variant}"
+    return variant_object_name(cascade, variant)
 
 
 def service_name(cascade: str, variant: str) -> str:
-    return f"{cascade}-{variant}"
+    return variant_object_name(cascade, variant)
 
 
 def secret_name(cascade: str) -> str:

@@ -19,13 +19,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
-import kubernetes
 
 from diffcascade_operator import control
 from diffcascade_operator.kube import curve_files, manifests, profiling
 from diffcascade_operator.kube import status as st
 from diffcascade_operator.kube.actuator import ApplyResult, PodInfo, apply_plan
-from diffcascade_operator.kube.api import KubeApi
+from diffcascade_operator.kube.api import (
+    API_ERRORS,
+    ChildConflict,
+    KubeApi,
+    api_error_text,
+    secret_token,
+)
 from diffcascade_operator.kube.policy import ForbiddenSpec, check_spec
 from diffcascade_operator.kube.settings import OperatorSettings
 from diffcascade_operator.live_profiles import (
@@ -59,7 +64,16 @@ from diffcascade_operator.snapshot_builder import (
     read_live_profiles,
     read_metrics,
 )
-from diffcascade_operator.spec import CascadeSpec, InvalidSpec, check_deployable, parse_spec
+from diffcascade_operator.spec import (
+    API_GROUP,
+    API_VERSION,
+    KIND,
+    CascadeSpec,
+    InvalidSpec,
+    check_deployable,
+    check_names,
+    parse_spec,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -98,14 +112,22 @@ def new_state(settings: OperatorSettings) -> CascadeState:
 
 
 def load_spec(
-    state: CascadeState, raw: Mapping[str, Any], *, settings: OperatorSettings | None = None
+    state: CascadeState,
+    raw: Mapping[str, Any],
+    *,
+    settings: OperatorSettings | None = None,
+    cascade: str | None = None,
 ) -> tuple[CascadeSpec, CascadeProfiles]:
-    """Parse, policy-check (with `settings`) and profile the spec, once per distinct spec;
-    InvalidSpec (ForbiddenSpec for the policy) says what is wrong."""
-    digest = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
+    """Parse, name-check (with `cascade`), policy-check (with `settings`) and profile the spec,
+    once per distinct spec; InvalidSpec (ForbiddenSpec for the policy) says what is wrong."""
+    digest = hashlib.sha256(
+        json.dumps([cascade, raw], sort_keys=True, default=str).encode()
+    ).hexdigest()
     if digest != state.spec_hash or state.spec is None or state.profiles is None:
         spec = parse_spec(dict(raw))
         check_deployable(spec)
+        if cascade is not None:
+            check_names(cascade, spec)
         if settings is not None:
             check_spec(spec, settings)
         try:
@@ -127,6 +149,42 @@ def invalid_spec_status(
     reason = spec_error_reason(error)
     what = "not allowed by the operator's policy" if reason == "Forbidden" else "invalid"
     message = f"spec is {what}, nothing was changed: {error}"
+    return refused_status(reason, message, status=status, now=now, generation=generation)
+
+
+CONFLICT_REASON = "NameConflict"
+#: AllocationSolved False and a Warning: decide() could not use its inputs (the plan is held).
+CANNOT_PLAN = "CannotPlan"
+
+
+def conflict_status(
+    error: ChildConflict, *, status: Mapping[str, Any], now: float, generation: int | None
+) -> dict[str, Any]:
+    """Conditions for a cascade whose children's names are taken by objects it does not own."""
+    return refused_status(
+        CONFLICT_REASON, conflict_message(error), status=status, now=now, generation=generation
+    )
+
+
+def conflict_message(error: ChildConflict) -> str:
+    return (
+        f"{error}; nothing was changed: the operator modifies only objects this cascade "
+        "controls. Rename the cascade or the variant, or remove those objects."
+    )[:1000]
+
+
+def conflict_events(error: ChildConflict, status: Mapping[str, Any]) -> list[Event]:
+    """A Warning when the conflict is new (not on every control step)."""
+    for cond in status.get("conditions") or ():
+        if cond.get("type") == st.READY and cond.get("reason") == CONFLICT_REASON:
+            return []
+    return [("Warning", CONFLICT_REASON, conflict_message(error))]
+
+
+def refused_status(
+    reason: str, message: str, *, status: Mapping[str, Any], now: float, generation: int | None
+) -> dict[str, Any]:
+    """Ready False, Degraded True, Progressing False, all with `reason` and `message`."""
     return {
         "observedGeneration": generation,
         "conditions": st.merge_conditions(
@@ -173,6 +231,17 @@ def starting_plan(
     return control.initial_plan(spec=spec, profiles=profiles, now=now, dispatch=dispatch)
 
 
+def owner_ref(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The cascade as the owner its children name (what `kopf.adopt` writes)."""
+    meta = body.get("metadata", {})
+    return {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": KIND,
+        "name": meta.get("name"),
+        "uid": meta.get("uid"),
+    }
+
+
 def ensure_children(
     *,
     api: KubeApi,
@@ -184,22 +253,33 @@ def ensure_children(
     state: CascadeState,
     settings: OperatorSettings,
 ) -> dict[str, str]:
-    """Create what is missing, patch what exists; returns {child: 'created'|'patched'}."""
+    """Create what is missing, patch what exists; returns {child: 'created'|'patched'}.
+
+    Every child is read first: if any name is taken by an object this cascade does not
+    control, ChildConflict is raised before anything is created or changed."""
+
+    def build(token: str) -> list[manifests.Manifest]:
+        children = manifests.children(
+            cascade=name,
+            namespace=namespace,
+            spec=spec,
+            plan=plan,
+            replicas=plan.replicas(),
+            token=token,
+            settings=settings,
+        )
+        kopf.adopt(children, owner=owner)  # type: ignore[arg-type]
+        return children
+
+    existing = api.existing(build(state.token or ""))
     if state.token is None:
-        state.token = api.read_token(namespace, manifests.secret_name(name))
-    if state.token is None:
-        state.token = secrets.token_urlsafe(32)
-    children = manifests.children(
-        cascade=name,
-        namespace=namespace,
-        spec=spec,
-        plan=plan,
-        replicas=plan.replicas(),
-        token=state.token,
-        settings=settings,
-    )
-    kopf.adopt(children, owner=owner)  # type: ignore[arg-type]
-    results = {f"{c['kind']}/{c['metadata']['name']}": api.apply(c) for c in children}
+        secret = existing.get(f"Secret/{manifests.secret_name(name)}")
+        state.token = secret_token(secret) or secrets.token_urlsafe(32)
+    results = {
+        key: api.apply(child, existing=existing.get(key))
+        for child in build(state.token)
+        for key in [f"{child['kind']}/{child['metadata']['name']}"]
+    }
     state.configmap_plan_id = manifests.plan_id(plan)
     return results
 
@@ -225,7 +305,7 @@ def apply_children(
     raw = measuring.raw if measuring is not None else body.get("spec") or {}
     try:
         raw = curve_files.resolve_curve_uris(raw, api=api, namespace=namespace)
-        spec, profiles = load_spec(state, raw, settings=settings)
+        spec, profiles = load_spec(state, raw, settings=settings, cascade=name)
     except InvalidSpec as exc:
         return invalid_spec_status(exc, status=status, now=now, generation=generation), [
             ("Warning", spec_error_reason(exc), str(exc)[:1000])
@@ -233,16 +313,21 @@ def apply_children(
     plan = starting_plan(
         state, spec=spec, profiles=profiles, status=status, now=now, dispatch=settings.dispatch
     )
-    results = ensure_children(
-        api=api,
-        owner=body,
-        namespace=namespace,
-        name=name,
-        spec=spec,
-        plan=plan,
-        state=state,
-        settings=settings,
-    )
+    try:
+        results = ensure_children(
+            api=api,
+            owner=body,
+            namespace=namespace,
+            name=name,
+            spec=spec,
+            plan=plan,
+            state=state,
+            settings=settings,
+        )
+    except ChildConflict as exc:
+        return conflict_status(exc, status=status, now=now, generation=generation), (
+            conflict_events(exc, status)
+        )
     state.last_step = 0.0  # decide again on the next tick: the spec may have changed
     created = sorted(k for k, v in results.items() if v == "created")
     events: list[Event] = []
@@ -378,7 +463,7 @@ def control_step(
     raw = measuring.raw if measuring is not None else body.get("spec") or {}
     try:
         raw = curve_files.resolve_curve_uris(raw, api=api, namespace=namespace)
-        spec, profiles = load_spec(state, raw, settings=settings)
+        spec, profiles = load_spec(state, raw, settings=settings, cascade=name)
     except InvalidSpec as exc:
         fields = invalid_spec_status(exc, status=status, now=now, generation=generation)
         return StepOutcome(fields, [], 0.0, (time.perf_counter() - started) * 1000)
@@ -390,24 +475,41 @@ def control_step(
         state, spec=spec, profiles=profiles, status=status, now=now, dispatch=settings.dispatch
     )
     events: list[Event] = []
+    apply_error: str | None = None
     router_missing = settings.router and manifests.ROUTER_INDEX_KEY not in deployment_replicas
     if router_missing or any(v.name not in deployment_replicas for v in spec.variants):
-        results = ensure_children(
-            api=api,
-            owner=body,
-            namespace=namespace,
-            name=name,
-            spec=spec,
-            plan=previous,
-            state=state,
-            settings=settings,
-        )
-        created = sorted(k for k, v in results.items() if v == "created")
-        if created:
-            events.append(("Normal", "ChildrenCreated", "re-created " + ", ".join(created)))
-        deployment_replicas = {**{v.name: None for v in spec.variants}, **deployment_replicas}
-    if state.token is None:
-        state.token = api.read_token(namespace, manifests.secret_name(name))
+        try:
+            results = ensure_children(
+                api=api,
+                owner=body,
+                namespace=namespace,
+                name=name,
+                spec=spec,
+                plan=previous,
+                state=state,
+                settings=settings,
+            )
+        except ChildConflict as exc:
+            fields = conflict_status(exc, status=status, now=now, generation=generation)
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            return StepOutcome(fields, conflict_events(exc, status), 0.0, elapsed_ms)
+        except API_ERRORS as exc:
+            # Decide anyway (the plan and the status say what the loop wants); apply nothing
+            # until the children exist.
+            apply_error = api_error_text(exc)
+            logger.warning("[%s/%s] creating children failed: %s", namespace, name, apply_error)
+        else:
+            created = sorted(k for k, v in results.items() if v == "created")
+            if created:
+                events.append(("Normal", "ChildrenCreated", "re-created " + ", ".join(created)))
+            deployment_replicas = {**{v.name: None for v in spec.variants}, **deployment_replicas}
+    if state.token is None and apply_error is None:
+        try:
+            state.token = api.read_token(
+                namespace, manifests.secret_name(name), owner=owner_ref(body)
+            )
+        except API_ERRORS as exc:
+            logger.warning("[%s/%s] reading the token: %s", namespace, name, api_error_text(exc))
 
     mine = [p for p in pods if not p.deleting]
     state.endpoints = {
@@ -459,35 +561,39 @@ def control_step(
     plan = decide(snapshot, state.plan)  # None until a plan was decided or restored
     decide_ms = (time.perf_counter() - decide_started) * 1000
 
-    apply_error: str | None = None
     result: ApplyResult | None = None
-    try:
-        result = apply_plan(
-            api=api,
-            namespace=namespace,
-            cascade=name,
-            spec=spec,
-            plan=plan,
-            current_replicas=deployment_replicas,
-            pods=mine,
-            token=state.token,
-            acknowledged=state.acknowledged,
-            configmap_plan_id=state.configmap_plan_id,
-            timeout_s=settings.push_timeout_s,
-            port=settings.worker_port,
-            router=manifests.router_document(
-                cascade=name, namespace=namespace, plan=plan, spec=spec, settings=settings
-            ),
-        )
-        state.configmap_plan_id = manifests.plan_id(plan)
-    except kubernetes.client.ApiException as exc:
-        apply_error = f"Kubernetes API: {exc.status} {exc.reason}"
-        logger.warning("[%s/%s] applying the plan failed: %s", namespace, name, apply_error)
+    if apply_error is None:  # (with children missing there is nothing to apply to)
+        try:
+            result = apply_plan(
+                api=api,
+                namespace=namespace,
+                cascade=name,
+                spec=spec,
+                plan=plan,
+                current_replicas=deployment_replicas,
+                pods=mine,
+                token=state.token,
+                acknowledged=state.acknowledged,
+                configmap_plan_id=state.configmap_plan_id,
+                timeout_s=settings.push_timeout_s,
+                port=settings.worker_port,
+                router=manifests.router_document(
+                    cascade=name, namespace=namespace, plan=plan, spec=spec, settings=settings
+                ),
+            )
+            state.configmap_plan_id = manifests.plan_id(plan)
+        except API_ERRORS as exc:
+            apply_error = api_error_text(exc)
+            logger.warning("[%s/%s] applying the plan failed: %s", namespace, name, apply_error)
 
-    if _plan_changed(plan, state.plan) and (
-        plan.solver.status is not SolverStatus.HELD or state.plan is None
-    ):
+    held = plan.solver.status in (SolverStatus.HELD, SolverStatus.FAILED)
+    if _plan_changed(plan, state.plan) and (not held or state.plan is None):
         events.append(("Normal", "PlanChanged", describe_change(plan, state.plan)))
+    if plan.solver.status is SolverStatus.FAILED and not any(
+        c.get("type") == st.ALLOCATION_SOLVED and c.get("reason") == CANNOT_PLAN
+        for c in status.get("conditions") or ()
+    ):
+        events.append(("Warning", CANNOT_PLAN, plan.solver.message[:1000]))
     if (
         metrics_error is not None
         and st.condition_status(status.get("conditions"), st.METRICS_AVAILABLE) != "False"
@@ -554,6 +660,28 @@ def slo_events(fields: Mapping[str, Any], *, status: Mapping[str, Any]) -> list[
     if after["status"] == "True" and before == "False":
         return [("Normal", "SLOMet", str(after["message"])[:1000])]
     return []
+
+
+def write_status(api: KubeApi, body: Mapping[str, Any], fields: Mapping[str, Any]) -> str | None:
+    """Patch the status fields that differ from the status last seen; returns what the
+    apiserver said when it did not take the patch (the next step writes them again).
+
+    The operator writes the control loop's status itself instead of leaving it to Kopf: Kopf
+    stops a timer for good when the patch it makes on the handler's behalf fails (a 409, or
+    any error that outlasts its retries)."""
+    patch = st.diff_patch(body.get("status") or {}, fields)
+    if not patch:
+        return None
+    meta = body.get("metadata", {})
+    try:
+        api.patch_status(meta["namespace"], meta["name"], patch)
+    except API_ERRORS as exc:
+        error = api_error_text(exc)
+        logger.warning(
+            "[%s/%s] writing the status failed: %s", meta["namespace"], meta["name"], error
+        )
+        return error
+    return None
 
 
 def live_settings(settings: OperatorSettings) -> LiveProfileSettings:
@@ -664,6 +792,10 @@ def step_status(
                 (solver.message or plan.reason)[:1000],
             )
         )
+    elif solver.status is SolverStatus.FAILED:
+        conds.append(
+            st.Condition(st.ALLOCATION_SOLVED, "False", CANNOT_PLAN, solver.message[:1000])
+        )
     elif st.condition_status(status.get("conditions"), st.ALLOCATION_SOLVED) is None:
         conds.append(st.Condition(st.ALLOCATION_SOLVED, "Unknown", "Held", plan.reason[:1000]))
 
@@ -718,6 +850,8 @@ def step_status(
         problems.append(("MetricsUnavailable", metrics_error or ""))
     if solver.status is SolverStatus.INFEASIBLE:
         problems.append(("Infeasible", solver.message or plan.reason))
+    if solver.status is SolverStatus.FAILED:
+        problems.append((CANNOT_PLAN, solver.message))
     if result is not None and result.push_failures:
         problems.append(("PushFailed", "; ".join(result.push_failures[:3])))
     if judged is not None and judged.status == "False":

@@ -98,6 +98,7 @@ def chart_env(
     policy = values.get("networkPolicy") or {}
     env = {
         "WORKER_IMAGE": _image_ref(values["workerImage"], app_version),
+        "ROUTER_IMAGE": _image_ref(values["image"], app_version),  # the operator's own image
         "ALLOWED_IMAGE_REGISTRIES": " ".join(values.get("allowedImageRegistries") or []),
         "ALLOWED_ENV_SECRETS": " ".join(values.get("allowedEnvSecrets") or []),
         "WORKER_CPU_REQUEST": _text(resources.get("cpu")),

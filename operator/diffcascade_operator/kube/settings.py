@@ -100,6 +100,11 @@ class OperatorSettings:
     # How a worker Service spreads queries over its pods, what the allocator plans waiting
     # for (`queueing.Dispatch`): kube-proxy's iptables mode picks at random, IPVS round-robin.
     dispatch: Dispatch = Dispatch.RANDOM
+    # Liveness (kube.loop_health): a cascade's loop is stalled after this many of its intervals
+    # without a completed control step, and never before stall_min_s.
+    stall_intervals: float = 6.0
+    stall_min_s: float = 30.0
+    api_timeout_s: float = 15.0  # read timeout of each apiserver call the operator makes
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
@@ -160,6 +165,9 @@ class OperatorSettings:
             router_exploration=float(get("ROUTER_EXPLORATION") or base.router_exploration),
             router_scorer=get("ROUTER_SCORER") or base.router_scorer,
             dispatch=_dispatch(get("DISPATCH") or base.dispatch.value),
+            stall_intervals=float(get("STALL_INTERVALS") or base.stall_intervals),
+            stall_min_s=float(get("STALL_MIN_SECONDS") or base.stall_min_s),
+            api_timeout_s=float(get("API_TIMEOUT_SECONDS") or base.api_timeout_s),
         )
 
 

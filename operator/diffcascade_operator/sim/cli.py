@@ -137,6 +137,14 @@ def simulate(
     hadis = None
     if scoring != "project" and run.hadis is not None:
         hadis = {"scoring": "hadis", **asdict(run.hadis)}
+    if run.idle_skipped_s:
+        summary["idle_skipped_s"] = round(run.idle_skipped_s, 3)
+        if not as_json:
+            click.echo(
+                f"idle stretches of the trace shortened by {run.idle_skipped_s:.0f} s in all "
+                "(nothing arrives and the cascade is idle in them: no outcome changes)",
+                err=True,
+            )
     if as_json:
         summary["outputs"] = {k: str(v) for k, v in paths.items()}
         if hadis is not None:

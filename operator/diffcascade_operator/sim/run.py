@@ -24,7 +24,7 @@ from diffcascade_operator.sim.metrics import Summary, summarize
 from diffcascade_operator.sim.model import StageModel, confidences_from_curve
 from diffcascade_operator.sim.policies import DecidePolicy, Decider, FixedPolicy, make_policy
 from diffcascade_operator.sim.scenarios import Scenario
-from diffcascade_operator.sim.traces import Trace
+from diffcascade_operator.sim.traces import Trace, compress_idle
 from diffcascade_operator.spec import CascadeSpec
 
 
@@ -35,6 +35,7 @@ class Run:
     profiles: CascadeProfiles
     quality: QualityCurve | None  # the curve FID was read from (random-mix for proteus)
     hadis: HadisScore | None = None  # HADIS's own scoring (scenarios with a quality table)
+    idle_skipped_s: float = 0.0  # idle time of the trace not replayed (`idle_horizon_s`)
 
 
 def stage_models(
@@ -88,6 +89,24 @@ def _file_confidences(path: Path, base_dir: Path | None) -> list[float]:
         return []
 
 
+def idle_horizon_s(spec: CascadeSpec, config: EngineConfig, stages: Sequence[StageModel]) -> float:
+    """Seconds without arrivals after which the simulated cascade is idle and its control loop
+    stationary: every query answered or dropped and every started replica ready (two SLOs plus
+    the longest start-up), the demand history all zeros (one sample a tick), the scale-down
+    window passed, the live-profile window empty; plus two intervals. Idle time beyond it
+    changes no outcome, so the replay leaves it out (`traces.compress_idle`)."""
+    return (
+        max(
+            2 * config.slo_s + max((s.startup_s for s in stages), default=0.0),
+            config.demand_history * config.interval_s,
+            spec.control.scale_down_stabilization_seconds + config.interval_s,
+            config.live.window_s,
+        )
+        + 2 * config.interval_s
+        + config.scrape_interval_s
+    )
+
+
 def simulate(
     *,
     scenario: Scenario,
@@ -135,12 +154,13 @@ def simulate(
         admission_factor=getattr(policy, "admission_factor", rules.admission_slo_factor),
     )
     router = router_scores_from_spec(spec.router) if spec.router is not None else None
+    replayed = compress_idle(trace, horizon_s=idle_horizon_s(spec, config, stages))
     sim = Simulation(
         spec=spec,
         profiles=profiles,
         stages=stages,
-        arrivals_s=trace.arrivals_s,
-        prompts=trace.prompts,
+        arrivals_s=replayed.arrivals_s,
+        prompts=replayed.prompts,
         confidences=gate_confidences(spec, profiles, base_dir=scenario.base_dir),
         policy=policy,
         config=config,
@@ -182,4 +202,5 @@ def simulate(
         profiles=profiles,
         quality=policy.quality,
         hadis=score,
+        idle_skipped_s=replayed.idle_skipped_s,
     )

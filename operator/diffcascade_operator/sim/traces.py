@@ -1,7 +1,9 @@
 """Request traces: one `<arrival_ms>,<prompt_idx>` line per request (the DiffServe format).
 
 The DiffServe traces draw Poisson arrivals per second and are not strictly ordered, so a
-parsed trace is sorted by arrival time (stable, so equal times keep the file's order).
+parsed trace is sorted by arrival time (stable, so equal times keep the file's order). Long idle
+stretches are replayed shortened (`compress_idle`), so a simulation's cost follows its requests,
+not the span of the trace.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class Trace:
     name: str
     arrivals_s: tuple[float, ...]  # sorted, seconds from the trace start
     prompts: tuple[int, ...]  # prompt index of each request, same order
+    idle_skipped_s: float = 0.0  # idle time `compress_idle` took out (0: replayed as written)
 
     def __len__(self) -> int:
         return len(self.arrivals_s)
@@ -44,16 +47,18 @@ def parse_trace(text: str, *, name: str = "trace") -> Trace:
                 f"{name} line {lineno}: expected '<arrival_ms>,<prompt_idx>', got {line!r}"
             )
         try:
-            arrival_ms = float(parts[0])
-            prompt = int(float(parts[1]))
+            arrival_ms, prompt_value = float(parts[0]), float(parts[1])
         except ValueError:
             raise TraceError(
                 f"{name} line {lineno}: arrival_ms and prompt_idx must be numbers, got {line!r}"
             ) from None
         if not math.isfinite(arrival_ms) or arrival_ms < 0:
             raise TraceError(f"{name} line {lineno}: arrival_ms must be >= 0, got {parts[0]!r}")
-        if prompt < 0:
-            raise TraceError(f"{name} line {lineno}: prompt_idx must be >= 0, got {parts[1]!r}")
+        if not math.isfinite(prompt_value) or prompt_value < 0:
+            raise TraceError(
+                f"{name} line {lineno}: prompt_idx must be a whole number >= 0, got {parts[1]!r}"
+            )
+        prompt = int(prompt_value)
         rows.append((arrival_ms / 1000.0, prompt))
     if not rows:
         raise TraceError(f"{name}: no requests in the trace")
@@ -62,6 +67,34 @@ def parse_trace(text: str, *, name: str = "trace") -> Trace:
         name=name,
         arrivals_s=tuple(r[0] for r in rows),
         prompts=tuple(r[1] for r in rows),
+    )
+
+
+def compress_idle(trace: Trace, *, horizon_s: float) -> Trace:
+    """The trace with every stretch without arrivals longer than `horizon_s` (the first one,
+    from 0, included) shortened to `horizon_s`; `idle_skipped_s` says how much was taken out.
+
+    A caller picks a horizon after which the simulated cascade is idle and its control loop
+    stationary (`sim.run.idle_horizon_s`): the rest of such a stretch changes no request's
+    outcome, and replaying it would only cost a tick per interval and a row per second."""
+    if not horizon_s > 0:
+        raise ValueError(f"horizon_s must be > 0, got {horizon_s}")
+    arrivals: list[float] = []
+    skipped, previous_in, previous_out = 0.0, 0.0, 0.0
+    for at in trace.arrivals_s:
+        gap = at - previous_in
+        if gap > horizon_s:
+            skipped += gap - horizon_s
+            gap = horizon_s
+        previous_in, previous_out = at, previous_out + gap
+        arrivals.append(previous_out)
+    if skipped == 0.0:
+        return trace
+    return Trace(
+        name=trace.name,
+        arrivals_s=tuple(arrivals),
+        prompts=trace.prompts,
+        idle_skipped_s=trace.idle_skipped_s + skipped,
     )
 
 

@@ -6,21 +6,17 @@ $KUBECONFIG's default location at import time); Kopf, the operator and kubectl a
 
 from __future__ import annotations
 
-import os
-import tempfile
+from kube_session import KUBE_DIR, KUBECONFIG  # first: sets $KUBECONFIG
+
+# isort: split
+from collections.abc import Iterator
 from pathlib import Path
 
-KUBE_DIR = Path(tempfile.mkdtemp(prefix="dc-kube-"))
-KUBECONFIG = KUBE_DIR / "kubeconfig"
-os.environ["KUBECONFIG"] = str(KUBECONFIG)
-
-from collections.abc import Iterator  # noqa: E402
-
-import kubernetes  # noqa: E402
-import pytest  # noqa: E402
-import yaml  # noqa: E402
-from kmock_k8s import ThreadedKMock  # noqa: E402
-from kube_env import (  # noqa: E402
+import kubernetes
+import pytest
+import yaml
+from kmock_k8s import ThreadedKMock
+from kube_env import (
     CRD_PATH,
     PrometheusProcess,
     WorkerProcess,

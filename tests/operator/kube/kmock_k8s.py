@@ -247,6 +247,47 @@ class StampingEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         }
 
 
+@attrs.define(frozen=True)
+class Fault:
+    """An apiserver fault: requests whose method matches (`*`: any) and whose path matches the
+    regular expression `path` wait `delay_s`, then get `status` (0: served as usual)."""
+
+    method: str
+    path: str
+    status: int = 0
+    delay_s: float = 0.0
+
+
+#: Requests with this header are never faulted: the test's own reads see the stored state
+#: while the operator's requests fail.
+OBSERVER_HEADER = "X-Kmock-Observer"
+
+
+@attrs.define(kw_only=True)
+class FaultyEmulator(StampingEmulator):
+    """The emulator with injectable faults (409/500 bursts, outages, a hung apiserver). The
+    test sets `faults` from its own thread; `hits` counts the requests each fault answered."""
+
+    faults: tuple[Fault, ...] = ()
+    hits: dict[Fault, int] = attrs.field(factory=dict)
+
+    async def _handle(self, request: Any) -> Any:
+        method = str(getattr(request.method, "value", request.method)).upper()
+        path = request.url.path
+        observer = any(k.lower() == OBSERVER_HEADER.lower() for k in request.headers)
+        for fault in () if observer else self.faults:
+            if fault.method in ("*", method) and re.search(fault.path, path):
+                self.hits[fault] = self.hits.get(fault, 0) + 1
+                if fault.delay_s:
+                    await asyncio.sleep(fault.delay_s)
+                if fault.status:
+                    raise kmock.KubernetesError(
+                        status=fault.status, reason="Injected", message=f"injected {fault.status}"
+                    )
+                break
+        return await super()._handle(request)
+
+
 class ThreadedKMock:
     """`with ThreadedKMock() as srv:` serves the emulator at `srv.url` from its own thread."""
 

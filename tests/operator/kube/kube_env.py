@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -326,13 +326,36 @@ def start_router(logs: Path, *, allowed: Sequence[str]) -> RouterProcess:
     return RouterProcess(port=port, process=process)
 
 
+def adopted(
+    children: Iterable[dict[str, Any]],
+    *,
+    namespace: str,
+    cascade: str = "c",
+    uid: str = "owner-uid",
+) -> list[dict[str, Any]]:
+    """Children placed in `namespace` and owned by cascade `cascade` (uid `uid`), as the
+    operator applies them (it applies nothing without its cascade's owner reference)."""
+    import kopf
+
+    out = list(children)
+    for child in out:
+        child["metadata"]["namespace"] = namespace
+    owner = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "DiffusionCascade",
+        "metadata": {"name": cascade, "namespace": namespace, "uid": uid},
+    }
+    kopf.adopt(out, owner=owner)  # type: ignore[arg-type]
+    return out
+
+
 class Cluster:
     """The test's view of the emulated API (typed clients where they help)."""
 
-    def __init__(self) -> None:
-        self.custom = kubernetes.client.CustomObjectsApi()
-        self.apps = kubernetes.client.AppsV1Api()
-        self.core = kubernetes.client.CoreV1Api()
+    def __init__(self, client: kubernetes.client.ApiClient | None = None) -> None:
+        self.custom = kubernetes.client.CustomObjectsApi(client)
+        self.apps = kubernetes.client.AppsV1Api(client)
+        self.core = kubernetes.client.CoreV1Api(client)
 
     def create_cascade(self, namespace: str, manifest: dict[str, Any]) -> None:
         self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest)
@@ -401,14 +424,28 @@ class Cluster:
         return out
 
     def create_token_secret(self, namespace: str, cascade: str) -> None:
-        """The workers run with TOKEN: hand it to the operator the way a user could, in the
-        Secret it would otherwise generate."""
+        """The workers run with TOKEN: hand it to the operator in the Secret it would otherwise
+        generate, owned by the cascade as the operator's own would be (the operator reads no
+        Secret it does not own). The cascade must exist."""
+        uid = self.cascade(namespace, cascade)["metadata"]["uid"]
         self.core.create_namespaced_secret(
             namespace,
             {
                 "apiVersion": "v1",
                 "kind": "Secret",
-                "metadata": {"name": f"{cascade}-token"},
+                "metadata": {
+                    "name": f"{cascade}-token",
+                    "ownerReferences": [
+                        {
+                            "apiVersion": f"{GROUP}/{VERSION}",
+                            "kind": "DiffusionCascade",
+                            "name": cascade,
+                            "uid": uid,
+                            "controller": True,
+                            "blockOwnerDeletion": True,
+                        }
+                    ],
+                },
                 "stringData": {"token": TOKEN},
             },
         )

@@ -13,7 +13,7 @@ from diffcascade_operator.kube.actuator import PodInfo, apply_plan, deletion_cos
 from diffcascade_operator.kube.api import KubeApi
 from diffcascade_operator.kube.manifests import DELETION_COST, plan_id
 from kmock_k8s import ThreadedKMock
-from kube_env import Cluster
+from kube_env import Cluster, adopted
 from test_kube_manifests import _children, _plan, _spec
 
 
@@ -63,8 +63,7 @@ def test_scale_down_marks_the_idlest_pod_cheapest_and_config_is_pushed_once(
     k8s: ThreadedKMock, pods: dict[str, Pod]
 ) -> None:
     api, cluster, ns = KubeApi(), Cluster(), "actuate"
-    for child in _children(_plan(2, 1, 0.1)).values():
-        child["metadata"]["namespace"] = ns
+    for child in adopted(_children(_plan(2, 1, 0.1)).values(), namespace=ns):
         api.apply(child)
     infos = []
     for name, pod in pods.items():

@@ -111,6 +111,7 @@ def test_gpu_limit_follows_gpus_per_replica(gpus: int) -> None:
     raw = cascade_manifest("c", models=MODELS)["spec"]
     raw["variants"][0]["gate"]["deferCurve"] = {"thresholds": [0, 1], "deferFractions": [0, 1]}
     raw["variants"][1]["gpusPerReplica"] = gpus
+    raw["variants"][1]["maxReplicas"] = 4  # gpusPerReplica 0 needs it
     raw["variants"][1]["resources"] = {"requests": {"memory": "8Gi", "cpu": 2}}
     dep = _children(_plan(1, 1, 0.1), parse_spec(raw))["Deployment/c-heavy"]
     resources = dep["spec"]["template"]["spec"]["containers"][0]["resources"]

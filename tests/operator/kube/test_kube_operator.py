@@ -94,8 +94,8 @@ def cluster(k8s: ThreadedKMock) -> Cluster:
 
 
 def _setup(cluster: Cluster, namespace: str, models: dict[str, Path]) -> dict[str, Any]:
-    cluster.create_token_secret(namespace, CASCADE)
     cluster.create_cascade(namespace, cascade_manifest(CASCADE, models=models))
+    cluster.create_token_secret(namespace, CASCADE)
     return cluster.cascade(namespace, CASCADE)
 
 
@@ -271,12 +271,12 @@ def test_kubectl_get_dcas_prints_the_printer_columns(
     tmp_path: Path,
 ) -> None:
     ns = "cli"
-    cluster.create_token_secret(ns, CASCADE)
     manifest = cascade_manifest(CASCADE, models=tiny_models)
     manifest["metadata"]["namespace"] = ns
     (tmp_path / "cascade.yaml").write_text(json.dumps(manifest))
+    _kubectl("apply", "--validate=false", "-f", str(tmp_path / "cascade.yaml"))
+    cluster.create_token_secret(ns, CASCADE)
     with Operator(namespace=ns, env=operator_env(prometheus_url=prometheus.url)):
-        _kubectl("apply", "--validate=false", "-f", str(tmp_path / "cascade.yaml"))
         wait_for(lambda: cluster.replicas(ns, f"{CASCADE}-heavy"), what="Deployments")
         cluster.register_pods(ns, CASCADE, workers)
         wait_for(

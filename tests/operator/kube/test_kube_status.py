@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from diffcascade_operator.control import fallback_plan
 from diffcascade_operator.kube import status as st
 from diffcascade_operator.kube.manifests import plan_id
-from test_kube_manifests import _plan
+from diffcascade_operator.kube.reconcile import step_status
+from test_kube_manifests import _plan, _spec
 
 
 def test_last_transition_time_moves_only_when_the_status_flips() -> None:
@@ -84,3 +86,24 @@ def test_a_hybrid_plan_shows_and_restores_its_entry_pair_router_share_and_row() 
     assert (
         "light->heavy  (table row r=0.2 c=0.5: FID 19.29)  entry light, router share 0.20" in text
     )
+
+
+def test_a_plan_decide_could_not_make_is_allocation_solved_false_and_degraded() -> None:
+    plan = fallback_plan(_spec(), 10.0, "cannot plan: variant light: batch 1 takes 0 ms")
+    fields = step_status(
+        plan=plan,
+        reading=None,
+        metrics_error="no Prometheus",
+        apply_error=None,
+        result=None,
+        ready={},
+        status={},
+        generation=1,
+        now=10.0,
+        history=[],
+    )
+    conditions = {c["type"]: c for c in fields["conditions"]}
+    solved = conditions["AllocationSolved"]
+    assert (solved["status"], solved["reason"]) == ("False", "CannotPlan")
+    assert "batch 1 takes 0 ms" in solved["message"]
+    assert fields["allocation"]["solver"]["status"] == "Failed"

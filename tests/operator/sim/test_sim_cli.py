@@ -188,6 +188,39 @@ def test_malformed_trace_names_the_line(tmp_path: Path) -> None:
     assert "line 2" in out
 
 
+def test_a_prompt_index_beyond_any_integer_is_a_usage_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.txt"
+    bad.write_text("0,1\n10,inf\n")
+    code, out = simulate("--scenario", "sdturbo-sdv15", "--trace", str(bad))
+    assert code == 2
+    assert "line 2: prompt_idx must be a whole number >= 0" in out
+    assert "Traceback" not in out and "OverflowError" not in out
+
+
+def test_a_trace_spanning_years_runs_in_the_time_of_its_requests(tmp_path: Path) -> None:
+    """Two requests 1e10 ms apart used to take ~2.5 h and 19 GB (a tick, a scrape and a row for
+    every second in between); idle time past the horizon is now left out of the replay."""
+    trace = tmp_path / "span.txt"
+    trace.write_text("0,1\n10000000000,2\n")
+    code, out = simulate(
+        "--scenario",
+        "sdturbo-sdv15",
+        "--trace",
+        str(trace),
+        "--gpus",
+        "16",
+        "--no-png",
+        "--json",
+        "--out",
+        str(tmp_path / "out"),
+    )
+    assert code == 0, out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["requests"] == 2 and summary["dropped"] == 0
+    assert summary["idle_skipped_s"] > 9_999_000
+    assert summary["decisions"] < 400  # one tick per interval of the replayed time only
+
+
 def test_unknown_scenario_is_a_usage_error(short_trace: Path) -> None:
     code, out = simulate("--scenario", "nope", "--trace", str(short_trace))
     assert code == 2

@@ -47,7 +47,7 @@ class RecordingApi(KubeApi):
     def patch_configmap_data(self, namespace: str, name: str, body: dict[str, Any]) -> None:
         self.calls.append(("configmap", name))
 
-    def read_token(self, namespace: str, name: str) -> str | None:
+    def read_token(self, namespace: str, name: str, *, owner: Any) -> str | None:
         return "token"
 
     def apply(self, manifest: dict[str, Any]) -> str:
