@@ -34,9 +34,8 @@ LOGS = Path(tempfile.gettempdir()) / "diffcascade-operator-tests"
 
 def _curve_inline(manifest: dict[str, Any]) -> dict[str, Any]:
     """The kube_env cascade with an inline curve (no file to read) and named variants."""
-    manifest["spec"]["variants"][0]["gate"] = {
-        "deferCurve": {"thresholds": [0.0, 1.0], "deferFractions": [0.0, 1.0]}
-    }
+    gate = manifest["spec"]["variants"][0].setdefault("gate", {})
+    gate["deferCurve"] = {"thresholds": [0.0, 1.0], "deferFractions": [0.0, 1.0]}
     return manifest
 
 

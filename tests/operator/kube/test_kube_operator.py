@@ -319,7 +319,9 @@ def _slo(cluster: Cluster, ns: str, status: str) -> dict[str, Any] | None:
     return cond if cond is not None and cond.get("status") == status else None
 
 
-def _post(url: str, count: int, *, headers: dict[str, str] | None = None) -> list[int]:
+def _post(
+    url: str, count: int, *, headers: dict[str, str] | None = None, gap_s: float = 0.1
+) -> list[int]:
     codes = []
     for i in range(count):
         codes.append(
@@ -330,7 +332,7 @@ def _post(url: str, count: int, *, headers: dict[str, str] | None = None) -> lis
                 timeout=30,
             ).status_code
         )
-        time.sleep(0.1)
+        time.sleep(gap_s)
     return codes
 
 
@@ -358,7 +360,9 @@ def test_measured_misses_turn_slo_met_false_with_the_numbers_beside_the_plan(
         met = wait_for(lambda: _slo(cluster, ns, "True"), timeout=60, what="SLOMet True")
         assert met["reason"] == "Met" and "requests missed the 5 s SLO" in met["message"]
 
-        codes = _post(workers["light"].url, 30, headers={HEADER_BUDGET_MS: "1"})
+        # Dropped at once, so paced: at 10 qps the demand would outgrow the two light replicas
+        # and the plan would turn Infeasible, which Degraded reports before SLOMissed.
+        codes = _post(workers["light"].url, 30, headers={HEADER_BUDGET_MS: "1"}, gap_s=0.4)
         assert codes.count(503) >= 15, codes  # dropped at dequeue: cannot finish in 1 ms
         missed = wait_for(lambda: _slo(cluster, ns, "False"), timeout=60, what="SLOMet False")
         print("measured:", missed["message"])

@@ -48,6 +48,10 @@ def test_render_prints_every_child_of_the_gpu_example_valid_and_owned() -> None:
         "NetworkPolicy/turbo-v15-sd-v1-5",
         "PodDisruptionBudget/turbo-v15-sd-v1-5",
         "Deployment/turbo-v15-sd-v1-5",
+        "Service/turbo-v15",  # the pre-generation router: the cascade's one stable endpoint
+        "NetworkPolicy/turbo-v15",
+        "PodDisruptionBudget/turbo-v15",
+        "Deployment/turbo-v15",
     ]
     assert docs[0]["metadata"]["name"].startswith("turbo-v15-profile-sd-turbo-")
     for doc in docs:

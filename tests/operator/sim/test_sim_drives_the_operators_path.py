@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from diffcascade_operator.control import decide, same_decision
@@ -50,7 +50,10 @@ class RecordingApi(KubeApi):
     def read_token(self, namespace: str, name: str, *, owner: Any) -> str | None:
         return "token"
 
-    def apply(self, manifest: dict[str, Any]) -> str:
+    def existing(self, children: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any] | None]:
+        return {f"{c['kind']}/{c['metadata']['name']}": None for c in children}
+
+    def apply(self, manifest: dict[str, Any], *, existing: Mapping[str, Any] | None = None) -> str:
         self.calls.append(("apply", f"{manifest['kind']}/{manifest['metadata']['name']}"))
         return "created"
 
