@@ -205,8 +205,8 @@ def test_a_table_whose_plan_enters_past_the_first_variant_routes_through_the_rou
     stages = [f"http://{CASCADE}-{v}.{ns}.svc:8000" for v in ("light", "mid", "heavy")]
     router = start_router(tmp_path, allowed=stages)
     try:
-        cluster.create_token_secret(ns, CASCADE)
         cluster.create_cascade(ns, manifest)
+        cluster.create_token_secret(ns, CASCADE)
         with Operator(namespace=ns, env=operator_env(prometheus_url=prometheus.url)):
             wait_for(lambda: cluster.replicas(ns, CASCADE), what="the router Deployment")
             cluster.register_pods(ns, CASCADE, workers)
