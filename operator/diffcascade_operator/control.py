@@ -42,6 +42,11 @@ from diffcascade_operator.spec import (
     Objective,
 )
 
+#: While the plan in force was made before any reading (status Initial), the drivers step
+#: this often instead of every interval: load already arriving is planned for one scrape
+#: after the first reading, not an interval later (a cascade started, or an operator
+#: restarted, under load).
+FIRST_READING_POLL_S = 1.0
 #: Below this arrival rate (qps) a stage's queue says nothing about waiting time.
 MIN_ARRIVAL_QPS = 1e-6
 
@@ -630,6 +635,20 @@ def _decide(snapshot: Snapshot, previous: Plan | None) -> Plan:
     )
 
 
+def step_due(plan: Plan | None, *, since_last_s: float, interval_s: float) -> bool | None:
+    """The drivers' cadence, in one place: True when the regular step is due (every
+    `interval_s` since the last regular one), None for an early step (every
+    `FIRST_READING_POLL_S` while the plan in force was made before any reading; it leaves
+    the regular cadence where it was), False otherwise."""
+    slack = 0.05  # a timer that fires a hair early still counts
+    if since_last_s >= interval_s - slack:
+        return True
+    initial = plan is None or plan.solver.status is SolverStatus.INITIAL
+    if initial and since_last_s >= FIRST_READING_POLL_S - slack:
+        return None
+    return False
+
+
 def same_decision(a: Plan, b: Plan) -> bool:
     """Equal plans apart from wall-clock measurements (solve time, and the reason quoting it)."""
 
@@ -653,5 +672,6 @@ __all__ = [
     "replica_bounds",
     "same_decision",
     "starting_replicas",
+    "step_due",
     "unusable_profiles",
 ]

@@ -7,6 +7,10 @@ headroom multiplies the result. A step the EWMA would take several intervals to 
 newest sample above `panic_ratio` x the EWMA, Knative's panic mode) is planned for at once:
 scaling up late costs SLO violations, scaling up early costs only GPU time until the
 scale-down window passes. Pure: the caller passes the samples and the time.
+
+The EWMA and the trend read each sample's rate over its control interval (every arrival
+counts); the step rule reads its instant rate (the last scrape) where the source has one,
+so a step is still planned for one scrape after it happens.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from diffcascade_operator.snapshot import MAX_QPS, DemandSample
 @dataclass(frozen=True)
 class DemandEstimate:
     qps: float  # what to plan for: (ewma + upward trend x horizon, or a step) x headroom
-    raw_qps: float  # the newest sample
+    raw_qps: float  # the newest sample (its instant rate when above its interval rate)
     ewma_qps: float
     trend_qps_per_s: float  # least-squares slope over the trend window (may be negative)
     samples: int  # samples used (not in the future)
@@ -68,14 +72,16 @@ def estimate_demand(
         raise ValueError(f"headroom must be > 0, got {headroom}")
     if panic_ratio <= 1.0:
         raise ValueError(f"panic_ratio must be > 1, got {panic_ratio}")
-    usable = sorted(
+    kept = sorted(
         (
-            (s.at, max(0.0, s.qps))
+            s
             for s in samples
             if math.isfinite(s.at) and s.at <= now and math.isfinite(s.qps) and s.qps <= MAX_QPS
         ),
-        key=lambda p: p[0],
+        key=lambda s: s.at,
     )
+    usable = [(s.at, max(0.0, s.qps)) for s in kept]
+    latest = kept[-1] if kept else None
     if not usable:
         return DemandEstimate(
             qps=0.0, raw_qps=0.0, ewma_qps=0.0, trend_qps_per_s=0.0, samples=0, empty=True
@@ -86,7 +92,12 @@ def estimate_demand(
     recent = [p for p in usable if p[0] >= now - trend_window_s]
     slope = _slope(recent)
     newest = usable[-1][1]
-    smoothed = ewma + max(0.0, slope * trend_horizon_s)
+    instant = latest.instant_qps if latest is not None else None
+    if instant is not None and math.isfinite(instant) and 0.0 <= instant <= MAX_QPS:
+        newest = max(newest, instant)
+    # a rate over a span describes its middle: project a rise from there
+    lag = 0.5 * latest.span_s if latest is not None and math.isfinite(latest.span_s) else 0.0
+    smoothed = ewma + max(0.0, slope * (trend_horizon_s + max(0.0, lag)))
     step = len(usable) > 1 and newest > panic_ratio * ewma and newest > smoothed
     planned = (newest if step else smoothed) * headroom
     return DemandEstimate(

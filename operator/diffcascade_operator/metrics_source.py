@@ -33,6 +33,7 @@ from diffcascade_worker.protocol import (
     LABEL_VARIANT,
     LATENCY_SECONDS,
     QUEUE_DEPTH,
+    ROUTER_ROUTED,
 )
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -65,6 +66,14 @@ class MetricsReading:
     stages: dict[str, StageSample]  # by variant name
     source: SourceName
     at: float  # wall-clock seconds of the reading
+    #: Per variant, the arrival rate over the control interval (every arrival in it); None
+    #: when the source has only `stages`' rates (which then count every arrival themselves).
+    window_qps: Mapping[str, float] | None = None
+    #: Every arrival of the cascade (its router's counter), whatever stage it entered at: the
+    #: instant rate and the rate over the control interval; None without a router series.
+    cascade_qps: float | None = None
+    cascade_window_qps: float | None = None
+    window_s: float = 0.0  # the span the window rates cover
 
 
 class MetricsSource(Protocol):
@@ -117,13 +126,19 @@ def _quote(value: str) -> str:
 
 
 class PrometheusSource:
-    """PromQL through prometheus-api-client: two instant queries per reading.
+    """PromQL through prometheus-api-client: a few instant queries per reading.
 
     Arrival rates use `irate`: the rate between the last two scrapes, so a demand step shows
     one scrape after it happens instead of being averaged in over a whole window. Smoothing
     is the demand estimator's job (EWMA, trend and step rule in `demand.py`), where it is
     tested and configurable. `window_s` only bounds how old those two scrapes may be: it must
     span at least two scrapes (four is safer), so a 15 s scrape interval wants 60 s.
+
+    With `demand_window_s` (the control interval) the reading also carries `rate` over that
+    window, so the demand counts every arrival since the last step, not the last scrape's
+    (absent when the window holds fewer than two scrapes: `irate` then spans more than the
+    interval anyway). The cascade's router counter, when scraped, gives the cascade's own
+    arrivals whatever stage a plan enters at.
     """
 
     def __init__(
@@ -134,6 +149,7 @@ class PrometheusSource:
         timeout_s: float = 2.0,
         namespace_label: str | None = None,
         clock: Callable[[], float] = time.time,
+        demand_window_s: float | None = None,
     ) -> None:
         from prometheus_api_client import PrometheusConnect
         from urllib3.util.retry import Retry
@@ -142,6 +158,7 @@ class PrometheusSource:
         self.window_s = window_s
         self.timeout_s = timeout_s
         self.namespace_label = namespace_label
+        self.demand_window_s = demand_window_s
         self._clock = clock
         # One quick retry at most: a dead Prometheus must turn into a fallback within a tick.
         self._client = PrometheusConnect(
@@ -165,6 +182,31 @@ class PrometheusSource:
             f"sum by ({LABEL_VARIANT}) (irate({ARRIVALS.exposed}{{{sel}}}[{window}]))",
             f"sum by ({LABEL_VARIANT}) ({QUEUE_DEPTH.exposed}{{{sel}}})",
         )
+
+    def demand_queries(
+        self, *, cascade: str, namespace: str | None = None
+    ) -> tuple[str | None, str, str | None]:
+        """(arrival rate by variant over the control interval, the router's instant rate,
+        the router's rate over the control interval): None without `demand_window_s`."""
+        sel = self._selector(cascade, namespace)
+        window = f"{max(1, round(self.window_s))}s"
+        routed = f"{ROUTER_ROUTED.exposed}{{{sel}}}"
+        instant = f"sum(irate({routed}[{window}]))"
+        if self.demand_window_s is None:
+            return None, instant, None
+        interval = f"{max(1, math.ceil(self.demand_window_s))}s"
+        return (
+            f"sum by ({LABEL_VARIANT}) (rate({ARRIVALS.exposed}{{{sel}}}[{interval}]))",
+            instant,
+            f"sum(rate({routed}[{interval}]))",
+        )
+
+    def _total(self, promql: str | None) -> float | None:
+        """The value of a query with one unlabelled row; None when it has none."""
+        if promql is None:
+            return None
+        rows = self._rows(promql)
+        return rows[0][1] if rows else None
 
     def _query(self, promql: str) -> dict[str, float]:
         """One value per variant (`_rows`, keyed by the variant label)."""
@@ -195,8 +237,19 @@ class PrometheusSource:
             v: StageSample(queue_depth=depths.get(v, 0.0), arrival_qps=rates.get(v, 0.0))
             for v in variants
         }
+        window_q, cascade_q, cascade_window_q = self.demand_queries(
+            cascade=cascade, namespace=namespace
+        )
+        window = self._query(window_q) if window_q is not None else {}
         return MetricsReading(
-            demand_qps=rates[variants[0]], stages=stages, source="Prometheus", at=self._clock()
+            demand_qps=rates[variants[0]],
+            stages=stages,
+            source="Prometheus",
+            at=self._clock(),
+            window_qps={v: window.get(v, 0.0) for v in variants} if window else None,
+            cascade_qps=self._total(cascade_q),
+            cascade_window_qps=self._total(cascade_window_q),
+            window_s=float(math.ceil(self.demand_window_s or 0.0)),
         )
 
     def live_queries(
@@ -465,6 +518,7 @@ class ScrapeSource:
                 time.sleep(self._first_gap_s)
                 current = self._scrape_all(urls, cascade) or current
             stages: dict[str, StageSample] = {}
+            spans: list[float] = []
             for variant in variants:
                 depth = rate = 0.0
                 for url in endpoints[variant]:
@@ -478,6 +532,7 @@ class ScrapeSource:
                         if delta < 0:  # the worker restarted: its counter began again
                             delta = now.arrivals_total
                         rate += delta / (now.at - before.at)
+                        spans.append(now.at - before.at)
                 stages[variant] = StageSample(queue_depth=depth, arrival_qps=rate)
             self._previous.update(current)
             for gone in set(self._previous) - set(urls):
@@ -487,6 +542,9 @@ class ScrapeSource:
             stages=stages,
             source="DirectScrape",
             at=self._clock(),
+            # counter deltas between reads: every arrival since the last step already
+            window_qps={v: stage.arrival_qps for v, stage in stages.items()},
+            window_s=max(spans, default=0.0),
         )
 
     def _scrape_text(self, url: str) -> str | None:

@@ -19,10 +19,19 @@ MAX_QUEUE_DEPTH = 1e7
 
 @dataclass(frozen=True)
 class DemandSample:
-    """Arrival rate at the cascade's entry (first stage) measured over a short window."""
+    """The cascade's arrival rate at one control step.
+
+    `qps` counts every arrival since the previous step where the source can (a rate over the
+    control interval); `instant_qps` is the rate between the last two scrapes, which shows a
+    step one scrape after it happens (None: the source has only the one rate).
+    """
 
     at: float  # seconds (any monotonic clock shared by the snapshot)
     qps: float
+    instant_qps: float | None = None
+    #: How many seconds `qps` averages over (0: an instant rate); the rate stands for the
+    #: middle of that span, so a rising trend is projected from there.
+    span_s: float = 0.0
 
 
 @dataclass(frozen=True)

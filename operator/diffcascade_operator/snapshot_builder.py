@@ -53,6 +53,17 @@ def implausible(reading: MetricsReading) -> str | None:
 
     if bad(reading.demand_qps, MAX_QPS):
         return f"demand of {reading.demand_qps:g} qps (plausible: 0 to {MAX_QPS:g})"
+    for what, total in (
+        ("cascade arrival rate", reading.cascade_qps),
+        ("cascade arrival rate over the interval", reading.cascade_window_qps),
+    ):
+        if total is not None and bad(total, MAX_QPS):
+            return f"{what} of {total:g} qps (plausible: 0 to {MAX_QPS:g})"
+    for name, qps in sorted((reading.window_qps or {}).items()):
+        if bad(qps, MAX_QPS):
+            return f"{name}: arrival rate over the interval of {qps:g} qps (plausible: 0 to " + (
+                f"{MAX_QPS:g})"
+            )
     for name, stage in sorted(reading.stages.items()):
         if bad(stage.arrival_qps, MAX_QPS):
             return (
@@ -73,6 +84,7 @@ def build_snapshot(
     reading: MetricsReading | None,
     ready_replicas: Mapping[str, int],
     dispatch: Dispatch = Dispatch.LEAST_LOADED,
+    entry: str | None = None,
 ) -> Snapshot:
     """Record the reading's demand in `history`, then the snapshot of this instant.
 
@@ -81,7 +93,7 @@ def build_snapshot(
     a reading there are no stage numbers and `metrics_available` is False: `decide()` holds.
     """
     if reading is not None:
-        history.append(DemandSample(at=now, qps=reading.demand_qps))
+        history.append(demand_sample(reading, at=now, entry=entry))
     return Snapshot(
         spec=spec,
         profiles=profiles,
@@ -92,6 +104,25 @@ def build_snapshot(
         metrics_available=reading is not None,
         dispatch=dispatch,
     )
+
+
+def demand_sample(reading: MetricsReading, *, at: float, entry: str | None) -> DemandSample:
+    """The cascade's demand in one reading: its router's count of every arrival when the
+    source has one, else the arrivals at `entry` (the stage the plan in force sends clients
+    to; the first variant when None), whose other prompts skip it only when routed. The
+    sample's rate counts every arrival over the control interval where the source has that
+    rate; its instant rate (the last scrape) drives the step rule (`demand.py`)."""
+    if reading.cascade_qps is not None:
+        instant = reading.cascade_qps
+        window = reading.cascade_window_qps
+    else:
+        stage = reading.stages.get(entry) if entry is not None else None
+        instant = stage.arrival_qps if stage is not None else reading.demand_qps
+        name = entry if stage is not None else next(iter(reading.stages), None)
+        window = (reading.window_qps or {}).get(name) if name is not None else None
+    if window is None:
+        return DemandSample(at=at, qps=instant, instant_qps=instant)
+    return DemandSample(at=at, qps=window, instant_qps=instant, span_s=reading.window_s)
 
 
 # --- live profiles (issue 9) -------------------------------------------------------------------

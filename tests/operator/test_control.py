@@ -464,3 +464,16 @@ def test_random_dispatch_plans_fewer_queries_per_replica_than_least_loaded() -> 
     assert pooled.predicted_fid is not None and random_.predicted_fid is not None
     assert random_.predicted_fid > pooled.predicted_fid  # the same GPUs carry less
     assert sum(random_.replicas().values()) <= spec.gpu_budget
+
+
+def test_the_plan_made_before_any_reading_is_replaced_at_the_first_reading() -> None:
+    from diffcascade_operator.control import step_due
+
+    spec = make_spec()
+    start = initial_plan(spec, profiles_from_spec(spec), 0.0)
+    assert step_due(None, since_last_s=1.0, interval_s=5.0) is None  # early, off the cadence
+    assert step_due(start, since_last_s=1.0, interval_s=5.0) is None
+    assert step_due(start, since_last_s=0.5, interval_s=5.0) is False
+    solved = decide(snapshot(spec, now=10.0, qps=20.0), start)
+    assert step_due(solved, since_last_s=1.0, interval_s=5.0) is False
+    assert step_due(solved, since_last_s=4.97, interval_s=5.0) is True

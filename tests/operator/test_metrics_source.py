@@ -267,3 +267,14 @@ def test_prometheus_slo_query_reads_the_entry_stage_only() -> None:
         query
     )
     assert "sum by (outcome) (increase(diffcascade_completed_requests_total{" in query
+
+
+def test_prometheus_source_counts_every_arrival_of_the_interval_and_the_routers() -> None:
+    source = PrometheusSource("http://prom:9090", window_s=30, demand_window_s=5)
+    window, instant, cascade_window = source.demand_queries(cascade="c1")
+    assert window == (
+        'sum by (variant) (rate(diffcascade_arrived_requests_total{cascade="c1"}[5s]))'
+    )
+    assert instant == 'sum(irate(diffcascade_router_routed_images_total{cascade="c1"}[30s]))'
+    assert cascade_window == 'sum(rate(diffcascade_router_routed_images_total{cascade="c1"}[5s]))'
+    assert PrometheusSource("http://prom:9090").demand_queries(cascade="c1")[0] is None

@@ -36,8 +36,8 @@ def test_a_reading_finished_after_the_step_began_counts_in_that_steps_demand() -
         reading=_reading(6.0, at=100.3),
         ready_replicas={LIGHT: 1, HEAVY: 1},
     )
-    assert list(history) == [DemandSample(at=100.0, qps=6.0)]
-    assert snapshot.demand == (DemandSample(at=100.0, qps=6.0),)
+    assert list(history) == [DemandSample(at=100.0, qps=6.0, instant_qps=6.0)]
+    assert snapshot.demand == (DemandSample(at=100.0, qps=6.0, instant_qps=6.0),)
     assert snapshot.metrics_available
     assert snapshot.stages[LIGHT].queue_depth == 2.0
     assert decide(snapshot, None).demand_qps == pytest.approx(6.0)
@@ -188,3 +188,32 @@ def test_a_reading_no_worker_could_produce_is_refused_and_never_recorded(
         ready_replicas={},
     )
     assert not history and not snapshot.metrics_available
+
+
+def test_demand_counts_every_arrival_of_the_interval_and_keeps_the_scrapes_rate_for_steps() -> None:
+    from dataclasses import replace
+
+    from diffcascade_operator.snapshot_builder import demand_sample
+
+    base = _reading(6.0, at=100.0)
+    windowed = replace(base, window_qps={LIGHT: 4.5, HEAVY: 1.0})
+    assert demand_sample(windowed, at=100.0, entry=None) == DemandSample(100.0, 4.5, 6.0)
+    # a plan entering at the heavy stage: its arrivals are the demand (nothing routed)
+    assert demand_sample(windowed, at=100.0, entry=HEAVY).qps == 1.0
+    # the router's counter sees every arrival, whatever the entry stage
+    routed = replace(windowed, cascade_qps=9.0, cascade_window_qps=8.0)
+    assert demand_sample(routed, at=100.0, entry=HEAVY) == DemandSample(100.0, 8.0, 9.0)
+
+
+def test_an_instant_step_is_planned_for_though_the_interval_rate_lags() -> None:
+    from diffcascade_operator.demand import estimate_demand
+
+    flat = [DemandSample(float(t), 2.0, 2.0) for t in range(0, 20, 5)]
+    # a step to 10 qps one second before the step: 2 of the interval's 5 s were at 10 qps
+    stepped = [*flat, DemandSample(20.0, (3 * 2.0 + 2 * 10.0) / 5, 10.0)]
+    estimate = estimate_demand(stepped, now=20.0, alpha=0.3, headroom=1.0, trend_horizon_s=0.0)
+    assert estimate.step and estimate.qps == pytest.approx(10.0)
+    calm = estimate_demand(
+        [*flat, DemandSample(20.0, 2.2, 2.4)], now=20.0, alpha=0.3, headroom=1.0, trend_horizon_s=0
+    )
+    assert not calm.step and calm.qps == pytest.approx(0.3 * 2.2 + 0.7 * 2.0)

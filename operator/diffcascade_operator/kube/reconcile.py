@@ -383,11 +383,18 @@ def metrics_source(
     state: CascadeState, spec: CascadeSpec, settings: OperatorSettings
 ) -> MetricsSource | None:
     url = spec.control.prometheus_url or settings.prometheus_url
-    if state.source is None or state.source_url != url:
+    interval = settings.interval_s or spec.control.interval_seconds
+    prom_now = getattr(getattr(state.source, "primary", state.source), "demand_window_s", None)
+    stale = prom_now is not None and prom_now != interval
+    if state.source is None or state.source_url != url or stale:
         scrape = ScrapeSource(lambda: state.endpoints) if settings.scrape_fallback else None
         prom = (
             PrometheusSource(
-                url, window_s=settings.metrics_window_s, namespace_label=settings.namespace_label
+                url,
+                window_s=settings.metrics_window_s,
+                namespace_label=settings.namespace_label,
+                # the demand counts every arrival of the control interval (`demand.py`)
+                demand_window_s=interval,
             )
             if url
             else None
@@ -468,9 +475,11 @@ def control_step(
         fields = invalid_spec_status(exc, status=status, now=now, generation=generation)
         return StepOutcome(fields, [], 0.0, (time.perf_counter() - started) * 1000)
     interval = settings.interval_s or spec.control.interval_seconds
-    if not force and now - state.last_step < interval - 0.05:
+    due = control.step_due(state.plan, since_last_s=now - state.last_step, interval_s=interval)
+    if not force and due is False:
         return None
-    state.last_step = now
+    if due is not None or force:
+        state.last_step = now  # an early step leaves the regular cadence where it was
     previous = starting_plan(
         state, spec=spec, profiles=profiles, status=status, now=now, dispatch=settings.dispatch
     )
@@ -556,6 +565,7 @@ def control_step(
         reading=reading,
         ready_replicas=ready,
         dispatch=settings.dispatch,
+        entry=state.plan.entry() if state.plan is not None else None,
     )
     decide_started = time.perf_counter()
     plan = decide(snapshot, state.plan)  # None until a plan was decided or restored

@@ -21,6 +21,7 @@ from typing import Any
 
 from diffcascade_worker.serving.api_keys import ApiKeys
 
+from diffcascade_operator.control import FIRST_READING_POLL_S, step_due
 from diffcascade_operator.kube.status import profile_drift_condition, profiles_doc
 from diffcascade_operator.live_profiles import LiveProfileResult, LiveProfileSettings
 from diffcascade_operator.local.actuator import LocalActuator
@@ -170,7 +171,13 @@ class LocalCascade:
             else:
                 window = max(5.0, 3.0 * self.spec.control.interval_seconds)
                 self.source = FallbackSource(
-                    PrometheusSource(prom_url, window_s=window, timeout_s=1.0), self._scrape
+                    PrometheusSource(
+                        prom_url,
+                        window_s=window,
+                        timeout_s=1.0,
+                        demand_window_s=self.spec.control.interval_seconds,
+                    ),
+                    self._scrape,
                 )
         if self.source is None:
             self.source = self._scrape
@@ -243,8 +250,14 @@ class LocalCascade:
 
     async def _control_loop(self) -> None:
         interval = self.spec.control.interval_seconds
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(min(interval, FIRST_READING_POLL_S))
+            due = step_due(self.plan, since_last_s=time.monotonic() - last, interval_s=interval)
+            if due is False:
+                continue
+            if due:
+                last = time.monotonic()  # an early step (None) keeps the regular cadence
             try:
                 await self._tick()
             except asyncio.CancelledError:
@@ -321,6 +334,7 @@ class LocalCascade:
                 v: len(self.supervisor.of(v, WorkerState.READY)) for v in self.variants
             },
             dispatch=Dispatch.LEAST_LOADED,  # the entry URL's router picks the least loaded
+            entry=self.plan.entry() if self.plan is not None else None,
         )
         previous = self.plan
         plan = decide(snapshot, previous)

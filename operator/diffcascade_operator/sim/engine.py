@@ -51,6 +51,7 @@ from diffcascade_worker.deadline import should_drop
 from diffcascade_worker.deferral import should_defer
 from diffcascade_worker.routing.rule import Target, route
 
+from diffcascade_operator.control import step_due
 from diffcascade_operator.live_profiles import (
     HistogramRecorder,
     LiveObservations,
@@ -314,7 +315,10 @@ class Simulation:
         self.pool: list[_Worker] = []  # GPU workers in registration order (Directive.roles)
         self.decisions: list[DecisionRecord] = []
         self.timeline: list[TimelineRow] = []
-        self.prometheus = SimulatedPrometheus(stages=[st.model.name for st in self.stages])
+        self.prometheus = SimulatedPrometheus(
+            stages=[st.model.name for st in self.stages],
+            retention=math.ceil(config.interval_s / config.scrape_interval_s) + 3,
+        )
         self.history: deque[DemandSample] = deque(maxlen=config.demand_history)
         self._reading: MetricsReading | None = None  # what this tick read
         self.live_tracker = LiveTracker(config.live.window_s, source="Prometheus")
@@ -322,6 +326,8 @@ class Simulation:
         self.live_cache = LiveCache()
         self._live_result: LiveProfileResult | None = None
         self.workers_made = 0
+        self.end_of_trace = 0.0
+        self.last_regular = 0.0  # when the last regular control step ran
 
     # --- event plumbing --------------------------------------------------------------------
 
@@ -334,10 +340,8 @@ class Simulation:
         end_of_trace = self.arrival[-1] if self.arrival else 0.0
         for qid, at in enumerate(self.arrival):
             self._push(at, _ARRIVAL, qid)
+        self.end_of_trace = end_of_trace
         self._control(0.0)
-        ticks = int(end_of_trace // self.cfg.interval_s)
-        for k in range(1, ticks + 1):
-            self._push(k * self.cfg.interval_s, _TICK, None)
         self._push(0.0, _SAMPLE, 0)
         self._push(0.0, _SCRAPE, 0)
         last_work = 0.0
@@ -362,8 +366,10 @@ class Simulation:
                 assert isinstance(payload, int)
                 self._scrape()
                 nxt = payload + 1
-                if nxt * self.cfg.scrape_interval_s <= ticks * self.cfg.interval_s:
+                if nxt * self.cfg.scrape_interval_s <= end_of_trace:
                     self._push(nxt * self.cfg.scrape_interval_s, _SCRAPE, nxt)
+                if at > 0 and self._early_step_due(at):
+                    self._control(at, early=True)
             elif kind == _TICK:
                 self._control(at)
             else:
@@ -742,7 +748,23 @@ class Simulation:
 
     # --- control ---------------------------------------------------------------------------
 
-    def _control(self, now: float) -> None:
+    def _early_step_due(self, now: float) -> bool:
+        """An extra step at a scrape, for policies on the product's cadence
+        (`control.step_due`: the plan made before any reading is replaced at the first
+        reading, not at the next interval); the regular ticks stay where they were."""
+        if not getattr(self.policy, "product_cadence", False) or not self.decisions:
+            return False
+        since = now - self.last_regular
+        due = step_due(self.plan, since_last_s=since, interval_s=self.cfg.interval_s)
+        return due is None and now > self.decisions[-1].at
+
+    def _control(self, now: float, *, early: bool = False) -> None:
+        """One control step; a regular one schedules the next an interval later (as the
+        operator's timer steps once `intervalSeconds` have passed since its last step)."""
+        if not early:
+            self.last_regular = now
+            if now + self.cfg.interval_s <= self.end_of_trace + 1e-9:
+                self._push(now + self.cfg.interval_s, _TICK, None)
         snapshot = self.snapshot(now)
         started, cpu_started = self.clock(), time.process_time()
         directive = self.policy.decide(snapshot, self.plan)
@@ -771,7 +793,7 @@ class Simulation:
         Prometheus through the shared snapshot builder, into the bounded demand history, with
         the live profiles derived from the workers' histograms when the policy plans with them
         (the operator's path: `read_live_profiles`, then `build_snapshot`)."""
-        reading = self._reading = self.prometheus.read(now)
+        reading = self._reading = self.prometheus.read(now, window_s=self.cfg.interval_s)
         self._live, self._live_result = None, None
         profiles = self.profiles
         if getattr(self.policy, "live_profiles", False):
@@ -794,6 +816,7 @@ class Simulation:
             reading=reading,
             ready_replicas={s.model.name: len(s.ready(now)) for s in self.stages},
             dispatch=self.cfg.dispatch,
+            entry=self.plan.entry() if self.plan is not None else None,
         )
 
     def read_live(

@@ -96,6 +96,8 @@ class DecidePolicy:
         self.profiles = profiles  # replaces the snapshot's profiles when set
         self.routing = routing
         self.quality = quality
+        #: steps as the operator does (`control.step_due`), not only every interval
+        self.product_cadence = True
 
     def decide(self, snapshot: Snapshot, previous: Plan | None) -> Directive:
         changes: dict[str, Any] = {"spec": self.spec}

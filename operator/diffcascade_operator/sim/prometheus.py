@@ -38,7 +38,8 @@ class SimulatedPrometheus:
         self._arrivals[stage] += 1
 
     def entered(self) -> None:
-        """One more query entered the cascade (at the entry stage of the plan in force)."""
+        """One more query reached the cascade: its router counts every arrival, whatever stage
+        the plan in force enters at."""
         self._entered += 1
 
     def scrape(self, now: float, *, queue_depth: Sequence[int], inflight: Sequence[int]) -> None:
@@ -46,9 +47,13 @@ class SimulatedPrometheus:
             Scrape(now, tuple(self._arrivals), tuple(queue_depth), tuple(inflight), self._entered)
         )
 
-    def read(self, now: float) -> MetricsReading | None:
+    def read(self, now: float, *, window_s: float | None = None) -> MetricsReading | None:
         """The reading `PrometheusSource.read` would return at `now`; None while no rate
-        exists yet (it raises MetricsUnavailable then, and the operator holds)."""
+        exists yet (it raises MetricsUnavailable then, and the operator holds).
+
+        Like the operator's source: `irate` per stage (the last two scrapes), the cascade's
+        arrivals as its router counts them (`entered`), and with `window_s` (the control
+        interval) the rates over that window, from the first scrape in it to the last."""
         done = [s for s in self._scrapes if s.at <= now]
         if len(done) < 2:
             return None
@@ -63,5 +68,26 @@ class SimulatedPrometheus:
             )
             for i, name in enumerate(self.stages)
         }
-        demand = (last.entered - before.entered) / span
-        return MetricsReading(demand_qps=demand, stages=stages, source="Prometheus", at=last.at)
+        window: dict[str, float] | None = None
+        cascade_window: float | None = None
+        width = 0.0
+        if window_s is not None:
+            inside = [s for s in done if s.at >= now - window_s - 1e-9]
+            first = inside[0]
+            width = last.at - first.at
+            if width > 0:
+                window = {
+                    name: (last.arrivals[i] - first.arrivals[i]) / width
+                    for i, name in enumerate(self.stages)
+                }
+                cascade_window = (last.entered - first.entered) / width
+        return MetricsReading(
+            demand_qps=rates[0],
+            stages=stages,
+            source="Prometheus",
+            at=last.at,
+            window_qps=window,
+            cascade_qps=(last.entered - before.entered) / span,
+            cascade_window_qps=cascade_window,
+            window_s=width,
+        )

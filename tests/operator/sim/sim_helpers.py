@@ -118,3 +118,20 @@ def run(
         config=EngineConfig(slo_s=slo, interval_s=interval, max_batch_wait_s=max_batch_wait_s),
     )
     return sim.run()
+
+
+def run_policy(policy: Any, *, arrivals: Sequence[float], slo: float = 5.0) -> SimResult:
+    """Two stages (100 ms light, 1 s heavy) under any policy, every prompt index 0."""
+    stages = (StageModel("light", {1: 100.0}), StageModel("heavy", {1: 1000.0}))
+    spec = two_stage_spec(slo=slo)
+    sim = Simulation(
+        spec=spec,
+        profiles=profiles_for(stages),
+        stages=stages,
+        arrivals_s=arrivals,
+        prompts=[0] * len(arrivals),
+        confidences=[[0.5], None],
+        policy=policy,
+        config=EngineConfig(slo_s=slo, interval_s=5.0),
+    )
+    return sim.run()

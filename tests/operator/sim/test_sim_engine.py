@@ -9,7 +9,7 @@ import pytest
 from deadline_cases import SHARED
 from diffcascade_operator.sim.engine import NOT_SERVED
 from diffcascade_operator.sim.model import StageModel
-from sim_helpers import Scripted, plan, run
+from sim_helpers import Scripted, plan, run, run_policy
 
 NAMES = ("light", "heavy")
 
@@ -257,3 +257,29 @@ def test_deferrals_follow_the_plans_next_stage_past_an_unused_middle_variant() -
     assert list(result.served_by) == [0, 2]
     assert list(result.deferred) == [False, True]
     assert math.isclose(result.finish_s[1], 2.0 + 0.1 + 1.0)
+
+
+def test_demand_counts_every_arrival_of_the_interval_and_the_scrape_rate_for_steps() -> None:
+    # 10 arrivals in (0, 4), then 3 per second in (4, 5): the tick at t=5 counts all 13 over
+    # its 5-s interval (2.6 qps) and the last scrape's 3 qps as the instant rate
+    stages = (light({1: 10.0}), heavy())
+    policy = Scripted([plan([1, 0], [1, 1], 0.0, NAMES)])
+    arrivals = sorted([0.2 + k * 0.38 for k in range(10)] + [4.1, 4.4, 4.7, 5.5, 6.5])
+    run(stages=stages, arrivals=arrivals, policy=policy, slo=100.0)
+    at_five = next(s for s in policy.calls if s.now == 5.0)
+    sample = at_five.demand[-1]
+    assert sample.qps == pytest.approx(13 / 5) and sample.instant_qps == pytest.approx(3.0)
+    assert sample.span_s == 5.0
+
+
+def test_decide_replaces_the_plan_made_before_any_reading_at_the_first_reading() -> None:
+    from diffcascade_operator.control import decide
+    from diffcascade_operator.sim.policies import DecidePolicy
+    from sim_helpers import two_stage_spec
+
+    # a decide()-driven policy steps at t=1 (the first reading), then every 5 s from t=0
+    spec = two_stage_spec(slo=5.0, gpus=4)
+    policy = DecidePolicy(name="diffcascade", spec=spec, decider=decide, degrade=True)
+    result = run_policy(policy, arrivals=[k * 0.1 for k in range(120)])
+    assert [d.at for d in result.decisions][:4] == [0.0, 1.0, 5.0, 10.0]
+    assert result.decisions[1].plan.demand_qps > 0
