@@ -125,7 +125,8 @@ def from_artifact(hadis: Path, *, reference: Path = REFERENCE, traces: Path = TR
     write_values(reference / "router_hadis-rule.txt", router_scores(features), None)
     for k, name in enumerate(VARIANTS):
         lines = (src / "discriminator" / "confidence_scores" / f"scores_model_{k}.txt").read_text()
-        real = [float(line.split()[1]) for line in lines.splitlines() if line.strip()]
+        # Column 1 (P(real)); a copy holding that column alone is read the same way.
+        real = [float(line.split()[-1]) for line in lines.splitlines() if line.strip()]
         write_values(reference / f"confidence_hadis-{name}.txt", confidences(real), None)
 
 

@@ -32,11 +32,11 @@ Prompt sets:
 - DiffServe's 5,000 DiffusionDB prompts (`../shared/data/diffserve/prompts/`) with the
   bundled sd-turbo confidences (`reference/confidence_sd-turbo.txt`). HADIS's features are
   approximated (`routing.hadis_features`: no spaCy, wordfreq or concreteness norms here).
-- HADIS's 5,000 ImageNet captions (`--hadis`: a checkout of the artifact; its
-  `text_imagenet1k_hr_5k.txt`, `prompt_features.csv` and `scores_model_{0,1,2}.txt`, column 1,
-  4-image means, light models 0-2), skipped with a note when not given.
+- HADIS's 5,000 ImageNet captions with its own eight features and the confidences of its light
+  models 0-2 (column 1 of `scores_model_k.txt`, 4-image means), bundled in `reference/`
+  (`hadis_prompts.txt`, `hadis_prompt_features.csv`, `confidence_hadis-<variant>.txt`).
 
-    .venv/bin/python bench/router_auc.py [--folds 5] [--hadis CHECKOUT] [--out PATH.json]
+    .venv/bin/python bench/router_auc.py [--folds 5] [--out PATH.json]
 """
 
 from __future__ import annotations
@@ -95,34 +95,25 @@ def load_diffusiondb() -> PromptSet:
     )
 
 
-#: Where the artifact keeps each file (a checkout's root), by name.
-HADIS_FILES = {
-    "prompts": "hadis/traces/text_imagenet1k_hr_5k.txt",
-    "features": "hadis/router/prompt_features.csv",
-    **{
-        f"model-{k}": f"hadis/discriminator/confidence_scores/scores_model_{k}.txt"
-        for k in (0, 1, 2)
-    },
-}
+#: HADIS's prompt set as bundled (reference/ATTRIBUTION.md): its 5,000 ImageNet captions, their
+#: eight router features, and each light variant's per-prompt gate confidence (the mean P(real)
+#: of its four images), by model index.
+REFERENCE = ROOT / "operator" / "diffcascade_operator" / "reference"
+HADIS_LIGHT_NAMES = {0: "sdxl-lightning", 1: "sd35-large-turbo", 2: "sd35-medium"}
 
 
-def load_hadis(root: Path) -> PromptSet | None:
-    """The artifact's files under a checkout `root` (or all in `root` itself); None if absent."""
-    paths = {}
-    for key, relative in HADIS_FILES.items():
-        candidates = [root / relative, root / Path(relative).name]
-        found = next((p for p in candidates if p.exists()), None)
-        if found is None:
-            return None
-        paths[key] = found
-    prompts = paths["prompts"].read_text(encoding="utf-8").splitlines()
-    with paths["features"].open(newline="", encoding="utf-8") as f:
+def load_hadis(reference: Path = REFERENCE) -> PromptSet:
+    """HADIS's prompts, features and confidences from the bundled reference data."""
+    prompts = (reference / "hadis_prompts.txt").read_text(encoding="utf-8").splitlines()
+    with (reference / "hadis_prompt_features.csv").open(newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))[1:]
     features = np.array([[float(v) for v in row[1:9]] for row in rows], dtype=np.float64)
     confidences = {
-        f"model-{k}": np.loadtxt(paths[f"model-{k}"])[:, 1].reshape(-1, 4).mean(1)
-        for k in HADIS_LIGHT_S
+        f"model-{k}": np.loadtxt(reference / f"confidence_hadis-{name}.txt", comments="#")
+        for k, name in HADIS_LIGHT_NAMES.items()
     }
+    if not len(prompts) == len(features) == 5000:
+        raise ValueError(f"{len(prompts)} prompts, {len(features)} feature rows: expected 5000")
     return PromptSet(
         "hadis-imagenet-5k",
         prompts,
@@ -318,23 +309,13 @@ def print_tables(name: str, result: dict[str, object]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument(
-        "--hadis", type=Path, default=None, help="a checkout of the HADIS artifact (MIT)"
-    )
     parser.add_argument("--schemes", default="blocked,random")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args(argv)
     schemes = [s for s in args.schemes.split(",") if s]
     started = time.perf_counter()
     results: dict[str, object] = {}
-    sets = [load_diffusiondb()]
-    hadis = load_hadis(args.hadis) if args.hadis else None
-    if hadis is not None:
-        sets.append(hadis)
-    else:
-        why = "not run: no --hadis checkout of the artifact with its per-prompt files"
-        results["hadis-imagenet-5k"] = why
-        print(f"HADIS prompt set: {why}")
+    sets = [load_diffusiondb(), load_hadis()]
     for ps in sets:
         results[ps.name] = evaluate(ps, k=args.folds, schemes=schemes)
         print_tables(ps.name, results[ps.name])  # type: ignore[arg-type]

@@ -21,7 +21,8 @@ from diffcascade_operator.sim.scenarios import ScenarioError, load_scenario, sim
 from diffcascade_operator.sim.traces import load_trace
 from diffcascade_operator.spec import InvalidSpec, parse_spec
 
-BENCH = Path(__file__).resolve().parents[3] / "bench"
+REPO = Path(__file__).resolve().parents[3]
+BENCH = REPO / "bench"
 HYBRID = reference_quality_table("hadis-hybrid")
 
 
@@ -95,12 +96,28 @@ def test_router_scores_are_z_scored_features_times_hadis_weights() -> None:
     )
 
 
-def test_the_bundled_e1_trace_is_what_the_generator_writes() -> None:
-    script = _script()
+def test_the_bundled_e1_trace_is_the_artifacts_file() -> None:
+    path = REPO / "bench" / "traces" / "hadis_e1_64qps.txt"
+    assert path.stat().st_size == 167_651  # trace_64qps.txt as the artifact ships it
+    assert path.read_text().startswith("543.0,1724\n602.0,2112\n")
     bundled = load_trace("hadis_e1_64qps")
-    assert len(bundled) == len(script.shape_trace(64).splitlines())
-    assert 12_000 < len(bundled) < 12_500  # the artifact's file holds about 12,270
+    assert len(bundled) == 12_270
     assert bundled.duration_s == pytest.approx(347.0, abs=1.0)
+
+
+def test_the_bundled_prompts_and_features_are_the_artifacts_and_give_its_router_scores() -> None:
+    import csv
+
+    script = _script()
+    reference = REPO / "operator" / "diffcascade_operator" / "reference"
+    prompts = (reference / "hadis_prompts.txt").read_text(encoding="utf-8").splitlines()
+    with (reference / "hadis_prompt_features.csv").open(newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))[1:]
+    assert len(prompts) == len(rows) == 5000
+    # the features file names its prompt on every row (3 lose a non-ASCII character there)
+    assert sum(p != row[0] for p, row in zip(prompts, rows, strict=True)) == 3
+    features = [[float(v) for v in row[1:]] for row in rows]
+    assert reference_router_scores("hadis-rule") == pytest.approx(script.router_scores(features))
 
 
 def test_router_share_is_a_percentile_with_hadis_index_rule() -> None:
