@@ -296,9 +296,15 @@ class LiveTracker:
 
 
 def defer_curve_from_histogram(
-    histogram: ConfidenceHistogram, *, thresholds: Sequence[float] = THRESHOLD_GRID
+    histogram: ConfidenceHistogram,
+    *,
+    thresholds: Sequence[float] = THRESHOLD_GRID,
+    shape: DeferCurve | None = None,
 ) -> DeferCurve:
-    """f(t) = F(t) / N with F the cumulative count, linear inside a bucket; f(0) = 0, f(1) = 1.
+    """f(t) = F(t) / N with F the cumulative count; f(0) = 0, f(1) = 1. Inside a bucket the
+    count is spread as `shape` (the offline curve) spreads its own share of that bucket, else
+    linearly: a gate whose confidences crowd into the first bucket (HADIS's discriminator puts
+    most below 0.005) keeps the profile's resolution there, scaled to what was observed.
 
     A query defers when confidence < t while a bucket counts <= le; the two differ only by
     observations exactly on a bound, which continuous scores do not have.
@@ -329,7 +335,12 @@ def defer_curve_from_histogram(
         else:
             i = bisect.bisect_left(xs, t)
             x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
-            value = y1 if x1 == x0 else y0 + (y1 - y0) * (t - x0) / (x1 - x0)
+            part = 1.0 if x1 == x0 else (t - x0) / (x1 - x0)
+            if shape is not None:
+                low, high = defer_fraction(shape, x0), defer_fraction(shape, x1)
+                if high > low:
+                    part = (defer_fraction(shape, t) - low) / (high - low)
+            value = y0 + (y1 - y0) * part
             fractions.append(min(1.0, max(0.0, value / total)))
     return DeferCurve(thresholds=tuple(float(t) for t in thresholds), fractions=tuple(fractions))
 
@@ -371,14 +382,15 @@ def blend_weight(samples: float, *, settings: LiveProfileSettings) -> float:
 
 
 def blend_curves(profile: DeferCurve, live: DeferCurve, weight: float) -> DeferCurve:
-    """(1 - w) f_profile + w f_live on the 201-point grid (the profile itself when w = 0)."""
+    """(1 - w) f_profile + w f_live at the points of both (the profile itself when w = 0)."""
     if weight <= 0.0:
         return profile
     w = min(1.0, weight)
+    points = tuple(sorted(set(THRESHOLD_GRID) | set(profile.thresholds) | set(live.thresholds)))
     fractions = tuple(
-        (1.0 - w) * defer_fraction(profile, t) + w * defer_fraction(live, t) for t in THRESHOLD_GRID
+        (1.0 - w) * defer_fraction(profile, t) + w * defer_fraction(live, t) for t in points
     )
-    return DeferCurve(thresholds=THRESHOLD_GRID, fractions=fractions)
+    return DeferCurve(thresholds=points, fractions=fractions)
 
 
 def live_latency_table(
@@ -469,7 +481,8 @@ def _variant(
     samples = totals.confidence.samples if totals.confidence is not None else 0.0
     live: DeferCurve | None = None
     if curve is not None and totals.confidence is not None and samples > 0:
-        live = defer_curve_from_histogram(totals.confidence)
+        points = tuple(sorted(set(THRESHOLD_GRID) | set(curve.thresholds)))
+        live = defer_curve_from_histogram(totals.confidence, thresholds=points, shape=curve)
     weight = blend_weight(samples, settings=settings) if live is not None else 0.0
     planned = blend_curves(curve, live, weight) if curve is not None and live is not None else curve
     distance = drift_distance(live, curve) if live is not None and curve is not None else None

@@ -437,8 +437,23 @@ def reference_quality_table(name: str) -> QualityTable:
 
 @cache
 def reference_defer_curve(name: str) -> DeferCurve:
-    """f(t) of a bundled gate ("sd-turbo", "sdxs"; "sdxl-lightning" = the sdxs curve)."""
-    return defer_curve_from_scores(reference_confidences(name))
+    """f(t) of a bundled gate ("sd-turbo", "sdxs"; "sdxl-lightning" = the sdxs curve).
+
+    Exact on the threshold grid and at every half-percent quantile of the confidences: a
+    gate whose confidences crowd into a corner of [0, 1] (HADIS's discriminator: most below
+    0.01) is then still inverted to within half a percent (`threshold_for_share`)."""
+    return defer_curve_from_scores(
+        reference_confidences(name), thresholds=quantile_grid(reference_confidences(name))
+    )
+
+
+def quantile_grid(confidences: Sequence[float], *, steps: int = 200) -> tuple[float, ...]:
+    """`THRESHOLD_GRID` with the confidences' k/`steps` quantiles added (sorted, distinct)."""
+    ordered = sorted(c for c in confidences if not math.isnan(c))
+    if not ordered:
+        return THRESHOLD_GRID
+    extra = {ordered[min(len(ordered) - 1, (k * len(ordered)) // steps)] for k in range(1, steps)}
+    return tuple(sorted(set(THRESHOLD_GRID) | {t for t in extra if 0.0 < t < 1.0}))
 
 
 @cache

@@ -17,6 +17,7 @@ from diffcascade_operator.live_profiles import (
     LiveProfileSettings,
     LiveTracker,
     VariantTotals,
+    blend_curves,
     blend_weight,
     confidence_histogram,
     defer_curve_from_histogram,
@@ -362,3 +363,28 @@ def test_operator_settings_carry_the_live_window_and_drift_rule() -> None:
     chosen = live_settings(OperatorSettings.from_env(env))
     assert (chosen.window_s, chosen.drift_distance, chosen.min_samples) == (20.0, 0.25, 30)
     assert live_settings(OperatorSettings(live_window_s=0.0)) == LiveProfileSettings()
+
+
+def test_confidences_crowded_into_the_first_bucket_keep_the_profiles_resolution() -> None:
+    """HADIS's discriminator puts 90 % of its confidences below 0.005, the first bucket's
+    bound: inside that bucket the live curve follows the profile's shape, so a planned share
+    turns into the threshold that realises it, not the linear guess through the bucket."""
+    from diffcascade_operator.profiles import quantile_grid, threshold_for_share
+
+    rng = random.Random(3)
+    confidences = [rng.random() ** 6 * 0.006 for _ in range(4000)]
+    profile = defer_curve_from_scores(confidences, thresholds=quantile_grid(confidences))
+    histogram = confidence_histogram(confidences)
+    points = tuple(sorted(set(THRESHOLD_GRID) | set(profile.thresholds)))
+    shaped = defer_curve_from_histogram(histogram, thresholds=points, shape=profile)
+    linear = defer_curve_from_histogram(histogram)
+    ordered = sorted(confidences)
+    for share in (0.2, 0.5, 0.8):
+        t = threshold_for_share(shaped, share)
+        realised = sum(1 for c in ordered if c < t) / len(ordered)
+        assert realised == pytest.approx(share, abs=0.01)
+    guess = threshold_for_share(linear, 0.2)
+    assert sum(1 for c in ordered if c < guess) / len(ordered) > 0.4  # what linear gave
+    # blending keeps the profile's points
+    blended = blend_curves(profile, shaped, 0.5)
+    assert set(profile.thresholds) <= set(blended.thresholds)

@@ -190,3 +190,22 @@ def test_the_artifacts_files_replace_the_stand_ins_in_one_step(tmp_path: Path) -
     confidence = (tmp_path / "confidence_hadis-sd35-medium.txt").read_text().split()
     assert [float(v) for v in confidence] == pytest.approx([0.25, 0.5])
     assert (tmp_path / "hadis_e1_64qps.txt").read_text().startswith("543.0,1724\n5892.0")
+
+
+def test_a_bundled_gate_curve_turns_an_escalation_share_into_the_threshold_that_realises_it() -> (
+    None
+):
+    from diffcascade_operator.profiles import (
+        reference_confidences,
+        reference_defer_curve,
+        threshold_for_share,
+    )
+
+    for variant in ("sdxl-lightning", "sd35-large-turbo", "sd35-medium"):
+        name = f"hadis-{variant}"
+        ordered = sorted(reference_confidences(name))
+        curve = reference_defer_curve(name)
+        for share in (0.1, 0.2, 0.5, 0.6):
+            t = threshold_for_share(curve, share)
+            realised = sum(1 for c in ordered if c < t) / len(ordered)
+            assert realised == pytest.approx(share, abs=0.005), (name, share)
