@@ -253,6 +253,7 @@ def targets(
                 f"{1 - f_h / f_d:+.1%}; violations {v_h:.4f} vs {v_d:.4f}, "
                 f"hadis-diffserve / hadis = {ratio:.1f}x)"
             )
+    lines.extend(hybrid_targets(by, list(dict.fromkeys(r["trace"] for r in hadis))))
     for trace in dict.fromkeys(r["trace"] for r in hadis):
         oracle = by.get((trace, "oracle"))
         if oracle is None:
@@ -274,6 +275,50 @@ def targets(
             f"{r['mean_fid']:.2f}, violations {r['slo_violation_ratio']:.4f}"
         )
     return "\n".join(lines) + "\n"
+
+
+def hybrid_targets(by: dict[tuple[str, str], dict[str, Any]], traces: Sequence[str]) -> list[str]:
+    """Issue 18's targets for `diffcascade` against `hadis`, both scorings, every trace:
+    violations at most 0.5 points above, mean FID never worse and 3 % better on average;
+    each one's gap to the oracle."""
+    lines = []
+    for label, fid_of, slo_of in (
+        ("project", lambda r: r["mean_fid"], lambda r: r["slo_violation_ratio"]),
+        ("HADIS", lambda r: r["hadis"]["avg_fid"], lambda r: r["hadis"]["avg_slo_violation"]),
+    ):
+        pairs = [
+            (t, by[(t, "diffcascade")], by[(t, "hadis")])
+            for t in traces
+            if (t, "diffcascade") in by and (t, "hadis") in by
+        ]
+        if not pairs:
+            continue
+        above = [t for t, ours, theirs in pairs if slo_of(ours) > slo_of(theirs) + 0.005]
+        worse = [t for t, ours, theirs in pairs if fid_of(ours) > fid_of(theirs)]
+        gains = [1 - fid_of(ours) / fid_of(theirs) for _, ours, theirs in pairs]
+        figures = "; ".join(
+            f"{t}: {slo_of(ours):.4f} vs {slo_of(theirs):.4f}, FID {fid_of(ours):.2f} vs "
+            f"{fid_of(theirs):.2f} (gain {1 - fid_of(ours) / fid_of(theirs):+.1%})"
+            for t, ours, theirs in pairs
+        )
+        lines.append(
+            f"- `diffcascade` vs `hadis` ({label} scoring), violations at most 0.5 points "
+            f"above: {'met' if not above else 'MISSED'}; mean FID never worse: "
+            f"{'met' if not worse else 'MISSED'}; at least 3 % better on average: "
+            f"{'met' if sum(gains) / len(gains) >= 0.03 else 'MISSED'} "
+            f"(mean FID gain {sum(gains) / len(gains):+.1%}). {figures}"
+        )
+        gaps = []
+        for t, ours, theirs in pairs:
+            oracle = by.get((t, "oracle"))
+            if oracle is not None:
+                gaps.append(
+                    f"{t}: diffcascade {fid_of(ours) / fid_of(oracle) - 1:+.1%}, "
+                    f"hadis {fid_of(theirs) / fid_of(oracle) - 1:+.1%}"
+                )
+        if gaps:
+            lines.append(f"  - gap to the oracle ({label} scoring): " + "; ".join(gaps))
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

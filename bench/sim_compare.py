@@ -123,13 +123,18 @@ def targets(rows: Sequence[dict[str, Any]]) -> str:
     per_cascade: dict[str, list[float]] = {}
     worse_v: list[str] = []
     worse_f: list[str] = []
+    drift_v: list[str] = []
     for (scenario, trace, gpus, policy), ours in by.items():
-        if policy != "diffcascade" or trace.startswith("drift_"):
+        if policy != "diffcascade":
             continue
         paper = by.get((scenario, trace, gpus, "diffserve"))
         if paper is None or ours["mean_fid"] is None or paper["mean_fid"] is None:
             continue
         where = f"{scenario}/{trace}/{gpus}"
+        if trace.startswith("drift_"):
+            if ours["slo_violation_ratio"] > paper["slo_violation_ratio"]:
+                drift_v.append(where)
+            continue
         gain = 1.0 - ours["mean_fid"] / paper["mean_fid"]
         gains.append(gain)
         per_cascade.setdefault(scenario, []).append(gain)
@@ -146,6 +151,12 @@ def targets(rows: Sequence[dict[str, Any]]) -> str:
             f"- `diffcascade` violations never higher than `diffserve`'s ({len(gains)} runs): "
             f"{_mark(not worse_v)}" + (f"; higher on {', '.join(worse_v)}" if worse_v else "")
         )
+        drifts = sum(1 for k in by if k[1].startswith("drift_") and k[3] == "diffcascade")
+        if drifts:
+            lines.append(
+                f"- ... nor on the {drifts} drift traces: {_mark(not drift_v)}"
+                + (f"; higher on {', '.join(drift_v)}" if drift_v else "")
+            )
         lines.append(
             f"- `diffcascade` mean FID never worse than `diffserve`'s: {_mark(not worse_f)}"
             + (f"; worse on {', '.join(worse_f)}" if worse_f else "")
@@ -162,6 +173,7 @@ def targets(rows: Sequence[dict[str, Any]]) -> str:
             "`diffserve` answered at least half of the queries (FID counts answered ones only)"
         )
     lines.extend(live_targets(by))
+    lines.extend(against_tracked(by))
     walls = [r["wall_s"] for r in rows if r["trace"].startswith("maf_")]
     if walls:
         lines.append(
@@ -170,6 +182,34 @@ def targets(rows: Sequence[dict[str, Any]]) -> str:
             f"{os.cpu_count()} CPUs)"
         )
     return "\n".join(lines) + "\n"
+
+
+def against_tracked(by: dict[tuple[str, str, int, str], dict[str, Any]]) -> list[str]:
+    """`diffcascade`'s mean FID against the tracked results (the last `--write`), per trace."""
+    tracked = BENCH / "results" / "sim_compare.json"
+    if not tracked.is_file():
+        return []
+    before = {
+        (r["scenario"], r["trace"], r["gpus"]): r
+        for r in json.loads(tracked.read_text())["runs"]
+        if r["policy"] == "diffcascade" and r.get("mean_fid") is not None
+    }
+    compared, worse = 0, []
+    for (scenario, trace, gpus, policy), ours in by.items():
+        old = before.get((scenario, trace, gpus))
+        if policy != "diffcascade" or old is None or ours["mean_fid"] is None:
+            continue
+        compared += 1
+        if ours["mean_fid"] > old["mean_fid"] + 1e-9:
+            worse.append(
+                f"{scenario}/{trace}/{gpus} ({ours['mean_fid']:.2f} vs {old['mean_fid']:.2f})"
+            )
+    if not compared:
+        return []
+    return [
+        f"- `diffcascade` mean FID no worse than the tracked results' ({compared} runs): "
+        f"{_mark(not worse)}" + (f"; worse on {', '.join(worse)}" if worse else "")
+    ]
 
 
 def live_targets(by: dict[tuple[str, str, int, str], dict[str, Any]]) -> list[str]:
