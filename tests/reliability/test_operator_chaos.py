@@ -95,9 +95,8 @@ def _env(prometheus: PrometheusProcess, **extra: str) -> dict[str, str]:
 def _cascade(cluster: Cluster, exporter: Exporter, ns: str, name: str, qps: float = 1.0) -> None:
     exporter.set(name, mode="sane", qps=qps)
     manifest = cascade_manifest(name, models=MODELS, gpu_budget=8, interval=INTERVAL_S)
-    manifest["spec"]["variants"][0]["gate"] = {
-        "deferCurve": {"thresholds": [0.0, 1.0], "deferFractions": [0.0, 1.0]}
-    }
+    gate = manifest["spec"]["variants"][0].setdefault("gate", {})  # keeps its discriminator
+    gate["deferCurve"] = {"thresholds": [0.0, 1.0], "deferFractions": [0.0, 1.0]}
     manifest["spec"]["variants"][0]["maxReplicas"] = 6
     cluster.create_cascade(ns, manifest)
 

@@ -162,11 +162,16 @@ def test_the_operator_runs_the_router_and_pushes_it_each_plan(
             wait_for(lambda: cluster.replicas(ns, CASCADE), what="the router Deployment")
             cluster.register_pods(ns, CASCADE, workers)
             cluster.register_router_pod(ns, CASCADE, router.port)
-            plan = wait_for(lambda: _plan(cluster, ns), timeout=60, what="a first plan")
+            wait_for(lambda: _plan(cluster, ns), timeout=60, what="a first plan")
+
+            def holds_the_current_plan() -> dict[str, Any] | None:
+                # The current one: a newer plan may replace the first before its push lands.
+                config = router.config() or {}
+                current = _plan(cluster, ns) or {}
+                return config if config.get("plan_id") == current.get("planId") else None
+
             held = wait_for(
-                lambda: (
-                    (router.config() or {}).get("plan_id") == plan["planId"] and router.config()
-                ),
+                holds_the_current_plan,
                 timeout=30,
                 what="the plan's router document on the router pod",
             )
