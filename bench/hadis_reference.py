@@ -1,36 +1,29 @@
-"""Build the HADIS benchmark's per-prompt reference data and traces (deterministic).
-
-Two sources:
+"""Write the HADIS benchmark's reference data and traces (deterministic).
 
 - `--hadis PATH` (a checkout of github.com/qizhengyang98/HADIS, MIT): the artifact's own
-  files, derived exactly as its worker reads them:
+  files, derived exactly as its worker reads them (the bundled files were written this way):
   - `hadis/traces/maf/multi_dynamic_testbed/trace_64qps.txt` is copied unchanged to
     `bench/traces/hadis_e1_64qps.txt` (the simulator sorts a trace on read);
+  - `hadis/traces/text_imagenet1k_hr_5k.txt` and `hadis/router/prompt_features.csv` are copied
+    unchanged to `reference/hadis_prompts.txt` and `reference/hadis_prompt_features.csv`;
   - per-prompt router scores: `zscore(prompt_features.csv[:, 1:]) @ weights`, the z-score
     with pandas' default sample standard deviation (ddof 1) over the 5,000 prompts, weights
     (0.85, 0.32, 0.72, 0.99, 0.76, 0.07, 0.78, 0.01) (`model.py`, `isHardByRouter`);
   - per-prompt gate confidences of each variant: column 1 (P(real)) of
     `scores_model_<k>.txt`, averaged over each prompt's 4 images.
-- without `--hadis`: stand-ins, marked as such in their first line, for an environment
-  without the artifact: independent uniform per-prompt values from a fixed hash (only ranks
-  matter under HADIS's percentile rules, so a stand-in realises the shares r and c exactly
-  and their union as r + c - rc, the table's own assumption), and the E1 trace regenerated
-  with the artifact's generator (`traces/maf/shape/2_generate_trace_from_shape.py`: Poisson
-  arrivals per second, an arrival kept when its gap is under 1 s, prompt index uniform in
-  1..4999) from the MAF shape min-max scaled to 1..64 qps, numpy seed 0.
+- always: the rescaled traces `hadis_maf_<peak>qps.txt`, made with the artifact's generator
+  (`traces/maf/shape/2_generate_trace_from_shape.py`: Poisson arrivals per second, an arrival
+  kept when its gap is under 1 s, prompt index uniform in 1..4999) from the MAF shape min-max
+  scaled to 1..peak qps, numpy seed 0.
 
-Either way it also writes the rescaled traces `hadis_maf_<peak>qps.txt` (the same generator
-and shape, scaled to 1..peak qps) the benchmark runs beside the E1 trace.
-
-    .venv/bin/python bench/hadis_reference.py                  # stand-ins + rescalings
-    .venv/bin/python bench/hadis_reference.py --hadis ../HADIS # the artifact's data
+    .venv/bin/python bench/hadis_reference.py                  # the rescalings
+    .venv/bin/python bench/hadis_reference.py --hadis ../HADIS # and the artifact's data
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import math
 import shutil
 import sys
@@ -49,7 +42,6 @@ VARIANTS = ("sdxl-lightning", "sd35-large-turbo", "sd35-medium", "sd35-large")
 ROUTER_WEIGHTS = (0.85, 0.32, 0.72, 0.99, 0.76, 0.07, 0.78, 0.01)
 E1_PEAK = 64
 RESCALED_PEAKS = (16, 32, 48)
-STAND_IN = "# stand-in"
 
 
 def router_scores(features: list[list[float]]) -> list[float]:
@@ -76,14 +68,6 @@ def confidences(values: list[float], images_per_prompt: int = 4) -> list[float]:
         sum(values[i : i + images_per_prompt]) / images_per_prompt
         for i in range(0, len(values), images_per_prompt)
     ]
-
-
-def stand_in(name: str) -> list[float]:
-    out = []
-    for i in range(PROMPTS):
-        digest = hashlib.blake2b(f"{name}:{i}".encode(), digest_size=8).digest()
-        out.append(int.from_bytes(digest, "big") / 2**64)
-    return out
 
 
 def shape_trace(peak: float, *, seed: int = 0) -> str:
@@ -119,6 +103,10 @@ def from_artifact(hadis: Path, *, reference: Path = REFERENCE, traces: Path = TR
         src / "traces" / "maf" / "multi_dynamic_testbed" / "trace_64qps.txt",
         traces / "hadis_e1_64qps.txt",
     )
+    prompts = src / "traces" / "text_imagenet1k_hr_5k.txt"
+    if prompts.exists():
+        shutil.copyfile(prompts, reference / "hadis_prompts.txt")
+    shutil.copyfile(src / "router" / "prompt_features.csv", reference / "hadis_prompt_features.csv")
     with (src / "router" / "prompt_features.csv").open(newline="") as handle:
         rows = list(csv.reader(handle))
     features = [[float(v) for v in row[1:]] for row in rows[1:]]
@@ -130,29 +118,14 @@ def from_artifact(hadis: Path, *, reference: Path = REFERENCE, traces: Path = TR
         write_values(reference / f"confidence_hadis-{name}.txt", confidences(real), None)
 
 
-def stand_ins() -> None:
-    note = (
-        f"{STAND_IN}: independent uniform per-prompt values (bench/hadis_reference.py); "
-        "replace with --hadis PATH"
-    )
-    write_values(REFERENCE / "router_hadis-rule.txt", stand_in("router"), note)
-    for name in VARIANTS:
-        write_values(REFERENCE / f"confidence_hadis-{name}.txt", stand_in(name), note)
-    header = (
-        f"{STAND_IN}: regenerated with the HADIS generator from the MAF shape scaled to "
-        f"1-{E1_PEAK} qps, numpy seed 0 (bench/hadis_reference.py)\n"
-    )
-    (TRACES / "hadis_e1_64qps.txt").write_text(header + shape_trace(E1_PEAK))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hadis", type=Path, default=None, help="a checkout of the artifact")
+    parser.add_argument(
+        "--hadis", type=Path, default=None, help="a checkout of the artifact: rewrite its files"
+    )
     args = parser.parse_args(argv)
     if args.hadis is not None:
         from_artifact(args.hadis)
-    else:
-        stand_ins()
     for peak in RESCALED_PEAKS:
         header = (
             f"# the HADIS generator on the MAF shape scaled to 1-{peak} qps, numpy seed 0 "

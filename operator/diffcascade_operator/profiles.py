@@ -177,8 +177,6 @@ _CONFIDENCE_FILES.update({f"hadis-{v}": f"confidence_hadis-{v}.txt" for v in _HA
 #: Bundled quality tables (HADIS `hadis/src/tables/*.py`) and per-prompt router scores.
 _TABLE_NAMES = ("hadis-hybrid", "hadis-fixed13", "hadis-disc-only", "hadis-router-only")
 _ROUTER_FILES = {"hadis-rule": "router_hadis-rule.txt"}
-#: First line of a bundled per-prompt file that stands in for data not bundled yet.
-STAND_IN_MARK = "# stand-in"
 
 
 # --- interpolation -----------------------------------------------------------------------------
@@ -389,16 +387,6 @@ def reference_router_scores(name: str) -> tuple[float, ...]:
             f"no reference router {name!r}; known: {', '.join(reference_router_names())}"
         ) from None
     return _values(_reference_text(filename))
-
-
-def reference_is_stand_in(kind: str, name: str) -> bool:
-    """True when a bundled per-prompt file (`kind` "confidence" or "router") is a stand-in
-    (its first line says so) rather than the measured data."""
-    files = _CONFIDENCE_FILES if kind == "confidence" else _ROUTER_FILES
-    filename = files.get(name)
-    if filename is None:
-        return False
-    return _reference_text(filename).startswith(STAND_IN_MARK)
 
 
 def reference_table_names() -> tuple[str, ...]:

@@ -179,8 +179,6 @@ def simulate(
         if scoring == "hadis" and key in ("slo_violation_ratio", "mean_fid"):
             continue
         click.echo(f"{key:>20}: {summary[key]}")
-    if summary.get("stand_in_data"):
-        click.echo(f"{'per-prompt data':>20}: stand-in (bundled files marked so)")
     if hadis is not None:
         click.echo(f"{'scoring':>20}: hadis (analysis/parse_logs.py, {hadis['method']})")
         for key in ("avg_fid", "avg_slo_violation", "points", "offset", "shed_rows"):

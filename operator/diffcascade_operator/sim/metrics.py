@@ -60,9 +60,6 @@ class Summary:
     sim_seconds: float
     wall_s: float
     scoring: str = "project"
-    #: True when the scenario's per-prompt router scores or gate confidences are stand-ins
-    #: (bundled files marked so), not the measured data.
-    stand_in_data: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {k: _finite(v) for k, v in asdict(self).items()}
@@ -162,7 +159,6 @@ def summarize(
     wall_s: float | None = None,
     table: QualityTable | None = None,
     drop_after_slo: float | None = None,
-    stand_in_data: bool = False,
 ) -> Summary:
     slo = result.slo_s
     cutoff = math.inf if drop_after_slo is None else drop_after_slo * slo
@@ -215,5 +211,4 @@ def summarize(
         scrape_interval_s=scrape_interval_s,
         sim_seconds=result.end_s,
         wall_s=result.wall_s if wall_s is None else wall_s,
-        stand_in_data=stand_in_data,
     )

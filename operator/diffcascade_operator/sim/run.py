@@ -13,7 +13,6 @@ from diffcascade_operator.profiles import (
     QualityCurve,
     profiles_from_spec,
     reference_confidences,
-    reference_is_stand_in,
     router_scores_from_spec,
 )
 from diffcascade_operator.queueing import Dispatch
@@ -167,17 +166,6 @@ def simulate(
         router_scores=router,
     )
     result = sim.run()
-    stand_in = (
-        spec.router is not None
-        and spec.router.reference is not None
-        and reference_is_stand_in("router", spec.router.reference)
-    ) or any(
-        v.gate is not None
-        and v.gate.defer_curve is not None
-        and v.gate.defer_curve.reference is not None
-        and reference_is_stand_in("confidence", v.gate.defer_curve.reference)
-        for v in spec.variants
-    )
     summary = summarize(
         result,
         quality=policy.quality,
@@ -191,7 +179,6 @@ def simulate(
         wall_s=time.perf_counter() - started,
         table=profiles.table,
         drop_after_slo=rules.drop_after_slo_factor,
-        stand_in_data=stand_in,
     )
     score = None
     if profiles.table is not None:

@@ -165,7 +165,9 @@ def test_the_scenario_states_hadis_worker_rules() -> None:
     assert math.isclose(sim_rules({}).admission_slo_factor, 1.0)
 
 
-def test_the_artifacts_files_replace_the_stand_ins_in_one_step(tmp_path: Path) -> None:
+def test_the_reference_files_are_written_from_an_artifact_checkout_in_one_step(
+    tmp_path: Path,
+) -> None:
     script = _script()
     root = tmp_path / "HADIS" / "hadis"
     (root / "traces" / "maf" / "multi_dynamic_testbed").mkdir(parents=True)
@@ -190,6 +192,7 @@ def test_the_artifacts_files_replace_the_stand_ins_in_one_step(tmp_path: Path) -
     confidence = (tmp_path / "confidence_hadis-sd35-medium.txt").read_text().split()
     assert [float(v) for v in confidence] == pytest.approx([0.25, 0.5])
     assert (tmp_path / "hadis_e1_64qps.txt").read_text().startswith("543.0,1724\n5892.0")
+    assert (tmp_path / "hadis_prompt_features.csv").read_text().startswith(header)
 
 
 def test_a_bundled_gate_curve_turns_an_escalation_share_into_the_threshold_that_realises_it() -> (
