@@ -376,7 +376,8 @@ class StorageSpec(_Model):
 
 
 class ApiKeysSpec(_Model):
-    """Client API keys the entry stage requires (off when the spec has none)."""
+    """Client API keys the cascade requires (off when the spec has none); who checks them:
+    `worker_config.checks_api_keys`."""
 
     secret_name: str = Field(
         pattern=_OBJECT_NAME,

@@ -34,18 +34,33 @@ class WorkerFiles:
     model: str
     gate: str | None = None
     unet: str | None = None  # the replacement UNet, when the variant has one
-    api_keys: str | None = None  # the client API keys (file or mounted Secret folder)
+    #: The client API keys (file or mounted Secret folder), given only to a stage that checks
+    #: them (`checks_api_keys`).
+    api_keys: str | None = None
 
 
 def _names(spec: CascadeSpec) -> list[str]:
     return [v.name for v in spec.variants]
 
 
-def takes_api_keys(spec: CascadeSpec, name: str) -> bool:
-    """Whether workers of `name` check client API keys: the entry stage of a cascade whose
-    spec names a keys Secret (later stages take requests from earlier stages only, which the
-    NetworkPolicy enforces)."""
-    return spec.api_keys is not None and name == spec.variants[0].name
+def checks_api_keys(
+    spec: CascadeSpec, stage: str | None, *, router: bool, stages_closed: bool
+) -> bool:
+    """Whether `stage` (a variant's workers; None: the cascade's router) checks the client API
+    keys of a cascade whose spec names a keys Secret: every door a client can reach does.
+
+    With a router (`router`), that is the router: the stages' NetworkPolicy
+    (`stages_closed`) admits only the router, earlier stages, the operator and the scrapers,
+    so the router is the one door, and it checks a prompt it sends straight to the heavy
+    stage like any other. The stages behind it need no keys. Without a router, or without
+    that NetworkPolicy, a client may reach whatever stage a plan enters at or routes to,
+    which with hybrid plans may be any stage: then every stage checks (a deferral carries
+    the client's key, which the router passes on too)."""
+    if spec.api_keys is None:
+        return False
+    if stage is None:
+        return router
+    return not (router and stages_closed)
 
 
 def allocation(plan: Plan | None, name: str) -> VariantAllocation | None:
@@ -148,7 +163,7 @@ def serve_args(
     ]
     if files.gate is not None:
         args.append(f"--gate={files.gate}")
-    if files.api_keys is not None and takes_api_keys(spec, name):
+    if files.api_keys is not None:
         args.append(f"--api-keys={files.api_keys}")
     target = default_next_stage(spec, name)
     if target is not None:
@@ -166,6 +181,7 @@ __all__ = [
     "WorkerFiles",
     "allocation",
     "allowed_next_stages",
+    "checks_api_keys",
     "config_body",
     "config_update",
     "default_next_stage",
@@ -173,5 +189,4 @@ __all__ = [
     "plan_id",
     "routes_by_plan",
     "serve_args",
-    "takes_api_keys",
 ]

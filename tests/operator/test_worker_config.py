@@ -12,6 +12,7 @@ from diffcascade_operator.spec import parse_spec
 from diffcascade_operator.worker_config import (
     WorkerFiles,
     allowed_next_stages,
+    checks_api_keys,
     config_body,
     next_stage,
     plan_id,
@@ -142,16 +143,31 @@ def test_assembly_fields_reach_the_worker_as_it_reads_them() -> None:
     assert set(PipelineAssembly.model_fields) <= set(type(spec.variants[0]).model_fields)
 
 
-def test_only_the_entry_stage_is_told_to_check_client_api_keys() -> None:
+def test_the_router_alone_checks_keys_when_the_stages_behind_it_are_closed() -> None:
     raw = three_stage().model_dump(by_alias=True, exclude_none=True)
-    files = WorkerFiles(model="/m", api_keys="/keys")
-    open_spec = parse_spec(raw)
     keyed = parse_spec({**raw, "apiKeys": {"secretName": "client-keys"}})
+    names = [None, "light", "mid", "heavy"]  # None: the router
 
-    def told(spec: Any, name: str) -> list[str]:
+    def checkers(spec: Any, *, router: bool, stages_closed: bool) -> list[str | None]:
+        return [
+            n for n in names if checks_api_keys(spec, n, router=router, stages_closed=stages_closed)
+        ]
+
+    # The router is the one door: a plan may enter anywhere or route straight to heavy.
+    assert checkers(keyed, router=True, stages_closed=True) == [None]
+    # No router: every stage a plan may enter at or route to, which is any stage.
+    assert checkers(keyed, router=False, stages_closed=True) == ["light", "mid", "heavy"]
+    # A router but no NetworkPolicy closing the stages: clients can reach them too.
+    assert checkers(keyed, router=True, stages_closed=False) == names
+    assert checkers(three_stage(), router=False, stages_closed=False) == []  # no keys: open
+
+
+def test_a_stage_given_the_keys_file_is_told_to_check_them() -> None:
+    spec = three_stage()
+
+    def told(files: WorkerFiles, name: str) -> list[str]:
         args = serve_args(spec, name, cascade="c", files=files, stage_url=url)
         return [a for a in args if a.startswith("--api-keys")]
 
-    assert told(keyed, "light") == ["--api-keys=/keys"]
-    assert told(keyed, "mid") == told(keyed, "heavy") == []
-    assert told(open_spec, "light") == []
+    assert told(WorkerFiles(model="/m", api_keys="/keys"), "heavy") == ["--api-keys=/keys"]
+    assert told(WorkerFiles(model="/m"), "light") == []

@@ -51,6 +51,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "controlIntervalSeconds": 2,
         "logLevel": "debug",
         "extraEnv": [{"name": "DIFFCASCADE_TICK_SECONDS", "value": "0.5"}],
+        "dispatch": "round-robin",
         "nodeSelector": {"kubernetes.io/os": "linux"},
         "tolerations": [{"key": "ops", "operator": "Exists", "effect": "NoSchedule"}],
     },
@@ -428,7 +429,7 @@ def test_values_file_documents_every_top_level_key() -> None:
                 "podSecurityContext", "securityContext", "resources", "nodeSelector",
                 "tolerations", "affinity", "allowedImageRegistries", "allowedEnvSecrets",
                 "workerResources", "networkPolicy", "metrics", "grafanaDashboard",
-                "prometheusRule"):  # fmt: skip
+                "prometheusRule", "dispatch"):  # fmt: skip
         assert key in values, key
     assert all(k[0].islower() and "_" not in k for k in values)
     assert text.count("# --") >= 10
@@ -447,6 +448,16 @@ def test_operator_cli_accepts_the_rendered_arguments(values: dict[str, Any]) -> 
     assert params["namespaces"] == tuple(values.get("watchNamespaces", []))
     assert params["all_namespaces"] is not bool(values.get("watchNamespaces"))
     assert env["DIFFCASCADE_WORKER_IMAGE"].endswith((":0.1.0", ":e2e", "@sha256:" + "0" * 64))
+
+
+def test_the_dispatch_the_allocator_plans_for_is_a_value() -> None:
+    from diffcascade_operator.queueing import Dispatch
+
+    _, defaults = _operator_settings({})
+    _, ipvs = _operator_settings({"dispatch": "round-robin"})
+    assert (defaults.dispatch, ipvs.dispatch) == (Dispatch.RANDOM, Dispatch.ROUND_ROBIN)
+    with pytest.raises(helm.HelmError, match="dispatch must be random, round-robin or least"):
+        render({"dispatch": "fastest"})
 
 
 def test_unknown_log_level_fails_the_render_with_a_clear_message() -> None:

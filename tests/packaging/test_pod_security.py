@@ -51,6 +51,33 @@ def test_router_pods_pass_every_restricted_check(path: Path) -> None:
     assert router["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == 10001
 
 
+@pytest.mark.parametrize("router", [True, False], ids=["router", "no-router"])
+def test_pods_that_mount_the_api_keys_pass_every_restricted_check(router: bool) -> None:
+    raw = load_yaml(EXAMPLES_DIR / "tiny-cpu.yaml")
+    raw["spec"]["apiKeys"] = {"secretName": "client-keys"}
+    spec = load_manifest(raw)[1]
+    settings = OperatorSettings(router=router)
+    templates = [
+        manifests.deployment(
+            cascade="c", namespace="ns", spec=spec, index=i, replicas=1, settings=settings
+        )["spec"]["template"]
+        for i in range(len(spec.variants))
+    ]
+    if router:
+        deployment = manifests.router_deployment(
+            cascade="c", namespace="ns", spec=spec, settings=settings
+        )
+        templates.append(deployment["spec"]["template"])
+    keyed = [
+        t
+        for t in templates
+        if manifests.API_KEYS_DIR in " ".join(t["spec"]["containers"][0]["args"])
+    ]
+    assert len(keyed) == (1 if router else len(spec.variants))
+    for template in templates:
+        assert violations(template) == {}
+
+
 def test_the_operator_pod_passes_every_restricted_check() -> None:
     helm = pytest.importorskip("helm_python", reason="helm-python-sdk is not installed")
     with helm.Chart.load(CHART_DIR) as chart:

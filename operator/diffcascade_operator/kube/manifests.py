@@ -24,7 +24,7 @@ from diffcascade_operator.kube.model_storage import add_storage, variant_storage
 from diffcascade_operator.kube.settings import OperatorSettings
 from diffcascade_operator.plan import Plan
 from diffcascade_operator.spec import CascadeSpec, VariantSpec, variant_object_name
-from diffcascade_operator.worker_config import WorkerFiles, serve_args, takes_api_keys
+from diffcascade_operator.worker_config import WorkerFiles, checks_api_keys, serve_args
 from diffcascade_operator.worker_config import plan_id as plan_id  # one meaning everywhere
 
 Manifest = dict[str, Any]
@@ -47,7 +47,7 @@ DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 TMP_DIR = "/tmp"
 CACHE_DIR = "/var/cache/diffcascade"  # model hub, torch and compiler caches
 WORKER_UID = 10001  # the worker image's user (worker/Dockerfile)
-API_KEYS_DIR = "/var/run/diffcascade/api-keys"  # spec.apiKeys' Secret, entry stage only
+API_KEYS_DIR = "/var/run/diffcascade/api-keys"  # spec.apiKeys' Secret, where keys are checked
 API_KEYS_VOLUME = "api-keys"
 
 
@@ -210,10 +210,21 @@ def harden_pod(pod: dict[str, Any]) -> dict[str, Any]:
     return pod
 
 
+def checks_keys(spec: CascadeSpec, stage: str | None, settings: OperatorSettings) -> bool:
+    """Whether `stage` (None: the router) checks client API keys: `checks_api_keys` under
+    this operator's settings (the router when it runs one and the stages' NetworkPolicies
+    admit no client; otherwise every stage)."""
+    return checks_api_keys(
+        spec, stage, router=settings.router, stages_closed=settings.network_policy
+    )
+
+
 def _worker_args(
-    *, cascade: str, namespace: str, spec: CascadeSpec, index: int, port: int
+    *, cascade: str, namespace: str, spec: CascadeSpec, index: int, settings: OperatorSettings
 ) -> list[str]:
     variant = spec.variants[index]
+    port = settings.worker_port
+    keyed = checks_keys(spec, variant.name, settings)
     paths = variant_storage(variant)  # storage URIs -> where the fetch init container puts them
     return [
         "serve",
@@ -222,7 +233,10 @@ def _worker_args(
             variant.name,
             cascade=cascade,
             files=WorkerFiles(
-                model=paths.model, gate=paths.gate, unet=paths.unet, api_keys=API_KEYS_DIR
+                model=paths.model,
+                gate=paths.gate,
+                unet=paths.unet,
+                api_keys=API_KEYS_DIR if keyed else None,
             ),
             stage_url=lambda name: stage_url(
                 cascade=cascade, namespace=namespace, variant=name, port=port
@@ -232,10 +246,13 @@ def _worker_args(
     ]
 
 
-def add_api_keys(pod: dict[str, Any], *, spec: CascadeSpec, variant: str) -> dict[str, Any]:
-    """Mount spec.apiKeys' Secret (read-only, the worker's group only) into an entry-stage
-    pod, where `--api-keys` points; other pods are returned unchanged."""
-    if spec.api_keys is None or not takes_api_keys(spec, variant):
+def add_api_keys(
+    pod: dict[str, Any], *, spec: CascadeSpec, stage: str | None, settings: OperatorSettings
+) -> dict[str, Any]:
+    """Mount spec.apiKeys' Secret (read-only, the pod's group only) at API_KEYS_DIR, where
+    `--api-keys` points, into a pod of `stage` (None: the router) when it checks keys
+    (`checks_keys`); other pods are returned unchanged."""
+    if spec.api_keys is None or not checks_keys(spec, stage, settings):
         return pod
     pod.setdefault("volumes", []).append(
         {
@@ -294,7 +311,7 @@ def deployment(
         "image": image,
         "command": ["diffcascade-worker"],
         "args": _worker_args(
-            cascade=cascade, namespace=namespace, spec=spec, index=index, port=port
+            cascade=cascade, namespace=namespace, spec=spec, index=index, settings=settings
         ),
         "env": env,
         "ports": [{"name": PORT_NAME, "containerPort": port, "protocol": "TCP"}],
@@ -345,7 +362,9 @@ def deployment(
             },
         },
     }
-    add_api_keys(manifest["spec"]["template"]["spec"], spec=spec, variant=variant.name)
+    add_api_keys(
+        manifest["spec"]["template"]["spec"], spec=spec, stage=variant.name, settings=settings
+    )
     return manifest
 
 
@@ -641,6 +660,8 @@ def router_deployment(
         str(drain_seconds(spec)),
         *(arg for url in stages for arg in ("--allowed-stage", url)),
     ]
+    if checks_keys(spec, None, settings):
+        args += ["--api-keys", API_KEYS_DIR]  # the Secret, mounted below
     container: dict[str, Any] = {
         "name": "router",
         "image": settings.router_image,
@@ -679,11 +700,16 @@ def router_deployment(
                         "prometheus.io/path": PATH_METRICS,
                     },
                 },
-                "spec": harden_pod(
-                    {
-                        "containers": [container],
-                        "terminationGracePeriodSeconds": grace_period_seconds(spec, settings),
-                    }
+                "spec": add_api_keys(
+                    harden_pod(
+                        {
+                            "containers": [container],
+                            "terminationGracePeriodSeconds": grace_period_seconds(spec, settings),
+                        }
+                    ),
+                    spec=spec,
+                    stage=None,
+                    settings=settings,
                 ),
             },
         },

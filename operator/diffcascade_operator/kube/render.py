@@ -107,6 +107,7 @@ def chart_env(
         "NETWORK_POLICY": _text(policy.get("enabled", True)),
         "SCRAPER_PEERS": json.dumps(policy.get("scrapers") or [], separators=(",", ":")),
         "CLIENT_PEERS": json.dumps(policy.get("clients") or [], separators=(",", ":")),
+        "DISPATCH": _text(values.get("dispatch", "random")),
         "OPERATOR_NAMESPACE": namespace,
         "OPERATOR_POD_LABELS": json.dumps(selector, separators=(",", ":"), sort_keys=True),
     }

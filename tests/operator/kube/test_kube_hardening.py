@@ -328,21 +328,60 @@ def _with_api_keys(secret: str = "client-keys") -> CascadeSpec:
     return parse_spec(raw)
 
 
-def test_only_the_entry_stage_mounts_the_api_keys_secret_and_checks_keys() -> None:
+def _router_pod(spec: CascadeSpec, **settings: Any) -> dict[str, Any]:
+    dep = manifests.router_deployment(
+        cascade="c", namespace="ns", spec=spec, settings=OperatorSettings(**settings)
+    )
+    pod: dict[str, Any] = dep["spec"]["template"]["spec"]
+    return pod
+
+
+def _checks_keys(pod: dict[str, Any]) -> bool:
+    """The pod mounts the keys Secret where its `--api-keys` points (both, or neither)."""
+    [container] = pod["containers"]
+    args = " ".join(container["args"]).replace("=", " ")
+    told = f"--api-keys {manifests.API_KEYS_DIR}" in args
+    volumes = [v for v in pod["volumes"] if v["name"] == manifests.API_KEYS_VOLUME]
+    mounts = [m for m in container["volumeMounts"] if m["name"] == manifests.API_KEYS_VOLUME]
+    assert told == bool(volumes) == bool(mounts), (told, volumes, mounts)
+    if told:
+        [volume], [mount] = volumes, mounts
+        assert volume["secret"] == {"secretName": "client-keys", "defaultMode": 0o440}
+        assert mount == {
+            "name": manifests.API_KEYS_VOLUME,
+            "mountPath": manifests.API_KEYS_DIR,
+            "readOnly": True,
+        }
+    return told
+
+
+def test_with_the_router_only_the_router_mounts_the_api_keys_and_checks_them() -> None:
+    """Hybrid plans may enter at any stage and send prompts straight to heavy: the router is
+    the one door (the stages' NetworkPolicy admits no client), so it checks every prompt."""
     spec = _with_api_keys()
-    entry, later = _pod(spec, index=0), _pod(spec, index=1)
-    [volume] = [v for v in entry["volumes"] if v["name"] == manifests.API_KEYS_VOLUME]
-    assert volume["secret"] == {"secretName": "client-keys", "defaultMode": 0o440}
-    [container] = entry["containers"]
-    assert {
-        "name": manifests.API_KEYS_VOLUME,
-        "mountPath": manifests.API_KEYS_DIR,
-        "readOnly": True,
-    } in container["volumeMounts"]
-    assert f"--api-keys={manifests.API_KEYS_DIR}" in container["args"]
-    for pod in (later, _pod(_spec(), index=0)):  # a later stage; a cascade without keys
-        assert all(v["name"] != manifests.API_KEYS_VOLUME for v in pod["volumes"])
-        assert not any(a.startswith("--api-keys") for a in pod["containers"][0]["args"])
+    assert _checks_keys(_router_pod(spec)) is True
+    assert [_checks_keys(_pod(spec, index=i)) for i in (0, 1)] == [False, False]
+    unkeyed = [_router_pod(_spec()), _pod(_spec(), index=0), _pod(_spec(), index=1)]
+    assert not any(_checks_keys(pod) for pod in unkeyed)
+
+
+@pytest.mark.parametrize(
+    ("settings", "router_checks"),
+    [({"router": False}, None), ({"network_policy": False}, True)],
+    ids=["no-router", "no-network-policy"],
+)
+def test_without_the_router_or_its_network_policy_every_stage_checks_the_api_keys(
+    settings: dict[str, Any], router_checks: bool | None
+) -> None:
+    spec = _with_api_keys()
+    assert [_checks_keys(_pod(spec, index=i, **settings)) for i in (0, 1)] == [True, True]
+    routers = manifests.router_children(
+        cascade="c", namespace="ns", spec=spec, settings=OperatorSettings(**settings)
+    )
+    if router_checks is None:
+        assert routers == []
+    else:
+        assert _checks_keys(_router_pod(spec, **settings)) is router_checks
 
 
 def test_the_api_keys_secret_is_held_to_the_same_allowlist() -> None:
@@ -352,11 +391,12 @@ def test_the_api_keys_secret_is_held_to_the_same_allowlist() -> None:
     check_spec(_with_api_keys("hf-token"), CHART_SETTINGS)
 
 
-def test_the_api_keys_secret_reaches_the_entry_deployment_through_the_api(
-    k8s: ThreadedKMock,
+@pytest.mark.parametrize("router", [True, False], ids=["router", "no-router"])
+def test_the_api_keys_secret_reaches_the_deployments_that_check_keys_through_the_api(
+    k8s: ThreadedKMock, router: bool
 ) -> None:
-    ns = "harden-api-keys"
-    settings = OperatorSettings(allowed_env_secrets=("client-keys",))
+    ns = f"harden-api-keys-{str(router).lower()}"
+    settings = OperatorSettings(allowed_env_secrets=("client-keys",), router=router)
     body = {
         "apiVersion": "diffcascade.dev/v1alpha1",
         "kind": "DiffusionCascade",
@@ -367,8 +407,14 @@ def test_the_api_keys_secret_reaches_the_entry_deployment_through_the_api(
         api=KubeApi(), body=body, state=reconcile.new_state(settings), settings=settings, now=1.0
     )
     apps = Cluster().apps
-    entry = apps.read_namespaced_deployment("c-light", ns).spec.template.spec
-    later = apps.read_namespaced_deployment("c-heavy", ns).spec.template.spec
-    assert [v.secret.secret_name for v in entry.volumes if v.secret] == ["client-keys"]
-    assert f"--api-keys={manifests.API_KEYS_DIR}" in entry.containers[0].args
-    assert not [v for v in later.volumes if v.secret]
+    pods = {
+        d.metadata.name: d.spec.template.spec for d in apps.list_namespaced_deployment(ns).items
+    }
+    keyed = {
+        name
+        for name, pod in pods.items()
+        if [v.secret.secret_name for v in pod.volumes if v.secret] == ["client-keys"]
+        and manifests.API_KEYS_DIR in " ".join(pod.containers[0].args)
+    }
+    assert keyed == ({"c"} if router else {"c-light", "c-heavy"})
+    assert set(pods) == {"c-light", "c-heavy"} | ({"c"} if router else set())

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,6 +15,7 @@ import uvicorn
 from diffcascade_operator.local.pre_route import LocalPreRouter
 from diffcascade_operator.local.router import Router
 from diffcascade_worker.protocol import HEADER_ROUTED_TO, RouterConfig
+from diffcascade_worker.serving.api_keys import ApiKeys
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -26,8 +28,10 @@ class Stage:
 
     def __init__(self, name: str, *, gate: bool) -> None:
         self.name, self.gate, self.url = name, gate, ""
+        self.calls = 0
 
         async def generate(request: Request) -> Response:
+            self.calls += 1
             prompt = (await request.json())["prompt"]
             hard = prompt.startswith("hard")
             image: dict[str, Any] = {"served_by": self.name, "deferred": self.gate and hard}
@@ -101,3 +105,50 @@ async def test_the_entry_url_learns_from_the_gate_and_then_routes_hard_prompts_t
     assert served["hard"].count("heavy") >= 8  # of 10
     assert served["easy"].count("heavy") <= 2
     assert named.json()["data"][0]["served_by"] == "light"  # a named variant is not routed
+
+
+async def test_with_api_keys_a_prompt_routed_straight_to_heavy_needs_a_key_too(
+    tmp_path: Path,
+) -> None:
+    """`up --api-keys` checks the key at the entry URL before the pre-generation step, so a
+    plan that skips the entry stage skips no key check."""
+    keys = tmp_path / "keys.txt"
+    keys.write_text("sk-team\n")
+    router = Router(variants=["light", "heavy"], plan=lambda: {}, api_keys=ApiKeys(keys))
+    await router.start()
+    light, heavy = Stage("light", gate=True), Stage("heavy", gate=False)
+    good = {"Authorization": "Bearer sk-team"}
+    try:
+        async with light.serve(), heavy.serve(), httpx.AsyncClient(base_url=router.url) as client:
+            router.pools["light"].add(light.url)
+            router.pools["heavy"].add(heavy.url)
+            router.pre_route = LocalPreRouter(
+                RouterConfig(
+                    entry_url=router.stage_url("light"),
+                    entry_variant="light",
+                    heavy_url=router.stage_url("heavy"),
+                    heavy_variant="heavy",
+                    router_share=1.0,  # every scored prompt straight to heavy
+                    exploration_share=0.0,
+                )
+            )
+            # The first prompt has no scores to cut at: it calibrates through the entry stage.
+            first = await client.post("/v1/images/generations", json={"prompt": "a"}, headers=good)
+            refused = [
+                await client.post("/v1/images/generations", json=body, headers=headers)
+                for body, headers in (
+                    ({"prompt": "b"}, {}),
+                    ({"prompt": "c"}, {"Authorization": "Bearer sk-other"}),
+                    ({"prompt": "d", "model": "heavy"}, {}),  # the heavy stage by name
+                )
+            ]
+            routed = await client.post("/v1/images/generations", json={"prompt": "e"}, headers=good)
+    finally:
+        await router.stop()
+    assert first.headers[HEADER_ROUTED_TO] == "entry"
+    for answer in refused:
+        assert answer.status_code == 401, answer.text
+        assert answer.json()["error"]["code"] == "invalid_api_key"
+    assert routed.status_code == 200 and routed.headers[HEADER_ROUTED_TO] == "heavy"
+    assert routed.json()["data"][0]["served_by"] == "heavy"
+    assert (light.calls, heavy.calls) == (1, 1)  # the refused prompts reached no stage

@@ -4,6 +4,7 @@ Secret takes effect without a restart, and an unusable key source stops the star
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -168,3 +169,33 @@ def test_an_empty_key_source_is_refused_at_start(tmp_path: Path, content: str) -
     result = CliRunner().invoke(serve, [*args, "--port", "0"])
     assert result.exit_code == 2, result.output
     assert "--api-keys: no API keys in" in result.output
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_a_deferral_carries_the_clients_key_to_a_next_stage_that_checks_keys(
+    tmp_path: Path, stream: bool
+) -> None:
+    """Without a router every stage checks keys (a plan may enter at any of them): a deferred
+    query must reach the next stage with the client's key, not come back degraded."""
+    keys = tmp_path / "keys.txt"
+    keys.write_text("sk-a\n")
+    heavy_settings = WorkerSettings(
+        model="fake", variant="heavy", cascade="c", size=64, token=TOKEN, api_keys=keys
+    )
+    heavy = WorkerService(heavy_settings, engine_loader=fake_loader(FakeEngine(gate=False)))
+    async with (
+        served_in_process(heavy) as heavy_url,
+        _worker(keys, next_stage_url=heavy_url, threshold=0.5) as light_url,
+        httpx.AsyncClient(base_url=light_url, timeout=30) as client,
+    ):
+        body = {"prompt": "hard to draw", "stream": stream}
+        answer = await client.post(PATH_GENERATIONS, json=body, headers=_bearer("sk-a"))
+        direct = await client.post(heavy_url + PATH_GENERATIONS, json={"prompt": "x"})
+    assert answer.status_code == 200, answer.text
+    if stream:
+        completed = answer.text.split("event: image_generation.completed\ndata: ")[1]
+        image = json.loads(completed.split("\n", 1)[0])
+    else:
+        image = answer.json()["data"][0]
+    assert (image["served_by"], image.get("degraded", False)) == ("heavy", False)
+    assert direct.status_code == 401  # the heavy stage does check keys

@@ -29,6 +29,11 @@ from diffcascade_worker.routing.service import RouterService
 from diffcascade_worker.serving.errors import ERROR_RESPONSES, install_error_handlers
 
 _bearer = HTTPBearer(auto_error=False, description="The router's config token")
+_client_key = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKey",
+    description="A client API key, when the router requires them (--api-keys)",
+)
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -58,10 +63,18 @@ def create_router_app(service: RouterService) -> FastAPI:
     ) -> None:
         service.authorize(None if credentials is None else credentials.credentials)
 
+    def client_authorized(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_client_key)],
+    ) -> None:
+        # Before the request is validated or routed: a refused request reaches no stage and
+        # is no arrival (the demand the operator scales for).
+        service.authorize_client(None if credentials is None else credentials.credentials)
+
     @app.post(
         PATH_GENERATIONS,
         response_model=GenerationResponse,
-        responses=_errors(400, 413, 429, 500, 503),
+        dependencies=[Depends(client_authorized)],
+        responses=_errors(400, 401, 413, 429, 500, 503),
         summary="Generate images: routed to the entry or heavy stage, answered unchanged",
     )
     async def create_images(request: Request, body: GenerationRequest) -> Response:
@@ -98,7 +111,13 @@ def create_router_app(service: RouterService) -> FastAPI:
     async def put_config(config: RouterConfig) -> RouterConfig:
         return service.update_config(config)
 
-    @app.get(PATH_MODELS, response_model=ModelList, summary="The cascade")
+    @app.get(
+        PATH_MODELS,
+        response_model=ModelList,
+        responses=_errors(401),
+        dependencies=[Depends(client_authorized)],
+        summary="The cascade",
+    )
     async def models() -> ModelList:
         cards = [ModelCard(id=service.settings.cascade, kind="cascade")]
         config = service.config

@@ -2,9 +2,11 @@
 
 Torch-free: the operator image runs it (the cascade's `<cascade>` Service points at it) and
 `diffcascade up` can too. It serves the same OpenAI images endpoint as the workers, behind the
-same armour (body limit, header timeout, connection limit); the control plane sets the plan
-with an authenticated PUT of `/v1/cascade/router`. SIGTERM: not ready, finish what was
-accepted (up to the drain timeout), exit.
+same armour (body limit, header timeout, connection limit) and, with `--api-keys`, checks the
+same client API keys (the cascade's one door: a prompt sent straight to the heavy stage is
+checked like any other); the control plane sets the plan with an authenticated PUT of
+`/v1/cascade/router`. SIGTERM: not ready, finish what was accepted (up to the drain
+timeout), exit.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from diffcascade_worker.routing.service import (
     RouterService,
     RouterSettings,
 )
+from diffcascade_worker.serving.api_keys import ApiKeyError, read_keys
 from diffcascade_worker.serving.limits import (
     DEFAULT_HEADER_TIMEOUT_S,
     DEFAULT_KEEP_ALIVE_S,
@@ -114,6 +117,15 @@ def router_server_config(service: RouterService, *, log_level: str = "info") -> 
 )
 @click.option("--insecure-no-token", is_flag=True, default=False, envvar=_env("insecure_no_token"))
 @click.option(
+    "--api-keys",
+    "api_keys",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    envvar=_env("api_keys"),
+    help="client API keys: a file with one key per line, or a folder of such files (a mounted "
+    "Secret); generation then needs 'Authorization: Bearer <key>' [default: open]",
+)
+@click.option(
     "--forward-timeout",
     type=float,
     default=120.0,
@@ -180,6 +192,7 @@ def route(
     token: str | None,
     token_file: Path | None,
     insecure_no_token: bool,
+    api_keys: Path | None,
     forward_timeout: float,
     drain_timeout: float,
     max_inflight: int,
@@ -218,6 +231,7 @@ def route(
             port=port,
             token=None if secret is None else SecretStr(secret),
             insecure_no_token=insecure_no_token,
+            api_keys=api_keys,
             initial=initial,
             allowed_stages=tuple(url for entry in allowed_stages for url in entry.split()),
             forward_timeout_s=forward_timeout,
@@ -236,9 +250,16 @@ def route(
             "no config token: give --token, --token-file or DIFFCASCADE_TOKEN "
             "(or --insecure-no-token to let anyone change the plan)"
         )
+    if settings.api_keys is not None:
+        try:
+            read_keys(settings.api_keys)  # no usable keys: stop before binding, as a worker does
+        except ApiKeyError as error:
+            raise click.UsageError(f"--api-keys: {error}") from None
     listening = _listen(settings.host, settings.port)
     try:
         service = RouterService(settings)
+    except ApiKeyError as error:  # the files changed since they were checked above
+        raise click.UsageError(f"--api-keys: {error}") from None
     except Exception as error:  # ConfigRejected: an initial URL outside the allowlist
         raise click.UsageError(str(getattr(error, "message", error))) from None
     server = DrainingServer(router_server_config(service, log_level=log_level), service=service)

@@ -6,6 +6,11 @@ with its body unchanged; the stage's answer (status, body, Retry-After) comes ba
 plus the routing headers. When the destination was the gated entry stage, the gate's
 confidence of each image in the answer (streamed or not) is a label for the scorer.
 
+With client API keys (`--api-keys`) the router checks them itself, with the workers' own
+`ApiKeys`, before any routing decision: it is the cascade's one door, whichever stage a plan
+enters at or routes to. The client's `Authorization` goes on with the request, so a stage
+that checks keys too (no NetworkPolicy in front of it) sees the client's own key.
+
 A config change (a new plan) affects requests accepted after it: each request holds the
 destination it was given, so nothing in flight is moved or lost. A client that hangs up
 cancels its upstream request (the stage sees the disconnect and drops its queued images).
@@ -18,6 +23,7 @@ import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 import httpx
@@ -39,6 +45,7 @@ from diffcascade_worker.routing.labels import CompletedEventTap, labels_from_jso
 from diffcascade_worker.routing.metrics import RouterMetrics
 from diffcascade_worker.routing.router import Destination, PreGenerationRouter
 from diffcascade_worker.routing.rule import RouteDecision, Target
+from diffcascade_worker.serving.api_keys import ApiKeys
 from diffcascade_worker.serving.cascade import NextStagePolicy, generations_url
 from diffcascade_worker.serving.errors import (
     ClientDisconnected,
@@ -58,7 +65,7 @@ logger = logging.getLogger(__name__)
 
 Disconnected = Callable[[], Awaitable[None]]
 _T = TypeVar("_T")
-_FORWARDED = ("content-type", HEADER_BUDGET_MS, HEADER_REQUEST_ID)
+_FORWARDED = ("content-type", "authorization", HEADER_BUDGET_MS, HEADER_REQUEST_ID)
 _RETURNED = ("content-type", HEADER_RETRY_AFTER, "cache-control")
 DEFAULT_ROUTER_PORT = 8000
 DEFAULT_MAX_INFLIGHT = 1024
@@ -74,6 +81,8 @@ class RouterSettings(BaseModel):
     port: int = Field(default=DEFAULT_ROUTER_PORT, ge=0, le=65535)
     token: SecretStr | None = None
     insecure_no_token: bool = False
+    #: Client API keys (a file, or a mounted Secret's folder); None: generation is open.
+    api_keys: Path | None = None
     initial: RouterConfig | None = None
     #: Stage base URLs a config push may name (port `*` = any); the initial ones always may.
     allowed_stages: tuple[str, ...] = ()
@@ -102,6 +111,8 @@ class RouterService:
         self.router: PreGenerationRouter | None = (
             None if initial is None else PreGenerationRouter(initial, seed=settings.seed)
         )
+        #: Client API keys; None: generation is open (raises ApiKeyError when unusable).
+        self.api_keys = None if settings.api_keys is None else ApiKeys(settings.api_keys)
         self.metrics = RouterMetrics(cascade=settings.cascade)
         self._client = client or httpx.AsyncClient(
             limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
@@ -125,6 +136,11 @@ class RouterService:
             token.encode(), expected.get_secret_value().encode()
         ):
             raise Unauthorized("a valid bearer token is required to read or change the config")
+
+    def authorize_client(self, key: str | None) -> None:
+        """Raise InvalidApiKey unless generation is open or `key` is one of the API keys."""
+        if self.api_keys is not None:
+            self.api_keys.check(key)
 
     def _check(self, config: RouterConfig) -> None:
         for field, url in (("entry_url", config.entry_url), ("heavy_url", config.heavy_url)):

@@ -78,13 +78,15 @@ def create_app(target: WorkerSettings | WorkerService) -> FastAPI:
 
     def client_authorized(
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_client_key)],
-    ) -> None:
-        service.authorize_client(None if credentials is None else credentials.credentials)
+    ) -> str | None:
+        """The client's API key once accepted (None: none sent, generation is open)."""
+        key = None if credentials is None else credentials.credentials
+        service.authorize_client(key)
+        return key
 
     @app.post(
         PATH_GENERATIONS,
         response_model=GenerationResponse,
-        dependencies=[Depends(client_authorized)],
         responses={
             **_errors(400, 401, 413, 429, 500, 503),
             200: {
@@ -111,6 +113,9 @@ def create_app(target: WorkerSettings | WorkerService) -> FastAPI:
                 alias=HEADER_DEFERRED_FROM, max_length=200, description="Set by a deferring stage"
             ),
         ] = None,
+        # A default, not `Annotated`: the annotations are strings, resolved in the module's
+        # namespace, where this closure is not.
+        api_key: str | None = Depends(client_authorized),
     ) -> Response:
         budget = parse_budget_ms(budget_ms)
         if body.stream:
@@ -121,6 +126,7 @@ def create_app(target: WorkerSettings | WorkerService) -> FastAPI:
                 request_id=request_id,
                 deferred_from=deferred_from,
                 disconnected=lambda: _until_disconnected(request),
+                api_key=api_key,
             )
         result = await service.generate(
             body,
@@ -128,6 +134,7 @@ def create_app(target: WorkerSettings | WorkerService) -> FastAPI:
             request_id=request_id,
             deferred_from=deferred_from,
             disconnected=lambda: _until_disconnected(request),
+            api_key=api_key,
         )
         # Already a validated model: serialise once, skip FastAPI's re-validation.
         return Response(result.model_dump_json(), media_type="application/json")

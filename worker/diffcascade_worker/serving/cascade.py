@@ -187,8 +187,10 @@ class NextStageClient:
         size: str,
         budget_s: float,
         request_id: str | None = None,
+        api_key: str | None = None,
     ) -> ForwardResult:
-        """The next stage's image for (prompt, seed), within min(forward timeout, budget)."""
+        """The next stage's image for (prompt, seed), within min(forward timeout, budget);
+        with the client's `api_key`, which a next stage that checks keys needs."""
         if budget_s < MIN_FORWARD_BUDGET_S:
             raise ForwardFailed(f"only {budget_s * 1000:.1f} ms of budget left")
         timeout = min(self._timeout_s, budget_s)
@@ -199,6 +201,8 @@ class NextStageClient:
         }
         if request_id:
             headers[HEADER_REQUEST_ID] = request_id
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
         url = generations_url(next_stage_url)
         limit = max_response_bytes(size)
         try:

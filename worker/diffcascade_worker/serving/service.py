@@ -329,13 +329,15 @@ class WorkerService:
         on_partial: PartialSink | None = None,
         deferred_from: str | None = None,
         disconnected: Disconnected | None = None,
+        api_key: str | None = None,
     ) -> GenerationResponse:
         """The images of one request; with `on_partial`, a deferred query's first-stage image
         is handed to it as soon as it exists (the streaming route sends it as a partial).
 
         A request another stage deferred here (`deferred_from`) is never deferred again, so a
         loop of stages ends after one hop. When `disconnected` resolves first, the request's
-        images still queued are dropped: nobody would read them.
+        images still queued are dropped: nobody would read them. `api_key`, the client's, goes
+        on with a deferral: the next stage may check keys too (a cascade without a router).
         """
         arrival = self._clock()
         ready = self._state is State.READY
@@ -372,6 +374,7 @@ class WorkerService:
             items,
             arrival=arrival,
             request_id=request_id,
+            api_key=api_key,
             defer_allowed=not alone and not deferred_from,
             on_partial=on_partial if request.partial_images else None,
             quality=request.quality,
@@ -474,6 +477,7 @@ class WorkerService:
         *,
         arrival: float,
         request_id: str | None,
+        api_key: str | None = None,
         defer_allowed: bool = True,
         on_partial: PartialSink | None = None,
         quality: str | None = None,
@@ -496,6 +500,7 @@ class WorkerService:
                 result,
                 arrival=arrival,
                 request_id=request_id,
+                api_key=api_key,
                 defer_allowed=defer_allowed,
                 on_partial=on_partial,
                 quality=quality,
@@ -513,6 +518,7 @@ class WorkerService:
         *,
         arrival: float,
         request_id: str | None,
+        api_key: str | None = None,
         defer_allowed: bool = True,
         on_partial: PartialSink | None = None,
         quality: str | None = None,
@@ -551,6 +557,7 @@ class WorkerService:
                     size=self.settings.size_text,
                     budget_s=self._forward_deadline(item) - self._clock(),
                     request_id=request_id,
+                    api_key=api_key,
                 )
             except ForwardFailed as error:
                 logger.warning("deferral degraded to %s's image: %s", served_by, error)

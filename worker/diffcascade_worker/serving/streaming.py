@@ -85,6 +85,7 @@ async def stream_generation(
     request_id: str | None,
     deferred_from: str | None = None,
     disconnected: Disconnected | None = None,
+    api_key: str | None = None,
 ) -> StreamingResponse:
     """Run the generation and answer with its events (raises what fails before the first)."""
     partials: asyncio.Queue[PartialImageEvent] = asyncio.Queue()
@@ -96,6 +97,7 @@ async def stream_generation(
             on_partial=partials.put_nowait,
             deferred_from=deferred_from,
             disconnected=disconnected,
+            api_key=api_key,
         ),
         name="stream-generation",
     )
