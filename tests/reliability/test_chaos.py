@@ -72,6 +72,16 @@ def _state_of(up: Up, pid: int) -> str | None:
     return None
 
 
+def _why(up: Up) -> dict[str, object]:
+    """What `up` planned and saw, for a failed recovery bound."""
+    state = up.state()
+    return {
+        "history": state["history"][-4:],
+        "profiles": state["profiles"],
+        "heavy": state["replicas"]["heavy"],
+    }
+
+
 async def _heavy_again(url: str, seed: int) -> bool:
     """Three requests in a row, at least two served by the heavy stage."""
     served = [await heavy_serves(url, seed=seed + i) for i in range(3)]
@@ -167,7 +177,10 @@ async def test_cascade_survives_floods_bad_input_a_stopped_and_a_killed_worker(
             lambda: _heavy_again(up.url, 1000), timeout_s=RECOVER_STOP_S + 30
         )
         sample_rss()
-        assert recovered_stop is not None and recovered_stop <= RECOVER_STOP_S, recovered_stop
+        assert recovered_stop is not None and recovered_stop <= RECOVER_STOP_S, (
+            recovered_stop,
+            _why(up),
+        )
 
         # 5. the heavy worker killed: `up` starts another, deferrals come back
         killed_at = time.monotonic()
@@ -176,7 +189,8 @@ async def test_cascade_survives_floods_bad_input_a_stopped_and_a_killed_worker(
             lambda: any(w.pid != heavy.pid for w in up.workers("heavy")), timeout_s=RECOVER_KILL_S
         )
         assert replaced is not None, "no new heavy worker"
-        assert await wait_for(lambda: _heavy_again(up.url, 2000), timeout_s=60) is not None
+        back_after_kill = await wait_for(lambda: _heavy_again(up.url, 2000), timeout_s=60)
+        assert back_after_kill is not None, _why(up)
         recovered_kill = time.monotonic() - killed_at
         assert recovered_kill <= RECOVER_KILL_S
         sample_rss()

@@ -175,7 +175,8 @@ def test_auto_profile_job_configmap_plan_and_reprofiling(
         assert measured["state"] == "Succeeded" and measured["batchLatencyMs"] == table
         cond = cluster.condition(ns, CASCADE, "Profiled")
         assert cond is not None and cond["status"] == "True"
-        assert cluster.events(ns, "Profiled")
+        # Kopf posts events from a queue of its own, after the status patch lands.
+        wait_for(lambda: cluster.events(ns, "Profiled"), timeout=30, what="a Profiled Event")
 
         # A spec change that changes the measurement names a new Job; what runs is left alone.
         cluster.patch_spec(ns, CASCADE, _manifest(tiny_models, steps=2)["spec"])
@@ -199,4 +200,4 @@ def test_auto_profile_job_configmap_plan_and_reprofiling(
             what="ProfilingFailed",
         )
         assert cond["status"] == "False" and "CUDA out of memory" in cond["message"]
-        assert cluster.events(ns, "ProfilingFailed")
+        wait_for(lambda: cluster.events(ns, "ProfilingFailed"), timeout=30, what="its Event")

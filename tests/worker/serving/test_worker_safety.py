@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -190,7 +190,11 @@ async def test_drain_shorter_than_the_backlog_refuses_the_rest_in_the_error_enve
             )
             for i in range(12)
         ]
-        await asyncio.sleep(0.2)
+        # Drain only once all twelve are accepted: on a loaded machine a fixed pause may end
+        # before the requests reach the worker, and a draining worker refuses new ones itself.
+        await _until(
+            lambda: service.metrics.inflight._value.get() + _counted(service, Outcome.SERVED) >= 12
+        )
         unfinished = await service.drain()
         responses = await asyncio.gather(*requests)
         ready = await client.get(url + PATH_READYZ)
@@ -201,6 +205,13 @@ async def test_drain_shorter_than_the_backlog_refuses_the_rest_in_the_error_enve
     assert all(r.json()["error"]["code"] == "not_ready" for r in refused)
     assert service.refused_at_drain == len(refused)
     assert ready.status_code == 503
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float = 15.0) -> None:
+    """Poll `condition` (a metric the worker exposes, no event to wait on) until it holds."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
 
 
 def _counted(service: WorkerService, outcome: Outcome) -> float:
