@@ -199,36 +199,49 @@ class LocalActuator:
         if not probed:
             return
         ready = await asyncio.gather(*(self._is_ready(w) for w in probed))
-        async with self._lock:
-            for worker, ok in zip(probed, ready, strict=True):
+        # Probes act at once, outside the lock: a tick may hold it for a whole push timeout
+        # on the very worker that stopped answering, and the router must not keep sending it
+        # work meanwhile. (No await here, so nothing interleaves.)
+        admit: list[Worker] = []
+        for worker, ok in zip(probed, ready, strict=True):
+            if not ok:
+                if worker.state is not WorkerState.STARTING:
+                    self._count_failed_probe(worker)
+            elif worker.state is WorkerState.READY:
+                worker.failed_probes = 0
+            else:
+                admit.append(worker)
+        if not admit:
+            return
+        async with self._lock:  # admission pushes the config in force: not beside a tick's
+            for worker in admit:
                 if worker.state is WorkerState.STARTING:
-                    if ok and await self._push(worker):
+                    if await self._push(worker):
                         worker.state = WorkerState.READY
                         self._start_failures.pop(worker.variant, None)
                         self.router.pools[worker.variant].add(worker.url)
                         logger.info("%s ready", worker.name)
-                elif worker.state in (WorkerState.READY, WorkerState.UNREADY):
-                    await self._follow_readiness(worker, ok=ok)
+                elif worker.state is WorkerState.UNREADY:
+                    await self._readmit(worker)
 
-    async def _follow_readiness(self, worker: Worker, *, ok: bool) -> None:
-        """A ready worker that fails its probes leaves the router; it comes back (with the
-        config in force) as soon as it answers again."""
-        pool = self.router.pools[worker.variant]
-        if not ok:
-            worker.failed_probes += 1
-            if worker.state is WorkerState.READY and worker.failed_probes >= UNREADY_AFTER_FAILURES:
-                worker.state = WorkerState.UNREADY
-                pool.remove(worker.url)
-                logger.warning(
-                    "%s stopped answering /readyz (%d probes): out of the router until it does",
-                    worker.name,
-                    worker.failed_probes,
-                )
-            return
+    def _count_failed_probe(self, worker: Worker) -> None:
+        """A ready worker that fails `UNREADY_AFTER_FAILURES` probes in a row leaves the router."""
+        worker.failed_probes += 1
+        if worker.state is WorkerState.READY and worker.failed_probes >= UNREADY_AFTER_FAILURES:
+            worker.state = WorkerState.UNREADY
+            self.router.pools[worker.variant].remove(worker.url)
+            logger.warning(
+                "%s stopped answering /readyz (%d probes): out of the router until it does",
+                worker.name,
+                worker.failed_probes,
+            )
+
+    async def _readmit(self, worker: Worker) -> None:
+        """A worker that answers again comes back, with the config in force, once it holds it."""
         worker.failed_probes = 0
         if worker.state is WorkerState.UNREADY and await self._push(worker):
             worker.state = WorkerState.READY
-            pool.add(worker.url)
+            self.router.pools[worker.variant].add(worker.url)
             logger.warning("%s answers again: back in the router", worker.name)
 
     def start_failures(self) -> list[tuple[str, Path | None]]:

@@ -22,6 +22,7 @@ from diffcascade_operator.local.supervisor import (
     spawn,
     stop_processes,
 )
+from diffcascade_operator.plan import Plan, SolverOutcome, SolverStatus, VariantAllocation
 from diffcascade_operator.spec import load_manifest
 from local_support import cascade_doc
 
@@ -107,3 +108,45 @@ async def test_a_ready_worker_that_stops_answering_leaves_the_router_and_comes_b
         os.kill(worker.process.pid, signal.SIGCONT)
     await _reconcile_until(actuator, worker, WorkerState.READY)
     assert pool.urls() == [worker.url]
+
+
+async def test_a_hung_worker_leaves_the_router_while_a_config_push_to_it_is_still_waiting(
+    actuator: LocalActuator, tmp_path: Path
+) -> None:
+    worker = _stand_in(actuator, tmp_path)
+    await _reconcile_until(actuator, worker, WorkerState.READY)
+
+    os.kill(worker.process.pid, signal.SIGSTOP)
+    try:
+        # A new plan: its push to the hung worker holds the actuator for the whole push timeout.
+        pushing = asyncio.create_task(actuator.apply(_plan(threshold=0.3)))
+        await asyncio.sleep(0.2)
+        assert not pushing.done()
+        started = time.monotonic()
+        await asyncio.wait_for(_reconcile_until(actuator, worker, WorkerState.UNREADY), 4.0)
+        assert time.monotonic() - started < 4.0
+        assert actuator.router.pools["light"].urls() == []
+        assert not pushing.done()  # it left the router before the push gave up
+    finally:
+        os.kill(worker.process.pid, signal.SIGCONT)
+    await pushing
+    await _reconcile_until(actuator, worker, WorkerState.READY)
+    assert worker.pushed == actuator.desired_config("light")  # back with the new plan's config
+
+
+def _plan(*, threshold: float) -> Plan:
+    return Plan(
+        variants=(
+            VariantAllocation("light", 1, 1, threshold),
+            VariantAllocation("heavy", 0, 1, None),
+        ),
+        threshold=threshold,
+        defer_fraction=0.5,
+        demand_qps=1.0,
+        predicted_latency_s=1.0,
+        predicted_throughput_qps=2.0,
+        predicted_fid=17.0,
+        solver=SolverOutcome(SolverStatus.OPTIMAL, 1.0),
+        reason="test",
+        decided_at=0.0,
+    )
