@@ -52,6 +52,13 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "logLevel": "debug",
         "extraEnv": [{"name": "DIFFCASCADE_TICK_SECONDS", "value": "0.5"}],
         "dispatch": "round-robin",
+        "router": {
+            "replicas": 3,
+            "port": 9000,
+            "resources": {"requests": {"cpu": "250m", "memory": "128Mi"}},
+            "scorer": "rule",
+            "explorationShare": 0,
+        },
         "nodeSelector": {"kubernetes.io/os": "linux"},
         "tolerations": [{"key": "ops", "operator": "Exists", "effect": "NoSchedule"}],
     },
@@ -66,6 +73,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "modelCache": {"claimName": "models"},
         "workerResources": {"requests": {"cpu": 2, "memory": "8Gi"}},
         "networkPolicy": {"enabled": False, "clients": [{"podSelector": {}}]},
+        "router": {"enabled": False, "scorer": "none"},
     },
     "dashboard-and-alerts": {
         "serviceMonitor": {"enabled": True},
@@ -429,7 +437,7 @@ def test_values_file_documents_every_top_level_key() -> None:
                 "podSecurityContext", "securityContext", "resources", "nodeSelector",
                 "tolerations", "affinity", "allowedImageRegistries", "allowedEnvSecrets",
                 "workerResources", "networkPolicy", "metrics", "grafanaDashboard",
-                "prometheusRule", "dispatch"):  # fmt: skip
+                "prometheusRule", "dispatch", "router"):  # fmt: skip
         assert key in values, key
     assert all(k[0].islower() and "_" not in k for k in values)
     assert text.count("# --") >= 10
@@ -458,6 +466,62 @@ def test_the_dispatch_the_allocator_plans_for_is_a_value() -> None:
     assert (defaults.dispatch, ipvs.dispatch) == (Dispatch.RANDOM, Dispatch.ROUND_ROBIN)
     with pytest.raises(helm.HelmError, match="dispatch must be random, round-robin or least"):
         render({"dispatch": "fastest"})
+
+
+ROUTER_FIELDS = ("router", "router_replicas", "router_port", "router_cpu_request",
+                 "router_memory_request", "router_scorer", "router_exploration")  # fmt: skip
+
+
+def test_the_router_is_switched_sized_and_chosen_by_values() -> None:
+    from diffcascade_operator.kube.settings import OperatorSettings
+
+    def router(settings: Any) -> tuple[Any, ...]:
+        return tuple(getattr(settings, f) for f in ROUTER_FIELDS)
+
+    _, defaults = _operator_settings({})
+    assert router(defaults) == router(OperatorSettings())  # the chart keeps the operator's
+    _, tuned = _operator_settings(VALUE_SETS["tuned"])
+    assert router(tuned) == (True, 3, 9000, "250m", "128Mi", "rule", 0.0)
+    _, off = _operator_settings(VALUE_SETS["locked-down"])
+    assert (off.router, off.router_scorer) == (False, "none")
+
+
+BAD_ROUTER_VALUES: list[tuple[dict[str, Any], str]] = [
+    ({"scorer": "fastest"}, 'router.scorer must be learned, rule or none, not "fastest"'),
+    ({"replicas": 0}, 'router.replicas must be a whole number of at least 1, not "0"'),
+    ({"replicas": 1.5}, 'router.replicas must be a whole number of at least 1, not "1.5"'),
+    ({"replicas": "two"}, 'router.replicas must be a whole number of at least 1, not "two"'),
+    ({"port": 70000}, 'router.port must be a port number from 1 to 65535, not "70000"'),
+    ({"explorationShare": -0.1}, 'must be a number from 0 to 0.5, not "-0.1"'),
+    ({"explorationShare": 1}, 'router.explorationShare must be a number from 0 to 0.5, not "1"'),
+    ({"explorationShare": "x"}, 'router.explorationShare must be a number from 0 to 0.5, not "x"'),
+]
+
+
+@pytest.mark.parametrize(
+    ("router", "message"),
+    BAD_ROUTER_VALUES,
+    ids=[",".join(f"{k}={v}" for k, v in r.items()) for r, _ in BAD_ROUTER_VALUES],
+)
+def test_bad_router_values_fail_helm_and_diffcascade_render_alike(
+    router: dict[str, Any], message: str
+) -> None:
+    from diffcascade_operator.kube.render import RenderError, chart_env, merge_values
+
+    with pytest.raises(helm.HelmError, match=re.escape(message)):
+        render({"router": router})
+    values = merge_values(load_yaml(CHART_DIR / "values.yaml"), {"router": router})
+    with pytest.raises(RenderError, match=re.escape(message)):
+        chart_env(values, release=RELEASE, namespace=NAMESPACE, app_version="0.1.0")
+
+
+def test_the_chart_allows_the_exploration_shares_the_router_accepts() -> None:
+    from diffcascade_worker.protocol import MAX_EXPLORATION_SHARE
+
+    _, settings = _operator_settings({"router": {"explorationShare": MAX_EXPLORATION_SHARE}})
+    assert settings.router_exploration == MAX_EXPLORATION_SHARE
+    with pytest.raises(helm.HelmError, match=r"router\.explorationShare must be a number"):
+        render({"router": {"explorationShare": MAX_EXPLORATION_SHARE + 0.01}})
 
 
 def test_unknown_log_level_fails_the_render_with_a_clear_message() -> None:

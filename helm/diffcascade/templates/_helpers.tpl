@@ -118,3 +118,24 @@ app.kubernetes.io/part-of: diffcascade
   verbs: [get, list, watch, patch]
 {{- end }}
 {{- end }}
+
+{{/* Fails the render on router values the operator would refuse (kube/settings.py), with
+the message `diffcascade render --values` gives (kube/render.py). Renders nothing. */}}
+{{- define "diffcascade.checkRouter" -}}
+{{- $router := .Values.router }}
+{{- if not (has $router.scorer (list "learned" "rule" "none")) }}
+{{- fail (printf "router.scorer must be learned, rule or none, not %q" (toString $router.scorer)) }}
+{{- end }}
+{{- $replicas := toString $router.replicas }}
+{{- if not (and (regexMatch "^[0-9]+$" $replicas) (ge (atoi $replicas) 1)) }}
+{{- fail (printf "router.replicas must be a whole number of at least 1, not %q" $replicas) }}
+{{- end }}
+{{- $port := toString $router.port }}
+{{- if not (and (regexMatch "^[0-9]+$" $port) (ge (atoi $port) 1) (le (atoi $port) 65535)) }}
+{{- fail (printf "router.port must be a port number from 1 to 65535, not %q" $port) }}
+{{- end }}
+{{- $share := toString $router.explorationShare }}
+{{- if not (and (regexMatch "^[0-9]+(\\.[0-9]+)?([eE][-+]?[0-9]+)?$" $share) (le (float64 $share) 0.5)) }}
+{{- fail (printf "router.explorationShare must be a number from 0 to 0.5, not %q" $share) }}
+{{- end }}
+{{- end }}

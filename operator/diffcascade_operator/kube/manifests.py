@@ -616,7 +616,7 @@ def router_document(
             cascade=cascade, namespace=namespace, variant=variant, port=settings.worker_port
         ),
         exploration=settings.router_exploration,
-        scorer=settings.router_scorer,  # type: ignore[arg-type]
+        scorer=settings.router_scorer,
         plan_id=None if plan is None else plan_id(plan),
     )
 

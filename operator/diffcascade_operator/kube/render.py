@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import click
 import yaml
+from diffcascade_worker.protocol import MAX_EXPLORATION_SHARE, RouterScorerName
 
 from diffcascade_operator import control
 from diffcascade_operator.kube import curve_files, manifests, profiling
@@ -76,10 +78,54 @@ def _image_ref(image: Mapping[str, Any], app_version: str) -> str:
 
 
 def _text(value: Any) -> str:
-    """A value as Helm's `toString` writes it (booleans lower case)."""
+    """A value as Helm's `toString` writes it (booleans lower case, whole floats as Go's %v
+    writes them: 2, not 2.0)."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e6:
+        return str(int(value))
     return str(value)
+
+
+_WHOLE = re.compile(r"[0-9]+")
+_SHARE = re.compile(r"[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?")
+
+
+def _router_env(values: Mapping[str, Any]) -> dict[str, str]:
+    """The chart's router values as its DIFFCASCADE_ROUTER* entries, refused with the chart's
+    own messages (its `diffcascade.checkRouter`) where the chart's render fails."""
+    router = values.get("router") or {}
+    requests = (router.get("resources") or {}).get("requests") or {}
+    scorer = router.get("scorer", "learned")
+    if scorer not in get_args(RouterScorerName):
+        raise RenderError(
+            f"router.scorer must be learned, rule or none, not {json.dumps(_text(scorer))}"
+        )
+    replicas = _text(router.get("replicas", 2))
+    if not (_WHOLE.fullmatch(replicas) and int(replicas) >= 1):
+        raise RenderError(
+            f"router.replicas must be a whole number of at least 1, not {json.dumps(replicas)}"
+        )
+    port = _text(router.get("port", 8000))
+    if not (_WHOLE.fullmatch(port) and 1 <= int(port) <= 65535):
+        raise RenderError(
+            f"router.port must be a port number from 1 to 65535, not {json.dumps(port)}"
+        )
+    share = _text(router.get("explorationShare", 0.05))
+    if not (_SHARE.fullmatch(share) and float(share) <= MAX_EXPLORATION_SHARE):
+        raise RenderError(
+            f"router.explorationShare must be a number from 0 to {MAX_EXPLORATION_SHARE:g}, "
+            f"not {json.dumps(share)}"
+        )
+    return {
+        "ROUTER": _text(router.get("enabled", True)),
+        "ROUTER_REPLICAS": replicas,
+        "ROUTER_PORT": port,
+        "ROUTER_CPU_REQUEST": _text(requests.get("cpu", "100m")),
+        "ROUTER_MEMORY_REQUEST": _text(requests.get("memory", "256Mi")),
+        "ROUTER_SCORER": str(scorer),
+        "ROUTER_EXPLORATION": share,
+    }
 
 
 def chart_env(
@@ -99,6 +145,7 @@ def chart_env(
     env = {
         "WORKER_IMAGE": _image_ref(values["workerImage"], app_version),
         "ROUTER_IMAGE": _image_ref(values["image"], app_version),  # the operator's own image
+        **_router_env(values),
         "ALLOWED_IMAGE_REGISTRIES": " ".join(values.get("allowedImageRegistries") or []),
         "ALLOWED_ENV_SECRETS": " ".join(values.get("allowedEnvSecrets") or []),
         "WORKER_CPU_REQUEST": _text(resources.get("cpu")),

@@ -7,10 +7,13 @@ both from `diffcascade operator` and from `kopf run`/KopfRunner.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast, get_args
+
+from diffcascade_worker.protocol import MAX_EXPLORATION_SHARE, RouterScorerName
 
 from diffcascade_operator.queueing import Dispatch
 from diffcascade_operator.snapshot_builder import DEMAND_HISTORY
@@ -96,7 +99,7 @@ class OperatorSettings:
     router_cpu_request: str = "100m"
     router_memory_request: str = "256Mi"
     router_exploration: float = 0.05  # share of would-be-heavy prompts still sent to the gate
-    router_scorer: str = "learned"  # learned | rule | none
+    router_scorer: RouterScorerName = "learned"
     # How a worker Service spreads queries over its pods, what the allocator plans waiting
     # for (`queueing.Dispatch`): kube-proxy's iptables mode picks at random, IPVS round-robin.
     dispatch: Dispatch = Dispatch.RANDOM
@@ -158,12 +161,12 @@ class OperatorSettings:
             model_cache_claim=get("MODEL_CACHE_CLAIM"),
             router=_flag(get("ROUTER") or "true"),
             router_image=get("ROUTER_IMAGE") or base.router_image,
-            router_replicas=int(get("ROUTER_REPLICAS") or base.router_replicas),
-            router_port=int(get("ROUTER_PORT") or base.router_port),
+            router_replicas=_whole("ROUTER_REPLICAS", get("ROUTER_REPLICAS"), base.router_replicas),
+            router_port=_whole("ROUTER_PORT", get("ROUTER_PORT"), base.router_port, high=65535),
             router_cpu_request=get("ROUTER_CPU_REQUEST") or base.router_cpu_request,
             router_memory_request=get("ROUTER_MEMORY_REQUEST") or base.router_memory_request,
-            router_exploration=float(get("ROUTER_EXPLORATION") or base.router_exploration),
-            router_scorer=get("ROUTER_SCORER") or base.router_scorer,
+            router_exploration=_exploration(get("ROUTER_EXPLORATION"), base.router_exploration),
+            router_scorer=_scorer(get("ROUTER_SCORER") or base.router_scorer),
             dispatch=_dispatch(get("DISPATCH") or base.dispatch.value),
             stall_intervals=float(get("STALL_INTERVALS") or base.stall_intervals),
             stall_min_s=float(get("STALL_MIN_SECONDS") or base.stall_min_s),
@@ -177,3 +180,42 @@ def _dispatch(value: str) -> Dispatch:
     except ValueError:
         known = ", ".join(d.value for d in Dispatch)
         raise ValueError(f"{ENV_PREFIX}DISPATCH must be one of {known}, got {value!r}") from None
+
+
+def _whole(key: str, value: str | None, default: int, *, high: int | None = None) -> int:
+    """A whole number from 1 (to `high`): what a replica count or a port may be."""
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1 or (high is not None and number > high):
+        span = "of at least 1" if high is None else f"from 1 to {high}"
+        raise ValueError(f"{ENV_PREFIX}{key} must be a whole number {span}, got {value!r}")
+    return number
+
+
+def _exploration(value: str | None, default: float) -> float:
+    """The router's exploration share: what its config API accepts (0 to 0.5)."""
+    if value is None:
+        return default
+    try:
+        share = float(value)
+    except ValueError:
+        share = math.nan
+    if not 0.0 <= share <= MAX_EXPLORATION_SHARE:
+        raise ValueError(
+            f"{ENV_PREFIX}ROUTER_EXPLORATION must be a number from 0 to "
+            f"{MAX_EXPLORATION_SHARE:g}, got {value!r}"
+        )
+    return share
+
+
+def _scorer(value: str) -> RouterScorerName:
+    known = get_args(RouterScorerName)
+    if value not in known:
+        raise ValueError(
+            f"{ENV_PREFIX}ROUTER_SCORER must be one of {', '.join(known)}, got {value!r}"
+        )
+    return cast(RouterScorerName, value)

@@ -130,3 +130,49 @@ def test_render_names_an_invalid_spec_and_a_file_that_is_no_cascade(tmp_path: Pa
     other.write_text("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n")
     code, output, _ = _render(str(other))
     assert code == 1 and "not a DiffusionCascade" in output
+
+
+def test_render_runs_the_router_the_values_ask_for(tmp_path: Path) -> None:
+    values = tmp_path / "values.yaml"
+    values.write_text(
+        yaml.safe_dump(
+            {
+                "router": {
+                    "replicas": 3,
+                    "port": 9000,
+                    "resources": {"requests": {"cpu": "250m", "memory": "128Mi"}},
+                    "scorer": "rule",
+                    "explorationShare": 0.2,
+                }
+            }
+        )
+    )
+    code, output, docs = _render(str(GPU_EXAMPLE), "--values", str(values), "-n", "images")
+    assert code == 0, output
+    router = next(
+        d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "turbo-v15"
+    )
+    [container] = router["spec"]["template"]["spec"]["containers"]
+    assert router["spec"]["replicas"] == 3
+    assert container["resources"]["requests"] == {"cpu": "250m", "memory": "128Mi"}
+    args = container["args"]
+    assert args[args.index("--scorer") + 1] == "rule"
+    assert args[args.index("--exploration-share") + 1] == "0.2"
+    assert args[args.index("--port") + 1] == "9000"
+    service = next(
+        d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "turbo-v15"
+    )
+    assert service["spec"]["ports"][0]["port"] == 9000
+
+    values.write_text(yaml.safe_dump({"router": {"enabled": False}}))
+    code, output, docs = _render(str(GPU_EXAMPLE), "--values", str(values), "-n", "images")
+    assert code == 0, output
+    assert not [d for d in docs if d["metadata"]["name"] == "turbo-v15"]
+
+
+def test_render_refuses_bad_router_values_with_the_charts_message(tmp_path: Path) -> None:
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"router": {"scorer": "fastest"}}))
+    code, output, _ = _render(str(GPU_EXAMPLE), "--values", str(values))
+    assert code == 1
+    assert 'router.scorer must be learned, rule or none, not "fastest"' in output
