@@ -370,19 +370,20 @@ class PrometheusSource:
 
 @dataclass(frozen=True)
 class WorkerSample:
-    """What one worker's /metrics said, summed over the series of one cascade."""
+    """What one worker's (or router's) /metrics said, summed over the series of one cascade."""
 
     arrivals_total: float
     queue_depth: float
     inflight: float
     at: float
+    routed_total: float = 0.0  # a router's count of every arrival (ROUTER_ROUTED)
 
 
 def parse_worker_metrics(text: str, *, cascade: str | None = None, at: float = 0.0) -> WorkerSample:
-    """Sum the arrival counter and queue gauges of a /metrics page (optionally one cascade)."""
+    """Sum the arrival counters and queue gauges of a /metrics page (optionally one cascade)."""
     from diffcascade_worker.protocol import INFLIGHT
 
-    arrivals = depth = inflight = 0.0
+    arrivals = depth = inflight = routed = 0.0
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if cascade is not None and sample.labels.get(LABEL_CASCADE) != cascade:
@@ -393,7 +394,32 @@ def parse_worker_metrics(text: str, *, cascade: str | None = None, at: float = 0
                 depth += sample.value
             elif sample.name == INFLIGHT.exposed:
                 inflight += sample.value
-    return WorkerSample(arrivals_total=arrivals, queue_depth=depth, inflight=inflight, at=at)
+            elif sample.name == ROUTER_ROUTED.exposed:
+                routed += sample.value
+    return WorkerSample(
+        arrivals_total=arrivals, queue_depth=depth, inflight=inflight, at=at, routed_total=routed
+    )
+
+
+def _rate(
+    before: WorkerSample | None, now: WorkerSample, count: Callable[[WorkerSample], float]
+) -> tuple[float, float] | None:
+    """(rate, span) of one counter between two samples of one target; None without a span. A
+    counter that went down means the process restarted: its count began again."""
+    if before is None or now.at <= before.at:
+        return None
+    delta = count(now) - count(before)
+    if delta < 0:
+        delta = count(now)
+    return delta / (now.at - before.at), now.at - before.at
+
+
+def _arrivals(sample: WorkerSample) -> float:
+    return sample.arrivals_total
+
+
+def _routed(sample: WorkerSample) -> float:
+    return sample.routed_total
 
 
 def parse_live_totals(text: str, *, cascade: str | None = None) -> dict[str, VariantTotals]:
@@ -461,6 +487,8 @@ class ScrapeSource:
     `endpoints()` maps each variant to its workers' base URLs (e.g. `http://10.0.0.5:8000`).
     A worker seen for the first time has no rate yet; when no worker of the first stage has one,
     the source scrapes twice, `first_gap_s` apart, so a first reading is still a measurement.
+    `routers()`, when given, lists the base URLs of the cascade's routers: their count of every
+    arrival is the reading's `cascade_qps`, as Prometheus' router series is.
     """
 
     def __init__(
@@ -471,8 +499,10 @@ class ScrapeSource:
         first_gap_s: float = 0.5,
         clock: Callable[[], float] = time.time,
         client: httpx.Client | None = None,
+        routers: Callable[[], Sequence[str]] | None = None,
     ) -> None:
         self._endpoints = endpoints
+        self._routers = routers or (lambda: ())
         self._timeout_s = timeout_s
         self._first_gap_s = first_gap_s
         self._clock = clock
@@ -504,14 +534,18 @@ class ScrapeSource:
         if not variants:
             raise ValueError("a cascade has at least one variant")
         endpoints = {v: list(self._endpoints().get(v, ())) for v in variants}
-        urls = sorted({u for us in endpoints.values() for u in us})
-        if not urls:
+        workers = sorted({u for us in endpoints.values() for u in us})
+        if not workers:
             raise MetricsUnavailable(f"no worker endpoints to scrape for cascade {cascade!r}")
+        routers = sorted(set(self._routers()) - set(workers))
+        urls = [*workers, *routers]
         with self._lock:
             current = self._scrape_all(urls, cascade)
-            if not current:
-                raise MetricsUnavailable(f"none of the {len(urls)} workers of {cascade!r} answered")
-            first = [u for u in endpoints[variants[0]] if u in current]
+            if not any(u in current for u in workers):
+                raise MetricsUnavailable(
+                    f"none of the {len(workers)} workers of {cascade!r} answered"
+                )
+            first = [u for u in [*endpoints[variants[0]], *routers] if u in current]
             if first and not any(u in self._previous for u in first):
                 for url in current:
                     self._previous[url] = current[url]
@@ -526,25 +560,31 @@ class ScrapeSource:
                     if now is None:
                         continue
                     depth += now.queue_depth
-                    before = self._previous.get(url)
-                    if before is not None and now.at > before.at:
-                        delta = now.arrivals_total - before.arrivals_total
-                        if delta < 0:  # the worker restarted: its counter began again
-                            delta = now.arrivals_total
-                        rate += delta / (now.at - before.at)
-                        spans.append(now.at - before.at)
+                    if (measured := _rate(self._previous.get(url), now, _arrivals)) is None:
+                        continue
+                    rate += measured[0]
+                    spans.append(measured[1])
                 stages[variant] = StageSample(queue_depth=depth, arrival_qps=rate)
+            routed = [
+                measured
+                for url in routers
+                if (now := current.get(url)) is not None
+                and (measured := _rate(self._previous.get(url), now, _routed)) is not None
+            ]
             self._previous.update(current)
             for gone in set(self._previous) - set(urls):
                 del self._previous[gone]
+        # counter deltas between reads: every arrival since the last step already
+        cascade_qps = sum(rate for rate, _ in routed) if routed else None
         return MetricsReading(
             demand_qps=stages[variants[0]].arrival_qps,
             stages=stages,
             source="DirectScrape",
             at=self._clock(),
-            # counter deltas between reads: every arrival since the last step already
             window_qps={v: stage.arrival_qps for v, stage in stages.items()},
-            window_s=max(spans, default=0.0),
+            cascade_qps=cascade_qps,
+            cascade_window_qps=cascade_qps,
+            window_s=max([*spans, *(span for _, span in routed)], default=0.0),
         )
 
     def _scrape_text(self, url: str) -> str | None:

@@ -25,7 +25,6 @@ from diffcascade_operator.control import FIRST_READING_POLL_S, step_due
 from diffcascade_operator.kube.status import profile_drift_condition, profiles_doc
 from diffcascade_operator.live_profiles import LiveProfileResult, LiveProfileSettings
 from diffcascade_operator.local.actuator import LocalActuator
-from diffcascade_operator.local.pre_route import LocalPreRouter
 from diffcascade_operator.local.prometheus import LocalPrometheus, prometheus_binary
 from diffcascade_operator.local.router import Router
 from diffcascade_operator.local.state import STATE_FILE, plan_to_dict, write_state
@@ -139,6 +138,9 @@ class LocalCascade:
         self._logged: Plan | None = None  # the last plan logged as a change
         self.ticks = 0
         self.last_reading: MetricsReading | None = None
+        #: The last reading's demand sample (`snapshot_builder.demand_sample`): every arrival
+        #: of the cascade, as the operator's `status.demand.measuredQps`.
+        self.measured_qps: float | None = None
         self.metrics_error: str | None = None
         self.live_settings = LiveProfileSettings()
         self.live: LiveProfileResult | None = None
@@ -160,10 +162,14 @@ class LocalCascade:
         # A first direct reading measures over `first_gap_s`; too short a gap turns one or two
         # arrivals into a demand spike (e.g. 4 qps from 2 requests in 0.5 s).
         gap = min(2.0, max(0.5, self.spec.control.interval_seconds))
-        self._scrape = ScrapeSource(self._endpoints, timeout_s=1.0, first_gap_s=gap)
+        self._scrape = ScrapeSource(
+            self._endpoints, timeout_s=1.0, first_gap_s=gap, routers=lambda: [self.router.url]
+        )
         if self.prometheus is not None:
             try:
-                prom_url = self.prometheus.launch(host=self.host)
+                prom_url = self.prometheus.launch(
+                    host=self.host, router=self.router.url.removeprefix("http://")
+                )
                 await self.prometheus.wait_ready()
             except (RuntimeError, OSError) as exc:
                 logger.warning("%s; scraping the workers directly", exc)
@@ -336,6 +342,8 @@ class LocalCascade:
             dispatch=Dispatch.LEAST_LOADED,  # the entry URL's router picks the least loaded
             entry=self.plan.entry() if self.plan is not None else None,
         )
+        if reading is not None:
+            self.measured_qps = self._demand[-1].qps
         previous = self.plan
         plan = decide(snapshot, previous)
         changed = notable_change(plan, self._logged)
@@ -351,7 +359,7 @@ class LocalCascade:
                     "at": time.time(),
                     "tick": self.ticks,
                     "demand_qps": round(plan.demand_qps, 3),
-                    "measured_qps": round(reading.demand_qps, 3) if reading else None,
+                    "measured_qps": self._measured(reading),
                     "metrics_source": reading.source if reading else None,
                     "threshold": plan.threshold,
                     "defer_fraction": plan.defer_fraction,
@@ -368,18 +376,17 @@ class LocalCascade:
 
     def _route_by(self, plan: Plan) -> None:
         """The entry URL's pre-generation step follows the plan (entry, heavy stage, r)."""
-        config = router_config(plan, self.spec, stage_url=self.router.stage_url)
-        if self.router.pre_route is None:
-            self.router.pre_route = LocalPreRouter(config)
-        else:
-            self.router.pre_route.configure(config)
+        self.router.route_by(router_config(plan, self.spec, stage_url=self.router.stage_url))
+
+    def _measured(self, reading: MetricsReading | None) -> float | None:
+        return round(self.measured_qps, 3) if reading and self.measured_qps is not None else None
 
     def _moment(self, plan: Plan, reading: MetricsReading | None) -> dict[str, Any]:
         desired = plan.replicas()
         return {
             "at": time.time(),
             "demand_qps": round(plan.demand_qps, 3),
-            "measured_qps": round(reading.demand_qps, 3) if reading else None,
+            "measured_qps": self._measured(reading),
             "threshold": plan.threshold,
             "desired": desired,
             "ready": {v: len(self.supervisor.of(v, WorkerState.READY)) for v in self.variants},
@@ -434,7 +441,7 @@ class LocalCascade:
             "ticks": self.ticks,
             "metrics": {
                 "source": reading.source if reading else None,
-                "demand_qps": round(reading.demand_qps, 3) if reading else None,
+                "demand_qps": self._measured(reading),
                 "error": self.metrics_error,
                 "prometheus": self.prometheus.url if self.prometheus else None,
             },

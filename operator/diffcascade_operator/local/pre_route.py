@@ -5,11 +5,14 @@ step the `<cascade>` router runs on a cluster, with the same parts: `PreGenerati
 (the routing rule and the scorer, learned by default) decides entry or heavy stage before any
 image is made, and every answer of the gated entry stage trains the scorer on the gate's
 confidences. One process and one hop, instead of a second proxy in front of the first.
+
+It counts every arrival it routes in the router's own series (`routing.metrics`, exported on
+the entry URL's `/metrics`), so `up` reads its cascade's demand as the operator does: from the
+router's count, whatever share the plan sends straight to the heavy stage.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -17,9 +20,11 @@ from diffcascade_worker.protocol import (
     HEADER_ROUTED_TO,
     HEADER_ROUTER_EXPLORED,
     HEADER_ROUTER_SCORE,
+    GenerationRequest,
     RouterConfig,
 )
 from diffcascade_worker.routing.labels import CompletedEventTap, labels_from_json
+from diffcascade_worker.routing.metrics import RouterMetrics
 from diffcascade_worker.routing.router import PreGenerationRouter
 from diffcascade_worker.routing.rule import Target
 from starlette.responses import Response, StreamingResponse
@@ -28,20 +33,26 @@ Forward = Callable[[str], Awaitable[Response]]
 
 
 class LocalPreRouter:
-    def __init__(self, config: RouterConfig) -> None:
+    def __init__(self, config: RouterConfig, *, metrics: RouterMetrics) -> None:
         self.router = PreGenerationRouter(config)
+        self.metrics = metrics
 
     def configure(self, config: RouterConfig) -> None:
         self.router.configure(config)
 
-    async def handle(self, body: bytes, forward: Forward) -> Response:
-        """Decide the stage for this request's prompt, forward, learn from the answer."""
-        prompt = _prompt(body)
-        if prompt is None:  # not a valid request: the stage answers its 400
+    async def handle(
+        self, body: bytes, request: GenerationRequest | None, forward: Forward
+    ) -> Response:
+        """Decide the stage for this request's prompt, count it, forward, learn from the
+        answer. `request` is `body` validated; None: the entry stage answers its 400 (not an
+        arrival, as at the router service, which answers it itself)."""
+        if request is None:
             return await forward(self.router.config.entry_variant)
+        prompt = request.prompt
         destination = self.router.decide(prompt)
-        response = await forward(destination.variant)
         decision = destination.decision
+        self.metrics.routed(decision.target, explored=decision.explored, images=request.n)
+        response = await forward(destination.variant)
         response.headers[HEADER_ROUTED_TO] = decision.target.value
         response.headers[HEADER_ROUTER_SCORE] = f"{decision.score:.6g}"
         response.headers[HEADER_ROUTER_EXPLORED] = str(decision.explored).lower()
@@ -80,12 +91,3 @@ class LocalPreRouter:
             "prequential_auc": None if auc != auc else round(auc, 4),
             "routed_share": round(self.router.routed_share(), 4),
         }
-
-
-def _prompt(body: bytes) -> str | None:
-    try:
-        parsed = json.loads(body)
-    except ValueError:
-        return None
-    prompt = parsed.get("prompt") if isinstance(parsed, dict) else None
-    return prompt if isinstance(prompt, str) and prompt.strip() else None

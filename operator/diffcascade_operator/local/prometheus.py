@@ -1,7 +1,9 @@
 """A private Prometheus for a local cascade, when the `prometheus` binary is installed.
 
 Targets come from a file_sd JSON file that Prometheus watches, so adding and removing workers
-needs no reload. Its data lives in a temporary folder removed at shutdown.
+needs no reload. The entry URL, which does not move during a run, is a static target: its
+router series count every arrival of the cascade (the demand). Its data lives in a temporary
+folder removed at shutdown.
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ class LocalPrometheus:
         assert self._dir is not None
         return self._dir / "targets.json"
 
-    def launch(self, *, host: str = "127.0.0.1") -> str:
-        """Start the process (from the event loop's thread, see supervisor); returns its URL."""
+    def launch(self, *, host: str = "127.0.0.1", router: str | None = None) -> str:
+        """Start the process (from the event loop's thread, see supervisor); returns its URL.
+        `router`: the entry URL's `host:port`, scraped as a static target."""
         self._dir = Path(tempfile.mkdtemp(prefix="diffcascade-prometheus-"))
         self._targets_json = None
         self.set_targets({})
@@ -52,7 +55,14 @@ class LocalPrometheus:
             "scrape_configs:\n  - job_name: diffcascade-workers\n"
             f"    scrape_timeout: {interval}\n"
             f"    file_sd_configs:\n      - files: ['{self.targets_file}']\n"
-            "        refresh_interval: 1s\n",
+            "        refresh_interval: 1s\n"
+            + (
+                "  - job_name: diffcascade-router\n"
+                f"    scrape_timeout: {interval}\n"
+                f"    static_configs:\n      - targets: ['{router}']\n"
+                if router
+                else ""
+            ),
             encoding="utf-8",
         )
         port = free_port(host)

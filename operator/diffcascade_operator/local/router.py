@@ -15,6 +15,9 @@ is passed on: the request to the stage is cancelled, and the worker drops the wo
 With client API keys (`up --api-keys`), the entry and the model list need one of them, as an
 entry-stage worker does on a cluster, and the stage paths answer only this machine (the
 workers' deferrals).
+
+`GET /metrics` exports the cluster router's series (`routing.metrics`): every arrival at the
+entry, by the stage it was sent to, is the cascade's demand for `up`'s control loop.
 """
 
 from __future__ import annotations
@@ -38,13 +41,18 @@ from diffcascade_worker.protocol import (
     HEADER_RETRY_AFTER,
     PATH_GENERATIONS,
     PATH_HEALTHZ,
+    PATH_METRICS,
     PATH_MODELS,
     PATH_READYZ,
     ErrorDetail,
     ErrorResponse,
+    GenerationRequest,
     ModelCard,
     ModelList,
+    RouterConfig,
 )
+from diffcascade_worker.routing.metrics import RouterMetrics
+from diffcascade_worker.routing.rule import Target
 from diffcascade_worker.serving.api_keys import ApiKeys
 from diffcascade_worker.serving.errors import InvalidApiKey
 from diffcascade_worker.serving.limits import (
@@ -56,6 +64,8 @@ from diffcascade_worker.serving.limits import (
     guarded_protocol,
     raise_file_limit,
 )
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
@@ -154,6 +164,14 @@ def _requested_model(body: bytes) -> str | None:
     return model if isinstance(model, str) else None
 
 
+def _generation(body: bytes) -> GenerationRequest | None:
+    """The request validated as a worker validates it; None when a worker would answer 400."""
+    try:
+        return GenerationRequest.model_validate_json(body)
+    except ValidationError:
+        return None
+
+
 def connection_budget(file_limit: int) -> int:
     """How many client connections the router holds at once under `file_limit` descriptors."""
     return max(8, min(DEFAULT_MAX_CONNECTIONS, file_limit // FILES_PER_CLIENT_CONNECTION))
@@ -239,7 +257,8 @@ class Router:
         self.cascade = cascade
         self.pools = {v: ReplicaPool() for v in self.variants}
         self._plan = plan
-        self.pre_route: LocalPreRouter | None = None  # set by the cascade once it has a plan
+        self.pre_route: LocalPreRouter | None = None  # set by `route_by` once there is a plan
+        self.metrics = RouterMetrics(cascade=cascade or "default")
         self._timeout = httpx.Timeout(forward_timeout_s, connect=5.0)
         self._client: httpx.AsyncClient | None = None
         self._server: _QuietServer | None = None
@@ -257,6 +276,7 @@ class Router:
             Route(PATH_HEALTHZ, self._healthz, methods=["GET"]),
             Route(PATH_PLAN, self._plan_route, methods=["GET"]),
             Route(PATH_MODELS, self._models, methods=["GET"]),
+            Route(PATH_METRICS, self._metrics, methods=["GET"]),
         ]
         self.app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
 
@@ -266,6 +286,13 @@ class Router:
 
     def ready(self) -> bool:
         return bool(self.pools[self.entry_variant].urls())
+
+    def route_by(self, config: RouterConfig) -> None:
+        """The pre-generation step follows this config (the plan's entry, heavy stage, r)."""
+        if self.pre_route is None:
+            self.pre_route = LocalPreRouter(config, metrics=self.metrics)
+        else:
+            self.pre_route.configure(config)
 
     def stage_url(self, variant: str) -> str:
         """Base URL a previous stage defers to (the worker appends the generations path)."""
@@ -343,10 +370,17 @@ class Router:
             return refused
         body = await request.body()
         model = _requested_model(body)
+        generation = _generation(body)
         if model not in self.pools and self.pre_route is not None:
             # The pre-generation step (local.pre_route): entry or heavy stage, by the plan.
-            return await self.pre_route.handle(body, lambda v: self._forward(v, request))
+            return await self.pre_route.handle(
+                body, generation, lambda v: self._forward(v, request)
+            )
         variant = model if model in self.pools else self.entry_variant
+        if generation is not None:  # a named stage is an arrival too (the router's rule)
+            entry = self.pre_route.router.config.entry_variant if self.pre_route else None
+            target = Target.ENTRY if variant == (entry or self.entry_variant) else Target.HEAVY
+            self.metrics.routed(target, explored=False, images=generation.n)
         return await self._forward(variant, request)
 
     async def _stage(self, request: Request) -> Response:
@@ -441,6 +475,12 @@ class Router:
 
     async def _healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "variant": self.entry_variant})
+
+    async def _metrics(self, request: Request) -> Response:
+        pre_route = self.pre_route
+        self.metrics.publish(pre_route.router.config if pre_route else None, ready=self.ready())
+        self.metrics.refresh(pre_route.router if pre_route else None)
+        return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     async def _plan_route(self, request: Request) -> Response:
         return JSONResponse(self._plan())

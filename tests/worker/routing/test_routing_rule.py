@@ -37,6 +37,8 @@ def test_share_zero_routes_nothing_and_share_one_routes_everything() -> None:
     ordered = [0.1, 0.2, 0.3]
     assert not any(goes_heavy(s, share=0.0, sorted_scores=ordered) for s in (0.1, 0.3, 9.0))
     assert all(goes_heavy(s, share=1.0, sorted_scores=ordered) for s in (-9.0, 0.1))
+    # r = 1 needs no cut: the first prompt of a cold router goes heavy too
+    assert goes_heavy(0.0, share=1.0, sorted_scores=[])
     # HADIS would route its top prompt at r = 0 (the cut is the maximum itself); we do not.
     assert cut_score(ordered, 0.0) == 0.3
 

@@ -1,4 +1,9 @@
-"""Prometheus series of one router process, built from the names in `protocol`."""
+"""Prometheus series of one router, built from the names in `protocol`.
+
+Two routers export them: the router service (`diffcascade-worker route`) and the entry URL of
+`diffcascade up` (`local.pre_route`), so every driver reads a cascade's arrivals from the same
+`ROUTER_ROUTED` counter.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from diffcascade_worker import protocol
-from diffcascade_worker.protocol import MetricName
+from diffcascade_worker.protocol import MetricName, RouterConfig
+from diffcascade_worker.routing.router import PreGenerationRouter
 from diffcascade_worker.routing.rule import Target
 
 _LATENCY_BUCKETS = (
@@ -58,6 +64,7 @@ class RouterMetrics:
         self.exploration = built[protocol.ROUTER_EXPLORATION_SHARE.name].labels(**base)
         self.inflight = built[protocol.ROUTER_INFLIGHT.name].labels(**base)
         self.ready = built[protocol.ROUTER_READY.name].labels(**base)
+        self._labels_reported = 0
 
     def routed(self, target: Target, *, explored: bool, images: int) -> None:
         self._routed[(target, explored)].inc(images)
@@ -74,6 +81,24 @@ class RouterMetrics:
             self.labels.inc(new_labels)
         self.auc.set(auc)
         self.brier.set(brier)
+
+    def publish(self, config: RouterConfig | None, *, ready: bool) -> None:
+        """The config in force (router share, exploration) and readiness."""
+        self.share.set(config.router_share if config else 0.0)
+        self.exploration.set(config.exploration_share if config else 0.0)
+        self.ready.set(1.0 if ready else 0.0)
+
+    def refresh(self, router: PreGenerationRouter | None) -> None:
+        """Routed share and the scorer's prequential record, at scrape time."""
+        self.routed_share.set(router.routed_share() if router else 0.0)
+        scorer = router.scorer if router else None
+        if scorer is None:
+            return
+        record = scorer.metrics
+        self.quality(
+            new_labels=record.labels - self._labels_reported, auc=record.auc(), brier=record.brier()
+        )
+        self._labels_reported = record.labels
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

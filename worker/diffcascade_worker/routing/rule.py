@@ -52,10 +52,10 @@ def goes_heavy(
     with distinct scores that probability is 1 (HADIS exactly), but a scorer that gives many
     prompts one score (a learner before its first labels: all 0.5) would otherwise send all of
     them to heavy and overload the stage the plan sized for r."""
+    if share >= 1.0:  # every prompt, from the first one on (no distribution needed)
+        return True
     if share <= 0.0 or not sorted_scores:
         return False
-    if share >= 1.0:
-        return True
     n = len(sorted_scores)
     index = max(int(n * (1.0 - share)) - 1, 0)
     cut = float(sorted_scores[index])

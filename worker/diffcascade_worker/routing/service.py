@@ -123,7 +123,6 @@ class RouterService:
         self.draining = False
         self._idle = asyncio.Event()
         self._idle.set()
-        self._labels_reported = 0
         self._publish_config()
 
     # --- config ------------------------------------------------------------------------------
@@ -173,10 +172,7 @@ class RouterService:
         return config
 
     def _publish_config(self) -> None:
-        config = self.config
-        self.metrics.share.set(config.router_share if config else 0.0)
-        self.metrics.exploration.set(config.exploration_share if config else 0.0)
-        self.metrics.ready.set(1.0 if self.readiness()[0] else 0.0)
+        self.metrics.publish(self.config, ready=self.readiness()[0])
 
     # --- health --------------------------------------------------------------------------------
 
@@ -342,16 +338,7 @@ class RouterService:
 
     def refresh_metrics(self) -> None:
         """Quality gauges from the scorer's prequential record (at scrape time)."""
-        router = self.router
-        self.metrics.routed_share.set(router.routed_share() if router else 0.0)
-        scorer = router.scorer if router else None
-        if scorer is None:
-            return
-        record = scorer.metrics
-        self.metrics.quality(
-            new_labels=record.labels - self._labels_reported, auc=record.auc(), brier=record.brier()
-        )
-        self._labels_reported = record.labels
+        self.metrics.refresh(self.router)
 
     def _enter(self) -> None:
         self.inflight += 1
