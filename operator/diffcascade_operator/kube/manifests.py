@@ -322,17 +322,48 @@ def deployment(
     }
     container["resources"] = _with_default_requests(_gpu_resources(variant), settings)
     pod_labels = labels(cascade, variant.name)
-    manifest: Manifest = {
+    pod_spec = harden_pod(
+        add_storage(
+            {
+                "containers": [container],
+                "terminationGracePeriodSeconds": grace_period_seconds(spec, settings),
+            },
+            spec=spec,
+            variant=variant,
+            image=image,
+            settings=settings,
+        )
+    )
+    add_api_keys(pod_spec, spec=spec, stage=variant.name, settings=settings)
+    return _deployment(
+        name=deployment_name(cascade, variant.name),
+        namespace=namespace,
+        labels=pod_labels,
+        selector=selector(cascade, variant.name),
+        replicas=replicas,
+        port=port,
+        pod_spec=pod_spec,
+    )
+
+
+def _deployment(
+    *,
+    name: str,
+    namespace: str,
+    labels: dict[str, str],
+    selector: dict[str, str],
+    replicas: int,
+    port: int,
+    pod_spec: Manifest,
+) -> Manifest:
+    """A Deployment whose pods Prometheus scrapes on `port`; a worker's and a router's."""
+    return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {
-            "name": deployment_name(cascade, variant.name),
-            "namespace": namespace,
-            "labels": pod_labels,
-        },
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
         "spec": {
             "replicas": replicas,
-            "selector": {"matchLabels": selector(cascade, variant.name)},
+            "selector": {"matchLabels": selector},
             # New pods must be ready before old ones go: a rollout never drops capacity.
             "strategy": {
                 "type": "RollingUpdate",
@@ -340,32 +371,17 @@ def deployment(
             },
             "template": {
                 "metadata": {
-                    "labels": pod_labels,
+                    "labels": labels,
                     "annotations": {
                         "prometheus.io/scrape": "true",
                         "prometheus.io/port": str(port),
                         "prometheus.io/path": PATH_METRICS,
                     },
                 },
-                "spec": harden_pod(
-                    add_storage(
-                        {
-                            "containers": [container],
-                            "terminationGracePeriodSeconds": grace_period_seconds(spec, settings),
-                        },
-                        spec=spec,
-                        variant=variant,
-                        image=image,
-                        settings=settings,
-                    )
-                ),
+                "spec": pod_spec,
             },
         },
     }
-    add_api_keys(
-        manifest["spec"]["template"]["spec"], spec=spec, stage=variant.name, settings=settings
-    )
-    return manifest
 
 
 def service(*, cascade: str, namespace: str, variant: str, settings: OperatorSettings) -> Manifest:
@@ -679,41 +695,21 @@ def router_deployment(
             }
         },
     }
-    pod_labels = router_labels(cascade)
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": router_name(cascade), "namespace": namespace, "labels": pod_labels},
-        "spec": {
-            "replicas": settings.router_replicas,
-            "selector": {"matchLabels": router_selector(cascade)},
-            "strategy": {
-                "type": "RollingUpdate",
-                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
-            },
-            "template": {
-                "metadata": {
-                    "labels": pod_labels,
-                    "annotations": {
-                        "prometheus.io/scrape": "true",
-                        "prometheus.io/port": str(port),
-                        "prometheus.io/path": PATH_METRICS,
-                    },
-                },
-                "spec": add_api_keys(
-                    harden_pod(
-                        {
-                            "containers": [container],
-                            "terminationGracePeriodSeconds": grace_period_seconds(spec, settings),
-                        }
-                    ),
-                    spec=spec,
-                    stage=None,
-                    settings=settings,
-                ),
-            },
-        },
-    }
+    pod_spec = harden_pod(
+        {
+            "containers": [container],
+            "terminationGracePeriodSeconds": grace_period_seconds(spec, settings),
+        }
+    )
+    return _deployment(
+        name=router_name(cascade),
+        namespace=namespace,
+        labels=router_labels(cascade),
+        selector=router_selector(cascade),
+        replicas=settings.router_replicas,
+        port=port,
+        pod_spec=add_api_keys(pod_spec, spec=spec, stage=None, settings=settings),
+    )
 
 
 def router_service(*, cascade: str, namespace: str, settings: OperatorSettings) -> Manifest:

@@ -19,7 +19,6 @@ cancels its upstream request (the stage sees the disconnect and drops its queued
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -45,14 +44,13 @@ from diffcascade_worker.routing.labels import CompletedEventTap, labels_from_jso
 from diffcascade_worker.routing.metrics import RouterMetrics
 from diffcascade_worker.routing.router import Destination, PreGenerationRouter
 from diffcascade_worker.routing.rule import RouteDecision, Target
-from diffcascade_worker.serving.api_keys import ApiKeys
+from diffcascade_worker.serving.api_keys import ApiKeys, check_config_token
 from diffcascade_worker.serving.cascade import NextStagePolicy, generations_url
 from diffcascade_worker.serving.errors import (
     ClientDisconnected,
     ConfigRejected,
     NotReady,
     Overloaded,
-    Unauthorized,
 )
 from diffcascade_worker.serving.limits import (
     DEFAULT_HEADER_TIMEOUT_S,
@@ -128,13 +126,7 @@ class RouterService:
     # --- config ------------------------------------------------------------------------------
 
     def authorize(self, token: str | None) -> None:
-        expected = self.settings.token
-        if expected is None:
-            return
-        if token is None or not hmac.compare_digest(
-            token.encode(), expected.get_secret_value().encode()
-        ):
-            raise Unauthorized("a valid bearer token is required to read or change the config")
+        check_config_token(self.settings.token, token)
 
     def authorize_client(self, key: str | None) -> None:
         """Raise InvalidApiKey unless generation is open or `key` is one of the API keys."""

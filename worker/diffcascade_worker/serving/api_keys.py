@@ -16,7 +16,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from diffcascade_worker.serving.errors import InvalidApiKey
+from pydantic import SecretStr
+
+from diffcascade_worker.serving.errors import InvalidApiKey, Unauthorized
 
 logger = logging.getLogger(__name__)
 
@@ -109,3 +111,14 @@ class ApiKeys:
         self._digests = [_digest(k) for k in keys]
         self._signature = signature
         logger.info("API keys re-read from %s: %d keys", self.path, len(keys))
+
+
+def check_config_token(expected: SecretStr | None, token: str | None) -> None:
+    """Raise Unauthorized unless the config API is open (`expected` None) or `token` is its
+    bearer token: the one check a worker's and a router's config API share."""
+    if expected is None:
+        return
+    if token is None or not hmac.compare_digest(
+        token.encode(), expected.get_secret_value().encode()
+    ):
+        raise Unauthorized("a valid bearer token is required to read or change the config")

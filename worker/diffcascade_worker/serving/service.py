@@ -8,7 +8,6 @@ the loading / ready / draining life cycle. Routes in `app` only translate HTTP t
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import secrets
 import time
@@ -31,7 +30,7 @@ from diffcascade_worker.protocol import (
     Outcome,
     PartialImageEvent,
 )
-from diffcascade_worker.serving.api_keys import ApiKeys
+from diffcascade_worker.serving.api_keys import ApiKeys, check_config_token
 from diffcascade_worker.serving.batcher import Batcher, ItemResult, WorkItem
 from diffcascade_worker.serving.cascade import ForwardFailed, NextStageClient, NextStagePolicy
 from diffcascade_worker.serving.errors import (
@@ -41,7 +40,6 @@ from diffcascade_worker.serving.errors import (
     InferenceFailed,
     InvalidInput,
     NotReady,
-    Unauthorized,
     WorkerError,
 )
 from diffcascade_worker.serving.metrics import WorkerMetrics
@@ -268,13 +266,7 @@ class WorkerService:
     # --- config --------------------------------------------------------------------------------
 
     def authorize(self, token: str | None) -> None:
-        expected = self.settings.token
-        if expected is None:
-            return
-        if token is None or not hmac.compare_digest(
-            token.encode(), expected.get_secret_value().encode()
-        ):
-            raise Unauthorized("a valid bearer token is required to read or change the config")
+        check_config_token(self.settings.token, token)
 
     def authorize_client(self, key: str | None) -> None:
         """Raise InvalidApiKey unless generation is open or `key` is one of the API keys."""
