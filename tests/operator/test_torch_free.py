@@ -8,7 +8,8 @@ import sys
 
 #: The worker modules the operator may import: the HTTP contract, the deferral contract, the
 #: deadline rule, the storage-URI rules (and which files a pipeline loads), the pipeline
-#: assembly fields, and the router's rule and scorers (the simulator routes with them).
+#: assembly fields, the router's rule and scorers (the simulator routes with them) and its
+#: metric series (`up`'s entry URL exports them).
 #: Anything else of the worker may pull torch in.
 #: Also the HTTP armour and client API keys the routers share with the workers (with the
 #: error envelope they answer in).
@@ -21,6 +22,7 @@ ROUTING = {
     "diffcascade_worker.routing.scorers",
     "diffcascade_worker.routing.router",
     "diffcascade_worker.routing.labels",
+    "diffcascade_worker.routing.metrics",
 }
 CONTRACT = {
     *ROUTING,
