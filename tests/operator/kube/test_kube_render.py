@@ -132,6 +132,19 @@ def test_render_names_an_invalid_spec_and_a_file_that_is_no_cascade(tmp_path: Pa
     assert code == 1 and "not a DiffusionCascade" in output
 
 
+@pytest.mark.parametrize("name", ["1abc", "my.cascade", "c" * 60])
+def test_render_refuses_a_cascade_name_no_child_could_take_as_the_operator_does(
+    tmp_path: Path, name: str
+) -> None:
+    doc = yaml.safe_load(GPU_EXAMPLE.read_text())
+    doc["metadata"]["name"] = name
+    cascade = tmp_path / "cascade.yaml"
+    cascade.write_text(yaml.safe_dump(doc))
+    code, output, _ = _render(str(cascade))
+    assert code == 1 and "the spec is invalid" in output
+    assert "metadata.name" in output or "must fit in 63" in " ".join(output.split())
+
+
 def test_render_runs_the_router_the_values_ask_for(tmp_path: Path) -> None:
     values = tmp_path / "values.yaml"
     values.write_text(
