@@ -217,6 +217,14 @@ async def test_up_plans_with_every_arrival_when_its_plan_routes_prompts_straight
     )
     qps, seconds = 0.75, 16.0  # within one tiny heavy worker: the plan keeps r = 1
     prompts = load_prompts()
+    shares: list[float] = []  # the router share of every config the entry URL was told
+    route_by = cascade.router.route_by
+
+    def recording(config: RouterConfig) -> None:
+        shares.append(config.router_share)
+        route_by(config)
+
+    cascade.router.route_by = recording  # type: ignore[method-assign]
     try:
         await cascade.start()
         url = await cascade.wait_ready(120)
@@ -237,7 +245,11 @@ async def test_up_plans_with_every_arrival_when_its_plan_routes_prompts_straight
     refused = [a.json()["error"]["code"] for a in answers if a.status_code != 200]
     assert set(refused) <= {"no_replica"} and len(refused) <= len(answers) // 4, refused
     targets = [a.headers.get(HEADER_ROUTED_TO) for a in answers if a.status_code == 200]
-    assert set(targets) == {"heavy"}, targets  # the plan routes
+    # The plan routes. On a busy machine a tick that sees the heavy worker unready may plan
+    # without the row for a moment (r < 1): only then may a prompt go to the entry stage.
+    if min(shares, default=1.0) == 1.0:
+        assert set(targets) == {"heavy"}, targets
+    assert targets.count("heavy") >= len(targets) // 2, (targets, shares)
     # The demand samples of the ticks while the load ran (the first seconds warm the rates up).
     measured = [
         m["measured_qps"]
