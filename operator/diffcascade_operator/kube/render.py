@@ -32,7 +32,7 @@ from diffcascade_operator import control
 from diffcascade_operator.kube import curve_files, manifests, profiling
 from diffcascade_operator.kube.reconcile import load_spec, new_state, spec_error_reason
 from diffcascade_operator.kube.settings import ENV_PREFIX, OperatorSettings
-from diffcascade_operator.spec import API_GROUP, API_VERSION, KIND, InvalidSpec, check_names
+from diffcascade_operator.spec import API_GROUP, API_VERSION, KIND, InvalidSpec
 
 CHART = Path("helm") / "diffcascade"
 TOKEN_PLACEHOLDER = "generated-by-the-operator-at-apply-time"
@@ -249,8 +249,7 @@ def render_cascade(
     raw = dict(document.get("spec") or {})
     try:
         raw = curve_files.resolve_curve_uris(raw, api=_NoCluster(), namespace=namespace)
-        spec, profiles = load_spec(new_state(settings), raw, settings=settings)
-        check_names(name, spec)
+        spec, profiles = load_spec(new_state(settings), raw, settings=settings, cascade=name)
     except InvalidSpec as exc:
         what = (
             "refused by the operator's policy"
