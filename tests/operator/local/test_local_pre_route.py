@@ -217,7 +217,7 @@ async def test_up_plans_with_every_arrival_when_its_plan_routes_prompts_straight
     )
     qps, seconds = 0.75, 16.0  # within one tiny heavy worker: the plan keeps r = 1
     prompts = load_prompts()
-    shares: list[float] = []  # the router share of every config the entry URL was told
+    shares: list[float] = []  # the router share of every config the entry URL is told
     route_by = cascade.router.route_by
 
     def recording(config: RouterConfig) -> None:
@@ -229,6 +229,7 @@ async def test_up_plans_with_every_arrival_when_its_plan_routes_prompts_straight
         await cascade.start()
         url = await cascade.wait_ready(120)
         assert cascade.plan is not None and cascade.plan.router_share == 1.0
+        shares.clear()  # from here on: the configs told while the load runs
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
             started = time.time()
             sent = [
